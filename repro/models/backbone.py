@@ -1,0 +1,227 @@
+"""The frozen DINO ViT backbone F (Caron et al. 2021; STEGO A.10; DepthG sec. 3.1).
+
+Weights are read from a local file in the official DINO format: a ``torch.save``-d state dict
+with the ViT's own key names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+``blocks.N.*``, ``norm.*``), e.g. ``dino_deitsmall8_pretrain.pth``. Full training
+checkpoints (``{"teacher": {...}, "student": {...}}`` with ``module.``/``backbone.``
+prefixes) are accepted too; their *teacher* weights are used, as STEGO does.
+
+Nothing is downloaded at run time. The official files come from::
+
+    wget https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth
+    wget https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from repro.errors import MissingFileError
+
+__all__ = ["ARCHS", "DinoArch", "DinoBackbone", "init_random_checkpoint", "load_dino_state_dict", "default_weights_dir"]
+
+
+@dataclass(frozen=True)
+class DinoArch:
+    """One DINO backbone: its timm architecture, official file name and feature size."""
+
+    name: str
+    timm_name: str
+    filename: str
+    url: str
+    feature_dim: int
+    patch_size: int = 8
+
+
+ARCHS: dict[str, DinoArch] = {
+    a.name: a
+    for a in (
+        DinoArch(
+            "vit_small_patch8",
+            "vit_small_patch8_224",
+            "dino_deitsmall8_pretrain.pth",
+            "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+            384,
+        ),
+        DinoArch(
+            "vit_base_patch8",
+            "vit_base_patch8_224",
+            "dino_vitbase8_pretrain.pth",
+            "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+            768,
+        ),
+    )
+}
+
+
+def get_arch(name: str) -> DinoArch:
+    """Look up an architecture by name (``vit_small_patch8`` or ``vit_base_patch8``).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone arch {name!r}; known: {sorted(ARCHS)}") from None
+
+
+def default_weights_dir() -> Path:
+    """Folder holding weight files: ``$REPRO_WEIGHTS`` or ``./weights``."""
+    return Path(os.environ.get("REPRO_WEIGHTS", "weights"))
+
+
+def _create_vit(arch: DinoArch) -> nn.Module:
+    # No classifier head, final norm kept, position embeddings interpolated for 320 px inputs.
+    return timm.create_model(arch.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+
+
+def _fetch_hint(arch: DinoArch, path: Path) -> str:
+    return (
+        f"wget -O {path} {arch.url}   "
+        f"(or, for tests and demos only: repro weights init-random --arch {arch.name} --out {path})"
+    )
+
+
+def load_dino_state_dict(path: str | Path, arch: DinoArch | str) -> dict[str, Tensor]:
+    """Read a DINO checkpoint file and return the backbone state dict with official key names.
+
+    Args:
+        path: the ``.pth`` file.
+        arch: the architecture (or its name) the file is for; used for the error message.
+
+    Returns:
+        State dict with keys like ``blocks.0.attn.qkv.weight``; classifier-head keys dropped.
+
+    Raises:
+        MissingFileError: if the file does not exist (the message gives the download command).
+        ValueError: if the file is not a state dict in a known DINO layout.
+    """
+    arch = get_arch(arch) if isinstance(arch, str) else arch
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"DINO {arch.name} checkpoint", path, _fetch_hint(arch, path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "teacher" in obj:
+        obj = obj["teacher"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a DINO state dict (name -> tensor), got {type(obj).__name__}")
+    state = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        if not key.startswith("head."):
+            state[key] = value
+    return state
+
+
+class DinoBackbone(nn.Module):
+    """Frozen DINO ViT returning patch features ``(B, C, H/8, W/8)`` (CLS token dropped).
+
+    Features are the last block's tokens after the final LayerNorm (STEGO A.10 "final layer
+    of spatially varying features"). The module is permanently in eval mode with gradients
+    disabled; ``forward`` runs under ``torch.no_grad``.
+
+    Args:
+        arch: ``"vit_small_patch8"`` (C=384) or ``"vit_base_patch8"`` (C=768).
+        checkpoint: path to the DINO weights file (official format, see module docstring).
+
+    Raises:
+        MissingFileError: if the checkpoint file is missing.
+        ValueError: if its keys or shapes do not match the architecture.
+    """
+
+    def __init__(self, arch: str, checkpoint: str | Path) -> None:
+        super().__init__()
+        self.arch = get_arch(arch)
+        self.vit = _create_vit(self.arch)
+        state = load_dino_state_dict(checkpoint, self.arch)
+        expected = self.vit.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{checkpoint} does not match DINO {self.arch.name}: missing keys {missing[:5]}, "
+                f"unexpected keys {unexpected[:5]}, wrong shapes {wrong[:5]}"
+            )
+        self.vit.load_state_dict(state, strict=True)
+        self.vit.requires_grad_(False)
+        super().train(False)
+
+    @property
+    def feature_dim(self) -> int:
+        """Channel count C of the returned features."""
+        return self.arch.feature_dim
+
+    @property
+    def patch_size(self) -> int:
+        """Patch size in pixels (8)."""
+        return self.arch.patch_size
+
+    def train(self, mode: bool = True) -> DinoBackbone:
+        """Keep the frozen backbone in eval mode whatever the caller asks (no dropout, fixed norms)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Compute patch features.
+
+        Args:
+            images: ``(B, 3, H, W)`` ImageNet-normalised float images, H and W multiples of 8.
+
+        Returns:
+            ``(B, C, H/8, W/8)`` features (28x28 at 224 px, 40x40 at 320 px).
+
+        Raises:
+            ValueError: if the input is not ``(B, 3, H, W)`` with H, W divisible by 8.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {p}")
+        tokens = self.vit.forward_features(images)  # (B, prefix + h*w, C), after the final norm
+        patches = tokens[:, self.vit.num_prefix_tokens :, :]
+        return patches.transpose(1, 2).reshape(images.shape[0], -1, h // p, w // p)
+
+
+def init_random_checkpoint(arch: str, out: str | Path, *, seed: int = 0) -> Path:
+    """Write a randomly initialised backbone in the official DINO checkpoint format.
+
+    For tests and demos on machines without the real weights: the file loads through the
+    same code path as the real one, but the features are meaningless.
+
+    Args:
+        arch: architecture name (see :data:`ARCHS`).
+        out: output path; written atomically (temporary file, then rename).
+        seed: torch seed for the initialisation.
+
+    Returns:
+        The output path.
+
+    Raises:
+        ValueError: for an unknown architecture.
+    """
+    spec = get_arch(arch)
+    torch.manual_seed(seed)
+    state = {k: v.clone() for k, v in _create_vit(spec).state_dict().items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

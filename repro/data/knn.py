@@ -1,0 +1,134 @@
+"""kNN table of training crops (STEGO sec. 3.3, SPEC section 3).
+
+Global-average-pooled backbone features of every training crop at 224 px, cosine similarity,
+top-30 kept (rank 0 is the crop itself). At train time the positive is drawn uniformly from
+ranks 1..7. Search is exact inner product on L2-normalised features with faiss
+(``IndexFlatIP``; on a GPU when faiss was built with GPU support).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+from repro.data.transforms import images_to_tensor
+
+__all__ = ["pooled_features", "search_knn", "KnnTable", "save_knn", "load_knn"]
+
+
+@torch.no_grad()
+def pooled_features(
+    backbone: nn.Module, batches: Iterable[Sequence[np.ndarray]], device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Global-average-pooled, L2-normalised backbone features (STEGO sec. 3.3: GAP(f)).
+
+    Args:
+        backbone: maps ``(B, 3, H, W)`` normalised images to ``(B, C, h, w)`` features.
+        batches: iterable of lists of ``(224, 224, 3)`` uint8 images.
+        device: where the backbone runs.
+
+    Returns:
+        ``(N, C)`` float32, unit L2 norm per row.
+    """
+    out = []
+    for images in batches:
+        feats = backbone(images_to_tensor(images, device))
+        out.append(torch.nn.functional.normalize(feats.mean(dim=(2, 3)).float(), dim=1).cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def search_knn(features: np.ndarray, k: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k of every row among all rows (faiss).
+
+    Args:
+        features: ``(N, C)`` float32, L2-normalised rows.
+        k: neighbours kept per row, including the row itself (30).
+
+    Returns:
+        ``(indices (N, k) int64, similarities (N, k) float32)``, most similar first.
+
+    Raises:
+        ValueError: if ``features`` is not 2-D or has fewer than ``k`` rows.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, C), got {features.shape}")
+    n = features.shape[0]
+    if n < k:
+        raise ValueError(f"need at least k={k} crops for a top-{k} table, got {n}")
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    index = faiss.IndexFlatIP(features.shape[1])
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu on a cluster
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(features)
+    sims, idx = index.search(features, k)
+    return idx.astype(np.int64), sims.astype(np.float32)
+
+
+@dataclass
+class KnnTable:
+    """Neighbour table keyed by sample key.
+
+    Attributes:
+        keys: ``N`` sample keys, in feature order.
+        indices: ``(N, k)`` neighbour rows (rank 0 = the crop itself).
+        similarities: ``(N, k)`` cosine similarities.
+        meta: how the table was made (backbone, checkpoint, shard folder, k).
+    """
+
+    keys: list[str]
+    indices: np.ndarray
+    similarities: np.ndarray
+    meta: dict
+
+    def __post_init__(self) -> None:
+        self._row = {key: i for i, key in enumerate(self.keys)}
+
+    def draw_partner(self, key: str, rng: np.random.Generator, num_neighbors: int = 7) -> str:
+        """Key of a positive drawn uniformly from ranks ``1..num_neighbors`` (STEGO: 7).
+
+        Raises:
+            KeyError: for an unknown key.
+            ValueError: if the table keeps fewer than ``num_neighbors + 1`` columns.
+        """
+        if num_neighbors >= self.indices.shape[1]:
+            raise ValueError(f"table keeps {self.indices.shape[1]} neighbours, cannot draw from top-{num_neighbors}")
+        row = self._row[key]
+        return self.keys[int(self.indices[row, rng.integers(1, num_neighbors + 1)])]
+
+
+def save_knn(path: str | Path, table: KnnTable) -> None:
+    """Write the table atomically as ``.npz`` (keys, indices, similarities, JSON meta)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, keys=np.array(table.keys), indices=table.indices, similarities=table.similarities,
+                 meta=np.array(json.dumps(table.meta, sort_keys=True)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_knn(path: str | Path) -> KnnTable:
+    """Read a table written by :func:`save_knn`.
+
+    Raises:
+        FileNotFoundError: if the file is missing (run ``repro knn``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"kNN table {path} not found; build it with `repro knn`")
+    with np.load(path, allow_pickle=False) as data:
+        return KnnTable([str(k) for k in data["keys"]], data["indices"], data["similarities"],
+                        json.loads(str(data["meta"])))

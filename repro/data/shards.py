@@ -1,0 +1,306 @@
+"""WebDataset tar shards of prepared crops, with an index for checksums and random access.
+
+A shard folder holds ``shard-000000.tar``, ... and ``index.json``. Each sample is stored
+under its key with the fields
+
+- ``img.png``: ``(H, W, 3)`` uint8 RGB, lossless PNG;
+- ``label.png``: ``(H, W)`` uint8 class ids, 255 = ignore (only when the dataset has labels);
+- ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1] (only with depth);
+- ``json``: metadata (dataset, split, crop box, raw depth range and source, ...).
+
+``index.json`` records, per shard, the sample count, the sha256 and, per key, the byte
+offset and size of every field inside the (uncompressed) tar. Training streams the shards
+sequentially with ``webdataset``; the kNN partner of each anchor is then drawn at random and
+read directly at its offsets (:class:`ShardRandomAccess`), which keeps STEGO's per-step
+random draw from the top-7 neighbours without loading the dataset into memory.
+
+The folder is written under a temporary name and renamed when complete, so a crash never
+leaves a half-written folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from repro.data.sample import IGNORE, Sample
+
+__all__ = ["ShardError", "write_shards", "read_index", "verify_shards", "iter_shards", "ShardRandomAccess", "decode_fields"]
+
+INDEX_NAME = "index.json"
+FORMAT_VERSION = 1
+LABEL_IGNORE_BYTE = 255
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, truncated or corrupt; the message names the shard and key."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes | str]:
+    """Encode one crop as WebDataset fields.
+
+    Args:
+        sample: the crop; ``label`` int64 in ``[0, 255)`` or -1.
+        depth01: ``(H, W)`` depth normalised to [0, 1] or None.
+
+    Returns:
+        A dict with ``__key__`` and the byte fields described in the module docstring.
+
+    Raises:
+        ValueError: if a label does not fit into uint8 or depth is outside [0, 1].
+    """
+    fields: dict[str, bytes | str] = {"__key__": sample.key, "img.png": _png(sample.image)}
+    if sample.label is not None:
+        label = sample.label
+        if label.max(initial=-1) >= LABEL_IGNORE_BYTE or label.min(initial=0) < IGNORE:
+            raise ValueError(f"{sample.key}: label values must be in [-1, 254] to store as PNG")
+        fields["label.png"] = _png(np.where(label == IGNORE, LABEL_IGNORE_BYTE, label).astype(np.uint8))
+    if depth01 is not None:
+        if not np.isfinite(depth01).all() or depth01.min() < 0 or depth01.max() > 1:
+            raise ValueError(f"{sample.key}: normalised depth must be finite and in [0, 1]")
+        buf = io.BytesIO()
+        np.save(buf, depth01.astype(np.float16))
+        fields["depth.npy"] = buf.getvalue()
+    fields["json"] = json.dumps(sample.meta, sort_keys=True).encode()
+    return fields
+
+
+def decode_fields(key: str, fields: dict[str, bytes]) -> dict:
+    """Decode raw field bytes into arrays.
+
+    Returns:
+        ``{"key", "image": (H, W, 3) uint8, "label": (H, W) int64 with -1 ignore or None,
+        "depth": (H, W) float32 in [0, 1] or None, "meta": dict}``.
+
+    Raises:
+        ShardError: if a field cannot be decoded (names the key).
+    """
+    try:
+        image = np.asarray(Image.open(io.BytesIO(fields["img.png"])).convert("RGB"))
+        label = None
+        if "label.png" in fields:
+            raw = np.asarray(Image.open(io.BytesIO(fields["label.png"]))).astype(np.int64)
+            label = np.where(raw == LABEL_IGNORE_BYTE, IGNORE, raw)
+        depth = None
+        if "depth.npy" in fields:
+            depth = np.load(io.BytesIO(fields["depth.npy"])).astype(np.float32)
+        meta = json.loads(fields["json"]) if "json" in fields else {}
+    except (KeyError, OSError, ValueError) as exc:
+        raise ShardError(f"sample {key!r}: cannot decode fields {sorted(fields)}: {exc}") from exc
+    return {"key": key, "image": image, "label": label, "depth": depth, "meta": meta}
+
+
+def write_shards(
+    items: Iterable[tuple[Sample, np.ndarray | None]], out_dir: str | Path, *, shard_size: int = 1000
+) -> dict:
+    """Write ``(crop, depth01)`` pairs to shards in the given (deterministic) order.
+
+    Args:
+        items: crops and their normalised depth (or None), in the order to store.
+        out_dir: the shard folder to create; must not exist yet.
+        shard_size: samples per shard.
+
+    Returns:
+        The index dict that was written to ``out_dir/index.json``.
+
+    Raises:
+        FileExistsError: if ``out_dir`` exists (remove it, or skip the stage).
+        ValueError: on duplicate keys or unencodable samples.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; remove it to rebuild the shards")
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shards: list[dict] = []
+    seen: set[str] = set()
+    writer, names = None, []
+
+    def close() -> None:
+        if writer is not None:
+            writer.close()
+            path = partial / names[-1]
+            shards.append({"name": names[-1], "sha256": _sha256(path), "members": _member_offsets(path)})
+
+    for sample, depth01 in items:
+        if sample.key in seen:
+            raise ValueError(f"duplicate sample key {sample.key!r}")
+        seen.add(sample.key)
+        if writer is None or writer_count == shard_size:
+            close()
+            names.append(f"shard-{len(names):06d}.tar")
+            writer, writer_count = wds.TarWriter(str(partial / names[-1])), 0
+        writer.write(encode_sample(sample, depth01))
+        writer_count += 1
+    close()
+    index = {
+        "format": FORMAT_VERSION,
+        "count": sum(len(s["members"]) for s in shards),
+        "shards": [{"name": s["name"], "sha256": s["sha256"], "count": len(s["members"])} for s in shards],
+        "keys": {key: [i, fields] for i, s in enumerate(shards) for key, fields in s["members"].items()},
+    }
+    (partial / INDEX_NAME).write_text(json.dumps(index))
+    os.replace(partial, out_dir)
+    return index
+
+
+def _member_offsets(path: Path) -> dict[str, dict[str, list[int]]]:
+    members: dict[str, dict[str, list[int]]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, _, field = info.name.partition(".")
+            members.setdefault(key, {})[field] = [info.offset_data, info.size]
+    return members
+
+
+def read_index(shard_dir: str | Path) -> dict:
+    """Load ``index.json`` of a shard folder.
+
+    Raises:
+        ShardError: if the folder or its index is missing or unreadable.
+    """
+    path = Path(shard_dir) / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"shard index {path} missing or unreadable ({exc}); rebuild with `repro shards`") from exc
+    if index.get("format") != FORMAT_VERSION:
+        raise ShardError(f"{path}: unknown shard format {index.get('format')!r}")
+    return index
+
+
+def verify_shards(shard_dir: str | Path) -> None:
+    """Check every shard against the sha256 in the index.
+
+    Raises:
+        ShardError: naming the first missing or modified shard.
+    """
+    shard_dir = Path(shard_dir)
+    for shard in read_index(shard_dir)["shards"]:
+        path = shard_dir / shard["name"]
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing")
+        if _sha256(path) != shard["sha256"]:
+            raise ShardError(f"shard {path} does not match its checksum (truncated or modified); rebuild it")
+
+
+def iter_shards(shard_dir: str | Path, *, verify: bool = False) -> Iterator[dict]:
+    """Stream decoded samples from all shards in index order (webdataset).
+
+    Args:
+        shard_dir: the shard folder.
+        verify: check the sha256 of every shard first.
+
+    Yields:
+        Decoded samples, see :func:`decode_fields`.
+
+    Raises:
+        ShardError: on a missing, truncated or corrupt shard (names the shard and last key)
+            or a sample count that differs from the index. Nothing is skipped silently.
+    """
+    shard_dir = Path(shard_dir)
+    index = read_index(shard_dir)
+    if verify:
+        verify_shards(shard_dir)
+    for shard in index["shards"]:
+        path = shard_dir / shard["name"]
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing")
+        count, last_key = 0, None
+
+        def reraise(exc: Exception, shard_path: Path = path) -> bool:
+            raise ShardError(f"shard {shard_path}: read failed after key {last_key!r}: {exc}") from exc
+
+        stream = wds.WebDataset(str(path), shardshuffle=False, handler=reraise, empty_check=False)
+        for raw in stream:
+            last_key = raw["__key__"]
+            fields = {k: v for k, v in raw.items() if not k.startswith("__")}
+            yield decode_fields(last_key, fields)
+            count += 1
+        if count != shard["count"]:
+            raise ShardError(f"shard {path}: {count} samples read, index says {shard['count']} (truncated?)")
+
+
+class ShardRandomAccess:
+    """Read any sample by key through the byte offsets in the index (for kNN partners).
+
+    Args:
+        shard_dir: the shard folder.
+
+    Raises:
+        ShardError: if the index is missing.
+    """
+
+    def __init__(self, shard_dir: str | Path) -> None:
+        self.shard_dir = Path(shard_dir)
+        index = read_index(self.shard_dir)
+        self.shard_names = [s["name"] for s in index["shards"]]
+        self.keys: dict[str, list] = index["keys"]
+        self._handles: dict[int, io.BufferedReader] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get(self, key: str) -> dict:
+        """Decoded sample for ``key`` (see :func:`decode_fields`).
+
+        Raises:
+            KeyError: for an unknown key.
+            ShardError: if the bytes at the recorded offsets are missing or corrupt.
+        """
+        if key not in self.keys:
+            raise KeyError(f"no sample {key!r} in {self.shard_dir}")
+        shard_idx, fields = self.keys[key]
+        fh = self._handles.get(shard_idx)
+        if fh is None:
+            path = self.shard_dir / self.shard_names[shard_idx]
+            try:
+                fh = self._handles[shard_idx] = open(path, "rb")
+            except OSError as exc:
+                raise ShardError(f"shard {path} cannot be opened: {exc}") from exc
+        raw = {}
+        for field, (offset, size) in fields.items():
+            fh.seek(offset)
+            raw[field] = fh.read(size)
+            if len(raw[field]) != size:
+                raise ShardError(f"shard {self.shard_names[shard_idx]}: sample {key!r} field {field} is truncated")
+        return decode_fields(key, raw)
+
+    def close(self) -> None:
+        """Close open shard files."""
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    def __getstate__(self) -> dict:  # file handles do not cross process boundaries
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

@@ -116,7 +116,7 @@ def iter_crops(crops: str | Path) -> Iterator[Sample]:
         sensor = crops / f"{key}.sensor.npy"
         yield Sample(
             key=key,
-            image=np.asarray(Image.open(img).convert("RGB")),
+            image=np.array(Image.open(img).convert("RGB")),
             label=np.load(label).astype(np.int64) if label.is_file() else None,
             depth=np.load(sensor) if sensor.is_file() else None,
             meta=json.loads((crops / f"{key}.json").read_text()),
@@ -151,6 +151,7 @@ def depth_stage(
             or the estimator weights are missing.
     """
     from repro.depth import get_estimator, normalize_depth
+    from repro.depth.base import normalize_prediction
     from repro.errors import MissingFileError
 
     crops, out = Path(crops), Path(out)
@@ -180,8 +181,7 @@ def depth_stage(
                 results = [normalize_depth(c.depth) for c in batch]
             else:
                 with torch.inference_mode():
-                    raw = estimator.to_depth(estimator.predict([c.image for c in batch]))
-                results = [normalize_depth(r.cpu().numpy()) for r in raw]
+                    results = normalize_prediction(estimator, estimator.predict([c.image for c in batch]))
             for crop, (norm, (lo, hi)) in zip(batch, results):
                 np.save(partial / f"{crop.key}.npy", np.asarray(norm, dtype=np.float32))
                 ranges[crop.key] = [float(lo), float(hi)]

@@ -1,0 +1,282 @@
+"""ZoeDepth and MiDaS (DPT) depth estimators through HuggingFace transformers, offline only.
+
+DepthG precomputes a depth map per training crop with a monocular estimator; ZoeDepth gave
+the best results and MiDaS the second best (supplement Table 3). Both load from a LOCAL
+folder in the ``save_pretrained`` layout (``config.json``, ``model.safetensors``,
+``preprocessor_config.json``) with ``local_files_only=True``; nothing is fetched at run time.
+
+* :class:`ZoeDepthEstimator`: ``ZoeDepthForDepthEstimation`` (official conversion
+  ``Intel/zoedepth-nyu-kitti``); metric depth in metres.
+* :class:`MidasEstimator`: ``DPTForDepthEstimation`` (MiDaS v3 = DPT, e.g.
+  ``Intel/dpt-hybrid-midas``); relative inverse depth (disparity up to scale and shift).
+
+Pre-processing is the checkpoint's own image processor (resize, ZoeDepth's reflect padding,
+normalisation, all read from ``preprocessor_config.json``). Post-processing is ours: the model
+output is resized back to the input size with BILINEAR interpolation (ZoeDepth: to the padded
+size, then the padding is cropped, the same geometry as ``post_process_depth_estimation``,
+which would use bicubic and can overshoot the predicted range).
+
+:func:`save_random_model` writes a tiny randomly initialised model plus its image processor in
+the same layout, for tests and demos without internet.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repro.depth.base import DepthEstimator, ImageBatch, as_image_list
+from repro.errors import MissingFileError
+
+__all__ = ["ZoeDepthEstimator", "MidasEstimator", "save_random_model", "DEFAULT_WEIGHTS", "HUB_REPOS"]
+
+#: Official checkpoints (HuggingFace Hub ids) of the two estimators.
+HUB_REPOS = {"zoedepth": "Intel/zoedepth-nyu-kitti", "midas": "Intel/dpt-hybrid-midas"}
+#: Default local folders, relative to the working directory.
+DEFAULT_WEIGHTS = {"zoedepth": Path("weights/zoedepth-nyu-kitti"), "midas": Path("weights/dpt-hybrid-midas")}
+_CLASSES = {"zoedepth": ("ZoeDepthForDepthEstimation", "ZoeDepthImageProcessor"),
+            "midas": ("DPTForDepthEstimation", "DPTImageProcessor")}
+_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _fix(kind: str, folder: Path) -> str:
+    repo = HUB_REPOS[kind]
+    model_cls, proc_cls = _CLASSES[kind]
+    return (f"huggingface-cli download {repo} --local-dir {folder}   (or `hf download ...`; or on a machine "
+            f"with internet: python -c \"from transformers import {model_cls}, {proc_cls}; "
+            f"{model_cls}.from_pretrained('{repo}').save_pretrained('{folder}'); "
+            f"{proc_cls}.from_pretrained('{repo}').save_pretrained('{folder}')\" and copy the folder here)")
+
+
+def check_weights_dir(kind: str, weights_dir: str | Path) -> Path:
+    """Check that a local ``save_pretrained`` folder holds config, weights and image processor.
+
+    Args:
+        kind: ``"zoedepth"`` or ``"midas"`` (names the download command in the error).
+        weights_dir: the folder.
+
+    Returns:
+        The folder as a :class:`~pathlib.Path`.
+
+    Raises:
+        MissingFileError: naming the missing folder/file and the download command.
+    """
+    folder = Path(weights_dir)
+    what = f"{kind} weights folder ({HUB_REPOS[kind]})"
+    if not folder.is_dir():
+        raise MissingFileError(what, folder, _fix(kind, folder))
+    for needed in ("config.json", "preprocessor_config.json"):
+        if not (folder / needed).is_file():
+            raise MissingFileError(f"{what}: {needed}", folder / needed, _fix(kind, folder))
+    if not any((folder / f).is_file() for f in _MODEL_FILES):
+        raise MissingFileError(f"{what}: model weights ({' / '.join(_MODEL_FILES)})", folder, _fix(kind, folder))
+    return folder
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _HFDepthEstimator(DepthEstimator):
+    """Shared loading, pre-processing, flip TTA and resizing of the transformers estimators."""
+
+    def __init__(self, weights_dir: str | Path, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, *, flip_tta: bool = False) -> None:
+        import transformers
+
+        self.weights_dir = check_weights_dir(self.name, weights_dir)
+        model_cls, proc_cls = (getattr(transformers, n) for n in _CLASSES[self.name])
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype
+        self.flip_tta = flip_tta
+        self.processor = proc_cls.from_pretrained(self.weights_dir, local_files_only=True)
+        model = model_cls.from_pretrained(self.weights_dir, local_files_only=True, dtype=dtype)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    def _forward(self, pixel_values: Tensor) -> Tensor:
+        """``(B, 3, h, w)`` -> ``(B, h', w')`` float32 model output, flip-averaged if enabled."""
+        out = self.model(pixel_values=pixel_values).predicted_depth
+        if self.flip_tta:
+            flipped = self.model(pixel_values=pixel_values.flip(-1)).predicted_depth.flip(-1)
+            out = (out + flipped) / 2
+        return out.float()
+
+    def _to_input_size(self, pred: Tensor, height: int, width: int) -> Tensor:
+        """Bilinear resize of ``(B, h', w')`` to ``(B, height, width)``."""
+        return F.interpolate(pred[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+    def predict(self, images: ImageBatch) -> Tensor:
+        """Raw prediction at the input resolution.
+
+        Args:
+            images: ``B`` RGB images of one size, ``(H, W, 3)`` uint8 (list or tensor).
+
+        Returns:
+            ``(B, H, W)`` float32 on :attr:`device`: metres (ZoeDepth) or relative inverse
+            depth (MiDaS).
+
+        Raises:
+            TypeError / ValueError: for non-uint8, non-RGB or mixed-size images.
+        """
+        imgs = as_image_list(images)
+        if len({img.shape for img in imgs}) != 1:
+            raise ValueError(f"images in one batch must share a size, got {sorted({i.shape for i in imgs})}")
+        height, width = imgs[0].shape[:2]
+        with torch.inference_mode():
+            inputs = self.processor(images=imgs, return_tensors="pt", input_data_format="channels_last",
+                                    device=str(self.device))
+            pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+            return self._to_input_size(self._forward(pixel_values), height, width)
+
+
+class ZoeDepthEstimator(_HFDepthEstimator):
+    """ZoeDepth metric depth (DepthG's best depth source, supplement Table 3).
+
+    Args:
+        weights_dir: local ``save_pretrained`` folder, e.g. of ``Intel/zoedepth-nyu-kitti``.
+        device: torch device; default CUDA when available, else CPU.
+        dtype: model dtype (float16/bfloat16 on GPU to save memory); output is float32.
+        flip_tta: average the prediction with that of the horizontally flipped input. Off by
+            default. The released DepthG code used the original ZoeDepth repo's ``ZoeD_M12_N``
+            with its flip + padding test-time augmentation (SPEC 7.6); the padding part is the
+            processor's reflect padding (``do_pad``), flipping is this switch.
+
+    Raises:
+        MissingFileError: if the folder, its config, weights or processor config is missing.
+    """
+
+    name = "zoedepth"
+    kind = "metric"
+
+    def _to_input_size(self, pred: Tensor, height: int, width: int) -> Tensor:
+        """Undo the processor's reflect padding: resize to the padded size, crop the pad.
+
+        The pad per side is ``int(sqrt(size / 2) * 3)`` of the input height/width, as in
+        ``ZoeDepthImageProcessor`` (and the original ZoeDepth code).
+        """
+        if not getattr(self.processor, "do_pad", False):
+            return super()._to_input_size(pred, height, width)
+        pad_h, pad_w = int(math.sqrt(height / 2) * 3), int(math.sqrt(width / 2) * 3)
+        full = super()._to_input_size(pred, height + 2 * pad_h, width + 2 * pad_w)
+        return full[:, pad_h : pad_h + height, pad_w : pad_w + width]
+
+
+class MidasEstimator(_HFDepthEstimator):
+    """MiDaS v3 (DPT) relative inverse depth (DepthG's second-best source, supplement Table 3).
+
+    The output is disparity-like (larger = nearer, unknown scale and shift);
+    :meth:`~repro.depth.base.DepthEstimator.to_depth` inverts it (our choice, documented there).
+
+    Args:
+        weights_dir: local ``save_pretrained`` folder, e.g. of ``Intel/dpt-hybrid-midas``.
+        device, dtype, flip_tta: as for :class:`ZoeDepthEstimator`.
+
+    Raises:
+        MissingFileError: if the folder, its config, weights or processor config is missing.
+    """
+
+    name = "midas"
+    kind = "relative_inverse"
+
+
+def _tiny_config(kind: str, tiny: bool):
+    import transformers as tf
+
+    if kind == "zoedepth":
+        if not tiny:
+            return tf.ZoeDepthConfig()  # BEiT-L/16 backbone, as the released checkpoints
+        backbone = tf.BeitConfig(
+            image_size=384, patch_size=16, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=192, use_relative_position_bias=True, reshape_hidden_states=False,
+            out_features=["stage1", "stage2", "stage3", "stage4"])
+        # two metric heads + latent router, like the NYU+KITTI checkpoint
+        bins = [{"name": "nyu", "n_bins": 16, "min_depth": 1e-3, "max_depth": 10.0},
+                {"name": "kitti", "n_bins": 16, "min_depth": 1e-3, "max_depth": 80.0}]
+        return tf.ZoeDepthConfig(
+            backbone_config=backbone, neck_hidden_sizes=[24, 48, 96, 96], fusion_hidden_size=32,
+            bottleneck_features=32, num_relative_features=8, bin_embedding_dim=16, num_attractors=[4, 4, 2, 1],
+            bin_configurations=bins, num_patch_transformer_layers=4, patch_transformer_hidden_size=128,
+            patch_transformer_intermediate_size=256, patch_transformer_num_attention_heads=4)
+    if not tiny:  # MiDaS v3 DPT-Large (ViT-L/16)
+        return tf.DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                            backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024])
+    return tf.DPTConfig(
+        image_size=384, patch_size=16, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=192, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[24, 48, 96, 96],
+        fusion_hidden_size=32)
+
+
+def _processor(kind: str):
+    import transformers as tf
+
+    half = [0.5, 0.5, 0.5]
+    if kind == "zoedepth":
+        return tf.ZoeDepthImageProcessor(do_pad=True, do_resize=True, size={"height": 384, "width": 512},
+                                         keep_aspect_ratio=True, ensure_multiple_of=32, resample=2,
+                                         do_normalize=True, image_mean=half, image_std=half)
+    # square input: transformers' DPT neck reshapes the ViT tokens to a square grid (non-backbone models)
+    return tf.DPTImageProcessor(do_resize=True, size={"height": 384, "width": 384}, keep_aspect_ratio=False,
+                                ensure_multiple_of=1, resample=3, do_normalize=True, image_mean=half, image_std=half)
+
+
+def save_random_model(kind: str, out_dir: str | Path, *, tiny: bool = True, seed: int = 0) -> Path:
+    """Write a randomly initialised ZoeDepth or DPT (MiDaS) model and its image processor.
+
+    The folder has the ``save_pretrained`` layout of the real checkpoints, so
+    :class:`ZoeDepthEstimator` / :class:`MidasEstimator` load it through exactly the same path.
+    Its predictions are meaningless (NOT pretrained); it exists for tests and offline demos.
+
+    Tiny configs (``tiny=True``, about 1 M parameters, ~0.2-0.5 s per 384x512 forward on 2 CPU
+    cores): a 4-layer ViT/BEiT with hidden size 96, 4 heads, MLP 192, patch 16; neck sizes
+    ``[24, 48, 96, 96]``, fusion 32. ZoeDepth: 2 metric heads (NYU 10 m, KITTI 80 m, 16 bins
+    each) with the latent router, as ``Intel/zoedepth-nyu-kitti``. Weights of every
+    convolution/linear layer are redrawn with std ``1 / sqrt(fan_in)`` (biases std 0.1) so the
+    output varies with the image (the library's small default init gives a constant ZoeDepth
+    map); the last DPT convolution gets bias +1 so that its final ReLU does not zero the map.
+    ``tiny=False`` writes full-size random models (BEiT-L ZoeDepth, ViT-L DPT).
+
+    Processors: ZoeDepth 384x512, keep aspect ratio, multiple of 32, reflect padding,
+    bilinear; DPT 384x384 square (aspect NOT kept: transformers' DPT without a separate backbone
+    reshapes the ViT tokens to a square grid, so non-square inputs fail), bicubic; both
+    mean = std = 0.5.
+
+    Args:
+        kind: ``"zoedepth"`` or ``"midas"``.
+        out_dir: folder to create (or overwrite files in).
+        tiny: tiny config (default) or full size.
+        seed: seed of the random weights (same seed -> identical files' tensors).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: for an unknown ``kind``.
+    """
+    import transformers as tf
+
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown depth model kind {kind!r}; expected one of {sorted(_CLASSES)}")
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    model = getattr(tf, _CLASSES[kind][0])(_tiny_config(kind, tiny)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)):
+                w = mod.weight
+                fan_in = w.shape[0] * w[0, 0].numel() if isinstance(mod, torch.nn.ConvTranspose2d) else w[0].numel()
+                w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(fan_in))
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
+        if kind == "midas":
+            model.head.head[-2].bias.fill_(1.0)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    _processor(kind).save_pretrained(out)
+    return out
+

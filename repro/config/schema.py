@@ -1,0 +1,156 @@
+"""Experiment configuration: dataclasses that every YAML file is validated against.
+
+One experiment file per table entry (``experiments/<table>/<entry>.yaml``) is merged over
+``base.yaml`` and then over command-line overrides (``train.seed=3``). Names follow the
+papers: ``lambda_self``, ``b_knn``, ``lambda_depthg``, ``feature_samples`` (N),
+``code_dim`` (Q), ``decay_step``, ``decay_factor``. An unknown key or a value of the wrong type
+is an error that names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "SamplingConfig",
+    "GuidanceConfig",
+    "LHPConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+]
+
+
+@dataclass
+class DataConfig:
+    """Dataset, crops and depth source (SPEC section 3)."""
+
+    dataset: str = "nyuv2"  # cocostuff27 | cityscapes27 | potsdam3 | nyuv2
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    five_crop: bool = True
+    crop_size: int = 224
+    val_size: int = 320
+    depth_source: str = "zoedepth"  # zoedepth | midas | sensor | image_plane | perspective_plane | none
+    depth_weights: str | None = None
+    shard_size: int = 1000
+    num_neighbors: int = 7  # positive drawn uniformly from kNN ranks 1..num_neighbors
+    knn_k: int = 30
+
+
+@dataclass
+class ModelConfig:
+    """Backbone F and head S (STEGO A.10)."""
+
+    arch: str = "vit_small_patch8"  # vit_small_patch8 | vit_base_patch8
+    checkpoint: str = ""
+    code_dim: int = 70  # Q
+    dropout: float = 0.1
+    dropout_target: bool = True
+
+
+@dataclass
+class LossConfig:
+    """STEGO eq. 5 and DepthG eq. 7 (supplement Table 2)."""
+
+    lambda_self: float = 0.0
+    lambda_knn: float = 0.0
+    lambda_random: float = 0.0
+    b_self: float = 0.0
+    b_knn: float = 0.0
+    b_random: float = 0.0
+    lambda_depthg: float = 0.0
+    b_depthg: float = 0.0
+    neg_samples: int = 5
+    spatial_centering: bool = True
+    keep_global_mean: bool = True
+    zero_clamp: bool = True
+    reduction: str = "mean"  # mean | sum
+    depth_kernel: str = "product"  # product | released
+
+
+@dataclass
+class SamplingConfig:
+    """Where features are read (DepthG sec. 3.4, supplement B.2)."""
+
+    mode: str = "random"  # random | fps | full
+    feature_samples: int = 11  # N
+    decrease_every: int | None = None  # N schedule; None keeps N fixed
+    n_min: int = 1
+    released_n_start: int | None = None
+    released_factor: float | None = None
+    fps_order: str = "xy"  # xy | released
+    fov_deg: float = 90.0
+
+
+@dataclass
+class GuidanceConfig:
+    """Guidance scheduling (DepthG sec. 3.5): lambda_DepthG and b_DepthG decayed together."""
+
+    decay_step: int | None = None
+    decay_factor: float | None = None
+
+
+@dataclass
+class LHPConfig:
+    """Local hidden positives (DepthG sec. 3.6, Table 6)."""
+
+    enabled: bool = False
+    propagation: str = "depth"  # depth (3D-LHP) | attention
+    k: int = 8
+    variant: str = "paper"  # paper | released
+    weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (STEGO A.10, DepthG supplement A.1)."""
+
+    max_steps: int = 7000
+    step_unit: str = "batch"  # batch | released (SPEC 7.3)
+    batch_size: int = 32
+    lr: float = 5e-4
+    probe_lr: float = 5e-3
+    seed: int = 0
+    checkpoint_every: int = 500
+    num_workers: int = 4
+    precision: str = "bf16"  # bf16 on GPU, fp32 on CPU | fp32
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (SPEC section 4)."""
+
+    crf: bool = True
+    crf_processes: int = 0
+    flip: bool = False
+    batch_size: int = 16
+    num_figures: int = 4
+
+
+@dataclass
+class ExperimentConfig:
+    """One table entry: what it reproduces, its hyperparameters and the paper's numbers.
+
+    ``paper`` maps metric names (``unsup_acc``, ``unsup_miou``, ``linear_acc``, ``linear_miou``)
+    to the published values, x100.
+    """
+
+    name: str = ""
+    table: str = ""
+    description: str = ""
+    method: str = "depthg"  # depthg | stego | dino (raw backbone features, no head training)
+    fidelity: str = "paper"  # paper | released (SPEC section 7)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    lhp: LHPConfig = field(default_factory=LHPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paper: dict[str, float] = field(default_factory=dict)

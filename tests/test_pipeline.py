@@ -95,6 +95,11 @@ def test_rerun_skips_finished_stages(chain, nyu):
     assert prepare_stage(nyu, work / "crops", five_crop=True, size=224, progress=False) == crops
     assert depth_stage(crops, work / "depth-sensor", source="sensor", progress=False) == depth
     assert os.stat(crops / "index.json").st_mtime_ns == stamp
+    shard_stamp = os.stat(shards / "index.json").st_mtime_ns
+    assert shards_stage(crops, depth, shards, shard_size=16, depth_source="sensor") == shards
+    assert os.stat(shards / "index.json").st_mtime_ns == shard_stamp
+    with pytest.raises(FileExistsError, match="other parameters"):
+        shards_stage(crops, depth, shards, shard_size=8, depth_source="sensor")
     with pytest.raises(FileExistsError, match="other parameters"):
         prepare_stage(nyu, work / "crops", five_crop=False, size=224, progress=False)
 

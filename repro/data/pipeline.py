@@ -199,13 +199,17 @@ def shards_stage(
 ) -> Path:
     """Pack crops (and their depth maps) into WebDataset shards, in crop index order.
 
-    The raw depth range and source go into each sample's JSON metadata.
+    The raw depth range and source go into each sample's JSON metadata. An existing shard
+    folder made from the same inputs is reused; one made from other inputs is an error.
 
     Raises:
         FileNotFoundError: if a crop's depth map is missing from the depth folder.
+        FileExistsError: if ``out`` holds shards made from other inputs.
     """
     crops, out = Path(crops), Path(out)
-    if (out / INDEX).is_file():
+    params = {"crops": str(crops.resolve()), "depth": None if depth is None else str(Path(depth).resolve()),
+              "shard_size": shard_size, "depth_source": depth_source}
+    if _existing(out, params):
         read_index(out)
         return out
     ranges = json.loads((Path(depth) / INDEX).read_text())["ranges"] if depth is not None else {}
@@ -221,7 +225,7 @@ def shards_stage(
                 crop.meta = {**crop.meta, "depth_range": ranges[crop.key], "depth_source": depth_source}
             yield crop, depth01
 
-    write_shards(items(), out, shard_size=shard_size)
+    write_shards(items(), out, shard_size=shard_size, params=params)
     return out
 
 

@@ -115,7 +115,11 @@ def decode_fields(key: str, fields: dict[str, bytes]) -> dict:
 
 
 def write_shards(
-    items: Iterable[tuple[Sample, np.ndarray | None]], out_dir: str | Path, *, shard_size: int = 1000
+    items: Iterable[tuple[Sample, np.ndarray | None]],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 1000,
+    params: dict | None = None,
 ) -> dict:
     """Write ``(crop, depth01)`` pairs to shards in the given (deterministic) order.
 
@@ -123,6 +127,7 @@ def write_shards(
         items: crops and their normalised depth (or None), in the order to store.
         out_dir: the shard folder to create; must not exist yet.
         shard_size: samples per shard.
+        params: what the shards were made from, recorded in the index (stage skipping).
 
     Returns:
         The index dict that was written to ``out_dir/index.json``.
@@ -160,6 +165,7 @@ def write_shards(
     close()
     index = {
         "format": FORMAT_VERSION,
+        "params": params,
         "count": sum(len(s["members"]) for s in shards),
         "shards": [{"name": s["name"], "sha256": s["sha256"], "count": len(s["members"])} for s in shards],
         "keys": {key: [i, fields] for i, s in enumerate(shards) for key, fields in s["members"].items()},

@@ -13,6 +13,7 @@ from repro.cli import main as cli_main
 from repro.errors import MissingFileError
 from repro.lhp import lhp_mix, lhp_weights_3d, lhp_weights_attention
 from repro.models import ClusterProbe, DinoBackbone, LinearProbe, ProjectionHead, SegmentationHead
+from repro.models.backbone import last_block_attention
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,26 @@ def test_attention_lhp_stays_in_the_3x3_window():
     assert (w[:, outside] == 0).all()
     with pytest.raises(ValueError):
         lhp_weights_attention(att, 5, 5)
+
+
+def test_last_block_attention_matches_timm_attention_weights(vits_checkpoint):
+    backbone = DinoBackbone("vit_small_patch8", vits_checkpoint)
+    images = torch.randn(2, 3, 64, 48)
+    feats, attention = last_block_attention(backbone, images)
+    assert torch.equal(feats, backbone(images)) and attention.shape == (2, 48, 48)
+    # reference: run timm's own attention layer un-fused and capture its softmax output
+    attn_layer = backbone.vit.blocks[-1].attn
+    captured = []
+    attn_layer.fused_attn = False
+    handle = attn_layer.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        backbone(images)
+    finally:
+        handle.remove()
+        attn_layer.fused_attn = True
+    reference = captured[-1].mean(dim=1)[:, 1:, 1:]
+    assert torch.allclose(attention, reference, atol=1e-6)
+    full_rows = captured[-1].mean(dim=1).sum(-1)
+    assert torch.allclose(full_rows, torch.ones_like(full_rows), atol=1e-5)
+    weights = lhp_weights_attention(attention, 8, 6)
+    assert torch.allclose(weights.sum(2), torch.ones(2, 48), atol=1e-5)

@@ -25,7 +25,10 @@ from torch import Tensor, nn
 
 from repro.errors import MissingFileError
 
-__all__ = ["ARCHS", "DinoArch", "DinoBackbone", "init_random_checkpoint", "load_dino_state_dict", "default_weights_dir"]
+__all__ = [
+    "ARCHS", "DinoArch", "DinoBackbone", "init_random_checkpoint", "last_block_attention", "load_dino_state_dict",
+    "default_weights_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,39 @@ class DinoBackbone(nn.Module):
         tokens = self.vit.forward_features(images)  # (B, prefix + h*w, C), after the final norm
         patches = tokens[:, self.vit.num_prefix_tokens :, :]
         return patches.transpose(1, 2).reshape(images.shape[0], -1, h // p, w // p)
+
+
+@torch.no_grad()
+def last_block_attention(backbone: DinoBackbone, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Patch features and the last block's patch-to-patch self-attention (for attention LHP).
+
+    The attention is recomputed from the input of the last block's attention layer (captured
+    with a forward hook on its ``norm1``): ``softmax(q k^T / sqrt(d))`` averaged over heads,
+    CLS row and column removed (Hidden Positives' local propagation; DepthG Table 6).
+
+    Args:
+        backbone: the frozen DINO backbone.
+        images: ``(B, 3, H, W)`` normalised images, H and W multiples of 8.
+
+    Returns:
+        ``(features (B, C, H/8, W/8), attention (B, P, P))`` with ``P = H/8 * W/8``; rows sum
+        to at most 1 (the CLS column is dropped).
+    """
+    captured: list[Tensor] = []
+    block = backbone.vit.blocks[-1]
+    handle = block.norm1.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        feats = backbone(images)
+    finally:
+        handle.remove()
+    x = captured[-1]
+    attn_layer = block.attn
+    b, n, _ = x.shape
+    qkv = attn_layer.qkv(x).reshape(b, n, 3, attn_layer.num_heads, attn_layer.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn_layer.q_norm(qkv[0]), attn_layer.k_norm(qkv[1])
+    attention = ((q * attn_layer.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+    prefix = backbone.vit.num_prefix_tokens
+    return feats, attention[:, prefix:, prefix:]
 
 
 def init_random_checkpoint(arch: str, out: str | Path, *, seed: int = 0) -> Path:

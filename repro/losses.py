@@ -319,9 +319,8 @@ def stego_depthg_loss(
     random_terms = []
     for _ in range(neg_samples):
         perm = derangement(f.shape[0], generator=generator, device=f.device)
-        coords_neg = None if coords is None else coords[perm]
-        f_n, s_n = sample_at(f[perm], coords_neg), sample_at(s[perm], coords_neg)
-        random_terms.append(correlation_loss(f_a, f_n, s_a, s_n, weights.b_random, **corr_opts))
+        # each negative is read at its own sample locations, i.e. the anchors' samples permuted
+        random_terms.append(correlation_loss(f_a, f_a[perm], s_a, s_a[perm], weights.b_random, **corr_opts))
     terms["random"] = torch.stack(random_terms).mean() if random_terms else s.new_zeros(())
 
     total = weights.lambda_self * terms["self"] + weights.lambda_knn * terms["knn"] + weights.lambda_random * terms["random"]

@@ -26,13 +26,9 @@ from repro.data.crops import make_crops
 from repro.data.sample import Sample
 from repro.data.shards import ShardError, iter_shards, read_index, write_shards
 
-__all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops", "StageSkipped"]
+__all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
 INDEX = "index.json"
-
-
-class StageSkipped(Exception):
-    """Internal signal: the output exists and matches the parameters."""
 
 
 def _existing(out: Path, params: dict) -> bool:

@@ -29,7 +29,10 @@ __all__ = ["VerifyReport", "load_manifest", "manifest_dir", "sha256_file", "veri
 
 
 def manifest_dir() -> Path:
-    """``data_manifests/`` at the repository root (two levels above this package)."""
+    """``$REPRO_MANIFESTS`` if set (the container images set it), else ``data_manifests/`` at the
+    repository root (two levels above this package)."""
+    if os.environ.get("REPRO_MANIFESTS"):
+        return Path(os.environ["REPRO_MANIFESTS"])
     return Path(__file__).resolve().parents[2] / "data_manifests"
 
 

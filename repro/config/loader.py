@@ -36,7 +36,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("depthg", "stego", "dino"),
     "fidelity": ("paper", "released"),
     "data.dataset": ("cocostuff27", "cityscapes27", "potsdam3", "nyuv2"),
-    "data.depth_source": ("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none"),
+    # kbr, mde_features, semseg: guidance sources of DepthG Table 5 / supplement Table 3 that the depth
+    # stage cannot compute (no estimator in repro); entries using them validate but need the maps supplied.
+    "data.depth_source": ("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none",
+                          "kbr", "mde_features", "semseg"),
     "model.arch": ("vit_small_patch8", "vit_base_patch8"),
     "loss.reduction": ("mean", "sum"),
     "loss.depth_kernel": ("product", "released"),

@@ -35,7 +35,7 @@ class DataConfig:
     five_crop: bool = True
     crop_size: int = 224
     val_size: int = 320
-    depth_source: str = "zoedepth"  # zoedepth | midas | sensor | image_plane | perspective_plane | none
+    depth_source: str = "zoedepth"  # zoedepth | midas | sensor | image/perspective_plane | none | kbr | mde_features | semseg
     depth_weights: str | None = None
     shard_size: int = 1000
     num_neighbors: int = 7  # positive drawn uniformly from kNN ranks 1..num_neighbors
@@ -116,7 +116,12 @@ class TrainConfig:
     lr: float = 5e-4
     probe_lr: float = 5e-3
     seed: int = 0
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # batches between resumable checkpoints (also saved on SIGTERM/SIGUSR1)
+    keep_checkpoints: int = 1  # resumable checkpoints kept on disk
+    val_every: int = 0  # batches between validations for the paper-style best-on-val pick; 0 = off
+    log_every: int = 10  # batches between TensorBoard scalars
+    hist_every: int = 100  # batches between correlation histograms (STEGO A.11)
+    feature_cache_gb: float = 4.0  # frozen-backbone features kept in memory (never computed twice)
     num_workers: int = 4
     precision: str = "bf16"  # bf16 on GPU, fp32 on CPU | fp32
 

@@ -49,6 +49,7 @@ def predict_logits(
     size: tuple[int, int],
     *,
     flip: bool = False,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cluster probabilities and linear logits at label resolution.
 
@@ -60,12 +61,14 @@ def predict_logits(
         images: ``(B, 3, H, W)`` ImageNet-normalised images.
         size: label size ``(H, W)`` to upsample the code to (bilinear).
         flip: average the code with the code of the flipped image (flipped back).
+        features: precomputed ``backbone(images)`` ``(B, C, h, w)`` (the backbone is frozen,
+            so validation features are computed once per run); ignored when ``flip``.
 
     Returns:
         ``(cluster_probs (B, K, H, W), linear_logits (B, K, H, W))``.
     """
     head.eval()
-    code = head(backbone(images))[1]
+    code = head(features if (features is not None and not flip) else backbone(images))[1]
     if flip:
         code = 0.5 * (code + head(backbone(images.flip(-1)))[1].flip(-1))
     code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
@@ -92,7 +95,8 @@ def evaluate_segmentation(
 
     Args:
         samples: dicts with ``image`` ``(H, W, 3)`` uint8 and ``label`` ``(H, W)`` int64
-            (-1 = ignore), all of one size (the 320 px validation crops).
+            (-1 = ignore), all of one size (the 320 px validation crops); optionally
+            ``features``, the precomputed ``(C, h, w)`` backbone output of the image.
         backbone, head, cluster_probe, linear_probe: the trained model parts.
         batch_size: images per forward pass.
         crf: refine both probes' predictions with DenseCRF (STEGO A.10 parameters).
@@ -122,8 +126,10 @@ def evaluate_segmentation(
             labels.append(torch.as_tensor(s["label"], dtype=torch.long))
         label = torch.stack(labels)
         images = images_to_tensor([s["image"] for s in batch], device)
+        cached = [s.get("features") for s in batch]
+        features = torch.stack(cached).to(device) if all(c is not None for c in cached) else None
         cluster_probs, linear_logits = predict_logits(
-            backbone, head, cluster_probe, linear_probe, images, tuple(label.shape[-2:]), flip=flip
+            backbone, head, cluster_probe, linear_probe, images, tuple(label.shape[-2:]), flip=flip, features=features
         )
         if crf:
             raw = np.stack([s["image"] for s in batch])

@@ -1,0 +1,339 @@
+"""``repro run ENTRY``: every stage of one table entry and seed, resumable stage by stage.
+
+Layout under the work folder (``--work-dir``, ``$REPRO_WORK`` or ``./runs``)::
+
+    data/<dataset>/crops-<split>-<size>-<five|single>/         shared by every entry of the dataset
+    data/<dataset>/depth-<split>-<size>-<five|single>-<source>/
+    data/<dataset>/shards-<split>-224-<five|single>-<source>/
+    data/<dataset>/knn-<split>-224-<five|single>-<source>-<arch>.npz
+    <entry>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
+                       metrics.json figures/
+
+A stage whose valid output exists is skipped, so a rerun (or a requeued SLURM task) continues
+where the previous one stopped; the data stages of one dataset run under a file lock, so
+array tasks that share them compute them once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from repro.config.loader import ConfigError, config_to_dict, load_config, save_config
+from repro.config.schema import ExperimentConfig
+
+__all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data", "run_dir_for", "run_entry",
+           "evaluate_run", "default_work_dir", "STAGES"]
+
+log = logging.getLogger("repro.run")
+STAGES = ("prepare", "depth", "shards", "knn", "train", "eval")
+
+
+def default_work_dir() -> Path:
+    """``$REPRO_WORK`` or ``./runs``."""
+    return Path(os.environ.get("REPRO_WORK", "runs"))
+
+
+def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a registered entry (``table1/depthg-vits8``) or a YAML file, apply overrides and the seed.
+
+    ``data.root`` may use environment variables (``${REPRO_DATA}/cocostuff``); they are expanded here.
+
+    Raises:
+        ConfigError: bad config, or ``data.root`` naming an unset variable.
+        KeyError: an unknown entry name.
+    """
+    overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    path = Path(entry)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        config = load_config(path, overrides)
+        config.name = config.name or path.stem
+    else:
+        from repro.config.registry import load_entry
+
+        config = load_entry(str(entry), overrides)
+    root = os.path.expandvars(config.data.root)
+    if "$" in root:
+        raise ConfigError(f"data.root {config.data.root!r} uses an unset environment variable; export it "
+                          f"(e.g. REPRO_DATA=/path/to/datasets) or pass --set data.root=DIR")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, root=root))
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where the shared data stages of a config write (see module docstring)."""
+
+    crops: Path
+    depth: Path | None
+    shards: Path
+    knn: Path
+    val_crops: Path
+    val_depth: Path | None
+
+
+def _uses_depth(config: ExperimentConfig) -> bool:
+    return config.data.depth_source != "none"
+
+
+def data_key(config: ExperimentConfig) -> str:
+    """Identity of an entry's shared data (entries with equal keys share crops, depth, shards and kNN)."""
+    d = config.data
+    return f"{d.dataset}/{d.train_split}/{d.crop_size}/{'five' if d.five_crop else 'single'}/{d.depth_source}/{config.model.arch}"
+
+
+def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
+    """The shared data folders of a config under ``work_dir``."""
+    d = config.data
+    base = Path(work_dir) / "data" / d.dataset
+    train = f"{d.train_split}-{d.crop_size}-{'five' if d.five_crop else 'single'}"
+    val = f"{d.val_split}-{d.val_size}-single"
+    depth = _uses_depth(config)
+    return DataPaths(
+        crops=base / f"crops-{train}",
+        depth=base / f"depth-{train}-{d.depth_source}" if depth else None,
+        shards=base / f"shards-{train}-{d.depth_source}",
+        knn=base / f"knn-{train}-{d.depth_source}-{config.model.arch}.npz",
+        val_crops=base / f"crops-{val}",
+        val_depth=base / f"depth-{val}-{d.depth_source}" if depth else None,
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (concurrent array tasks wait for each other)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _dataset(config: ExperimentConfig, split: str):
+    from repro.data import get_dataset
+
+    kwargs = {"require_depth": True} if config.data.dataset == "nyuv2" and config.data.depth_source == "sensor" else {}
+    return get_dataset(config.data.dataset, config.data.root, split, **kwargs)
+
+
+def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None = None, overrides: Sequence[str] = (),
+                 quiet: bool = False, timings: dict | None = None) -> DataPaths:
+    """Run the shared data stages of an entry: crops, depth, shards, kNN (train) and crops, depth (val).
+
+    Args:
+        config: a resolved config or an entry name / YAML path.
+        work_dir: the work folder (default :func:`default_work_dir`).
+        overrides: ``key=value`` overrides when ``config`` is a name.
+        quiet: no progress bars.
+        timings: filled with seconds per stage (0.0 for a skipped stage is not distinguished).
+
+    Returns:
+        :class:`DataPaths`.
+    """
+    from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
+    from repro.train import resolve_checkpoint
+
+    if not isinstance(config, ExperimentConfig):
+        config = resolve_entry(config, overrides=overrides)
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    paths, d = data_paths(config, work_dir), config.data
+    timings = {} if timings is None else timings
+    weights = os.path.expandvars(d.depth_weights) if d.depth_weights else None
+
+    def timed(stage: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
+    with _locked(work_dir / "data" / f".{d.dataset}.lock"):
+        for split, crops, size, five in ((d.train_split, paths.crops, d.crop_size, d.five_crop),
+                                         (d.val_split, paths.val_crops, d.val_size, False)):
+            if not (crops / "index.json").is_file():
+                timed("prepare", prepare_stage, _dataset(config, split), crops, five_crop=five, size=size, progress=not quiet)
+        if paths.depth is not None:
+            timed("depth", depth_stage, paths.crops, paths.depth, source=d.depth_source, weights=weights, progress=not quiet)
+            timed("depth", depth_stage, paths.val_crops, paths.val_depth, source=d.depth_source, weights=weights,
+                  progress=not quiet)
+        timed("shards", shards_stage, paths.crops, paths.depth, paths.shards, shard_size=d.shard_size,
+              depth_source=d.depth_source)
+        timed("knn", knn_stage, paths.shards, paths.knn, arch=config.model.arch, checkpoint=resolve_checkpoint(config),
+              k=d.knn_k)
+    return paths
+
+
+def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
+    """``<work_dir>/<entry name>/seed<S>``."""
+    return Path(work_dir) / (config.name or "unnamed") / f"seed{config.train.seed}"
+
+
+def _status(run_dir: Path, state: str, stage: str, **extra) -> None:
+    from repro.evaluate.report import write_json
+
+    write_json(run_dir / "status.json", {"state": state, "stage": stage, "log": str(run_dir / "logs" / "run.log"),
+                                         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
+
+
+def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths, *, quiet: bool = False,
+                 device: str | None = None) -> dict:
+    """Evaluate ``model.pt`` (final) and ``best.pt`` (best on val) of a run; write ``metrics.json`` and figures.
+
+    Returns:
+        The metrics dictionary (also written to ``<run_dir>/metrics.json``).
+    """
+    from repro.data.registry import DATASETS
+    from repro.env import collect_env
+    from repro.evaluate.report import ValidationSet, evaluate_parts, result_summary, save_eval_figures, write_json
+    from repro.models.backbone import DinoBackbone
+    from repro.models.bundle import load_parts
+    from repro.train import BEST, FINAL, resolve_checkpoint
+
+    run_dir = Path(run_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = DinoBackbone(config.model.arch, resolve_checkpoint(config)).to(device)
+    k = DATASETS[config.data.dataset].num_classes
+    val = ValidationSet(paths.val_crops, paths.val_depth, config.train.feature_cache_gb)
+    e = config.eval
+    metrics: dict = {"entry": config.name, "seed": config.train.seed, "dataset": config.data.dataset,
+                     "num_images": len(val), "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size}}
+    for label, filename in (("final", FINAL), ("best_on_val", BEST)):
+        if not (run_dir / filename).is_file():
+            continue
+        parts, meta = load_parts(run_dir / filename, config, backbone.feature_dim, k)
+        parts.to(device)
+        result = evaluate_parts(parts, backbone, val, crf=e.crf, flip=e.flip, crf_processes=e.crf_processes,
+                                batch_size=e.batch_size, device=device)
+        metrics[label] = {"step": meta.get("step"), "summary": result_summary(result),
+                          "cluster": result.cluster.to_dict(), "linear": result.linear.to_dict()}
+        if label == "best_on_val":
+            metrics[label]["selection"] = ("highest unsupervised mIoU on the validation set during training "
+                                           "(no CRF); that set is also the test set, as in the papers")
+        if e.num_figures > 0:
+            few = evaluate_parts(parts, backbone, val, crf=e.crf, flip=e.flip, crf_processes=e.crf_processes,
+                                 batch_size=e.batch_size, device=device, limit=e.num_figures, keep_predictions=True)
+            save_eval_figures(run_dir / "figures" / label, result, few, val, config.data.dataset,
+                              title=f"{config.name} seed {config.train.seed} ({label})")
+    metrics["summary"] = metrics["final"]["summary"]
+    metrics["env"] = collect_env()
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _log_to(run_dir: Path) -> logging.Handler:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("repro").addHandler(handler)
+    logging.getLogger("repro").setLevel(logging.INFO)
+    return handler
+
+
+def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, work_dir: str | Path | None = None,
+              overrides: Sequence[str] = (), quiet: bool = False, until: str | None = None) -> Path:
+    """Run every stage of one entry and seed; finished stages are skipped.
+
+    Args:
+        entry: registered name (``table1/depthg-vits8``), YAML path, or a resolved config.
+        seed: overrides ``train.seed``.
+        work_dir: the work folder (default :func:`default_work_dir`).
+        overrides: ``key.sub=value`` config overrides.
+        quiet: no progress bars.
+        until: stop after this stage (one of :data:`STAGES`).
+
+    Returns:
+        The run folder ``<work_dir>/<entry>/seed<S>``.
+
+    Raises:
+        FileExistsError: the run folder holds a run of a different config.
+        ConfigError, MissingFileError, ShardError, DatasetError: from the stages (``status.json``
+            then says ``failed`` and names the log).
+    """
+    from repro.env import write_env
+    from repro.evaluate.report import write_json
+    from repro.train import FINAL, train
+
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    config = entry if isinstance(entry, ExperimentConfig) else resolve_entry(entry, seed=seed, overrides=overrides)
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    run_dir = run_dir_for(config, work_dir)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        previous = load_config(saved, base=None)
+        if config_to_dict(previous) != config_to_dict(config):
+            raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}); use another --work-dir "
+                                  "or remove that folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    write_env(run_dir / "env.json")
+    handler = _log_to(run_dir)
+    stage, timings = "prepare", {}
+    try:
+        _status(run_dir, "running", stage)
+        log.info("run %s seed %d in %s", config.name, config.train.seed, run_dir)
+        paths = prepare_data(config, work_dir=work_dir, quiet=quiet, timings=timings)
+        if until in ("prepare", "depth", "shards", "knn"):
+            _status(run_dir, "done", until, timings=timings)
+            return run_dir
+        stage = "train"
+        _status(run_dir, "running", stage, timings=timings)
+        if not (run_dir / FINAL).is_file():
+            start = time.perf_counter()
+            validate = _validator(config, paths) if config.train.val_every > 0 else None
+            out = train(config, run_dir, shards=paths.shards, knn=paths.knn, validate=validate, quiet=quiet)
+            timings["train"] = time.perf_counter() - start
+            if out != run_dir / FINAL:
+                _status(run_dir, "running", stage, note="stopped before the last batch; rerun to resume")
+                return run_dir
+        if until == "train":
+            _status(run_dir, "done", stage, timings=timings)
+            return run_dir
+        stage = "eval"
+        _status(run_dir, "running", stage, timings=timings)
+        metrics_path = run_dir / "metrics.json"
+        if not metrics_path.is_file() or metrics_path.stat().st_mtime < (run_dir / FINAL).stat().st_mtime:
+            start = time.perf_counter()
+            metrics = evaluate_run(config, run_dir, paths, quiet=quiet)
+            timings["eval"] = time.perf_counter() - start
+            metrics["timings_s"] = timings
+            write_json(metrics_path, metrics)
+        _status(run_dir, "done", stage, timings=timings)
+        return run_dir
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit):
+            log.exception("stage %s failed", stage)
+            _status(run_dir, "failed", stage, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        logging.getLogger("repro").removeHandler(handler)
+        handler.close()
+
+
+def _validator(config: ExperimentConfig, paths: DataPaths):
+    """``parts -> unsupervised mIoU`` on the validation crops without CRF (for the best-on-val pick)."""
+    from repro.evaluate.report import ValidationSet, evaluate_parts
+    from repro.models.backbone import DinoBackbone
+    from repro.train import resolve_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state: dict = {}
+
+    def validate(parts) -> float:
+        if not state:
+            state["backbone"] = DinoBackbone(config.model.arch, resolve_checkpoint(config)).to(device)
+            state["val"] = ValidationSet(paths.val_crops, None, config.train.feature_cache_gb)
+        return evaluate_parts(parts, state["backbone"], state["val"], crf=False, batch_size=config.eval.batch_size,
+                              device=device).cluster.miou
+
+    return validate

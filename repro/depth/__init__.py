@@ -63,8 +63,8 @@ def get_estimator(name: str, weights: str | Path | None = None, device: str | to
     Args:
         name: one of :data:`ESTIMATORS`.
         weights: local weights folder for ``"zoedepth"`` / ``"midas"``; ``None`` means
-            ``weights/zoedepth-nyu-kitti`` / ``weights/dpt-hybrid-midas`` relative to the
-            working directory. Ignored by the other sources.
+            ``zoedepth-nyu-kitti`` / ``dpt-hybrid-midas`` in the weights folder
+            (``$REPRO_WEIGHTS``, default ``./weights``). Ignored by the other sources.
         device: torch device; default CUDA when available for the networks, CPU otherwise.
         **kwargs: passed to the estimator, e.g. ``flip_tta=True`` / ``dtype`` (networks),
             ``invalid="raise"`` (sensor), ``horizon=0.4`` (perspective plane).
@@ -79,7 +79,9 @@ def get_estimator(name: str, weights: str | Path | None = None, device: str | to
     if name in ("zoedepth", "midas"):
         from repro.depth import hf
 
-        folder = Path(weights) if weights is not None else hf.DEFAULT_WEIGHTS[name]
+        from repro.models.backbone import default_weights_dir
+
+        folder = Path(weights) if weights is not None else default_weights_dir() / hf.DEFAULT_WEIGHTS[name].name
         cls = hf.ZoeDepthEstimator if name == "zoedepth" else hf.MidasEstimator
         return cls(folder, device=device, **kwargs)
     if name == "sensor":

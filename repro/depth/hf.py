@@ -36,7 +36,7 @@ __all__ = ["ZoeDepthEstimator", "MidasEstimator", "save_random_model", "DEFAULT_
 
 #: Official checkpoints (HuggingFace Hub ids) of the two estimators.
 HUB_REPOS = {"zoedepth": "Intel/zoedepth-nyu-kitti", "midas": "Intel/dpt-hybrid-midas"}
-#: Default local folders, relative to the working directory.
+#: Default local folders, inside the weights folder ($REPRO_WEIGHTS, default ./weights).
 DEFAULT_WEIGHTS = {"zoedepth": Path("weights/zoedepth-nyu-kitti"), "midas": Path("weights/dpt-hybrid-midas")}
 _CLASSES = {"zoedepth": ("ZoeDepthForDepthEstimation", "ZoeDepthImageProcessor"),
             "midas": ("DPTForDepthEstimation", "DPTImageProcessor")}

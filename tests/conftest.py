@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real local SLURM, tests marked slurm)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

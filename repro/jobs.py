@@ -1,0 +1,316 @@
+"""What runs on a compute node: one entry and seed (:class:`EntryJob`) or the shared data stages (:class:`DataJob`).
+
+Both are callables that submitit pickles; both have ``checkpoint()``, so a job that receives
+the preemption/time-limit signal is requeued with a fresh copy of itself, and the copy resumes
+(``run_entry`` skips finished stages and training restarts from its last checkpoint).
+
+In-process (no image) a job calls :func:`repro.run.run_entry` / :func:`repro.run.prepare_data`;
+the trainer catches USR1/TERM itself, checkpoints and then hands the signal to submitit's
+handler. With an Apptainer image it runs ``apptainer exec --nv --bind WORK SIF repro run ...``
+(extra options from ``$REPRO_APPTAINER_ARGS``, the binary from ``$REPRO_APPTAINER``), forwards
+USR1/TERM to that child and calls submitit's handler once the child has checkpointed and exited.
+:func:`resources_for` sizes each job's request. :mod:`repro.launch` submits them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PREEMPT_SIGNAL", "SIGNAL_DELAY_S", "JobError", "Resources", "resources_for", "EntryJob", "DataJob"]
+
+PREEMPT_SIGNAL = "USR1"
+"""The signal SLURM sends before the time limit; the trainer checkpoints on it (``repro.train``)."""
+SIGNAL_DELAY_S = 120
+"""Seconds between that signal and the time limit."""
+
+
+class JobError(RuntimeError):
+    """A job that ended without finishing its run (``status.json`` is not ``done``)."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks the scheduler for.
+
+    Attributes:
+        gpus: GPUs per node (``--gpus-per-node``; 0 asks for none).
+        cpus: CPUs per task (``--cpus-per-task``).
+        mem_gb: memory in GB (``--mem``).
+        time_min: wall-clock limit in minutes (``--time``); a task that reaches it checkpoints and requeues.
+    """
+
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 32
+    time_min: int = 8 * 60
+
+
+# (dataset) -> (data job, entry with ViT-S/8, entry with ViT-B/8): (hours, GB of memory)
+_DEFAULTS: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = {
+    "cocostuff27": ((24, 64), (12, 64), (24, 64)),
+    "cityscapes27": ((8, 48), (8, 48), (16, 48)),
+    "potsdam3": ((4, 32), (6, 32), (12, 32)),
+    "nyuv2": ((2, 16), (2, 16), (4, 16)),
+}
+
+
+def resources_for(config: Any, *, stage: str = "entry", overrides: dict[str, int] | None = None) -> Resources:
+    """The default request of one job, from its dataset and backbone.
+
+    Defaults (one GPU, 8 CPUs; sized for one A100-class GPU, time covers 7000 steps plus
+    evaluation with CRF, data jobs cover ZoeDepth and the kNN table)::
+
+        dataset        data job     entry ViT-S/8   entry ViT-B/8
+        cocostuff27    24 h, 64 GB  12 h, 64 GB     24 h, 64 GB
+        cityscapes27    8 h, 48 GB   8 h, 48 GB     16 h, 48 GB
+        potsdam3        4 h, 32 GB   6 h, 32 GB     12 h, 32 GB
+        nyuv2           2 h, 16 GB   2 h, 16 GB      4 h, 16 GB
+
+    Entries of the ``demo`` table ask for 1 h, 16 GB and 4 CPUs. A task that runs out of time is
+    requeued and resumes, so these are slices, not hard limits on a run.
+
+    Args:
+        config: an :class:`~repro.config.schema.ExperimentConfig` (reads ``name``,
+            ``data.dataset`` and ``model.arch``).
+        stage: ``"entry"`` (train + eval of one seed) or ``"data"`` (the shared data stages).
+        overrides: values that replace the defaults, keys of :class:`Resources`
+            (``{"gpus": 0, "time_min": 30}``).
+
+    Returns:
+        The :class:`Resources` of the job.
+
+    Raises:
+        ValueError: an unknown ``stage`` or override key.
+    """
+    if stage not in ("entry", "data"):
+        raise ValueError(f"stage must be 'entry' or 'data', got {stage!r}")
+    data_job, small, base = _DEFAULTS.get(config.data.dataset, ((8, 32), (8, 32), (16, 32)))
+    hours, mem = data_job if stage == "data" else (base if "base" in config.model.arch else small)
+    res = Resources(gpus=1, cpus=8, mem_gb=mem, time_min=hours * 60)
+    if str(config.name).startswith("demo/"):
+        res = Resources(gpus=1, cpus=4, mem_gb=16, time_min=60)
+    if overrides:
+        unknown = set(overrides) - {f for f in Resources.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown resource key(s) {sorted(unknown)}; known: gpus, cpus, mem_gb, time_min")
+        res = replace(res, **{k: int(v) for k, v in overrides.items()})
+    return res
+
+
+def _apptainer_prefix(sif: str, work_dir: Path) -> list[str]:
+    binary = os.environ.get("REPRO_APPTAINER", "apptainer")
+    extra = shlex.split(os.environ.get("REPRO_APPTAINER_ARGS", ""))
+    return [binary, "exec", "--nv", "--bind", str(work_dir), *extra, sif]
+
+
+def _run_forwarding(cmd: list[str]) -> None:
+    """Run ``cmd``; forward SIGUSR1/SIGTERM to it, and once it has exited call the handler they had before.
+
+    Under submitit that handler is the requeue handler (checkpoint + ``scontrol requeue`` + exit),
+    so a containerised run saves its checkpoint before the job is requeued. The signal handler
+    itself only forwards: it must not wait on the child (``Popen.wait`` holds a lock the
+    interrupted main-line ``wait`` already owns).
+
+    Raises:
+        subprocess.CalledProcessError: the command failed.
+    """
+    proc = subprocess.Popen(cmd)
+    caught: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        if proc.returncode is None:
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # we are leaving by an exception: do not leave the child behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)  # submitit: checkpoint() + requeue + exit
+        elif handler != signal.SIG_IGN:
+            signal.signal(caught[0], signal.SIG_DFL)
+            os.kill(os.getpid(), caught[0])
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, cmd)
+
+
+def _set_args(overrides: Sequence[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+@dataclass
+class EntryJob:
+    """One (entry, seed) task: ``run_entry`` in this Python, or ``repro run`` inside an Apptainer image.
+
+    A callable that submitit pickles and runs on the node. :meth:`checkpoint` makes it
+    requeueable: on preemption or the time-limit signal submitit requeues a fresh copy, whose
+    ``run_entry`` skips finished stages and resumes training from its checkpoint.
+
+    Attributes:
+        entry: entry name (``table1/depthg-vits8``).
+        seed: the training seed (``train.seed``).
+        work_dir: the work folder; the run lands in ``<work_dir>/<entry>/seed<seed>/``.
+        overrides: ``key=value`` config overrides (``--set``).
+        sif: Apptainer image; ``None`` runs in-process.
+        quiet: no progress bars.
+        runner: replaces :func:`repro.run.run_entry` (same signature); for tests and tools.
+    """
+
+    entry: str
+    seed: int
+    work_dir: str
+    overrides: tuple[str, ...] = ()
+    sif: str | None = None
+    quiet: bool = False
+    runner: Callable[..., Any] | None = None
+
+    def command(self) -> list[str]:
+        """The container command line (only meaningful with ``sif``)."""
+        cmd = ["repro", "run", self.entry, "--seed", str(self.seed), "--work-dir", str(self.work_dir),
+               *_set_args(self.overrides)]
+        return [*_apptainer_prefix(self.sif, Path(self.work_dir)), *cmd] + (["--quiet"] if self.quiet else [])
+
+    def run_dir(self) -> Path:
+        """``<work_dir>/<entry>/seed<seed>``, where the run writes ``status.json`` and ``metrics.json``."""
+        return Path(self.work_dir) / self.entry / f"seed{self.seed}"
+
+    def __call__(self) -> str:
+        """Run the entry to the end (resuming what a previous attempt finished).
+
+        Returns:
+            The run folder, as a string.
+
+        Raises:
+            subprocess.CalledProcessError: the containerised run failed.
+            JobError: the run returned before it was done (``status.json`` is not ``done``).
+            Exception: whatever ``run_entry`` raises (config, data or training errors).
+        """
+        if self.sif:
+            _run_forwarding(self.command())
+            run_dir = self.run_dir()
+        else:
+            if self.runner is None:
+                from repro.run import run_entry as runner
+            else:
+                runner = self.runner
+            run_dir = Path(runner(self.entry, seed=self.seed, work_dir=self.work_dir, overrides=list(self.overrides),
+                                  quiet=self.quiet))
+        status_file = run_dir / "status.json"
+        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+        if status.get("state") != "done":
+            raise JobError(f"{self.entry} seed {self.seed} stopped before it was done (status {status or 'missing'} "
+                              f"in {run_dir}); resubmit it to resume")
+        return str(run_dir)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same job again (the run folder holds the progress).
+
+        Returns:
+            ``submitit.helpers.DelayedSubmission`` of a fresh :class:`EntryJob` with the same arguments.
+        """
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(replace(self))
+
+
+@dataclass
+class DataJob:
+    """The shared data stages of one data key: :func:`repro.run.prepare_data` for a representative entry.
+
+    Attributes:
+        entry: an entry whose data this prepares (any entry with the key).
+        key: its :func:`repro.run.data_key`.
+        work_dir: the work folder (data lands in ``<work_dir>/data/``).
+        overrides: ``key=value`` config overrides.
+        sif: Apptainer image; ``None`` runs in-process.
+        quiet: no progress bars.
+        runner: replaces :func:`repro.run.prepare_data` (same signature); for tests and tools.
+    """
+
+    entry: str
+    key: str
+    work_dir: str
+    overrides: tuple[str, ...] = ()
+    sif: str | None = None
+    quiet: bool = False
+    runner: Callable[..., Any] | None = None
+
+    def command(self) -> list[str]:
+        """The container command line (only meaningful with ``sif``)."""
+        cmd = ["python3", "-m", "repro.jobs", "prepare-data", self.entry, "--work-dir", str(self.work_dir),
+               *_set_args(self.overrides)]
+        return [*_apptainer_prefix(self.sif, Path(self.work_dir)), *cmd] + (["--quiet"] if self.quiet else [])
+
+    def __call__(self) -> str:
+        """Prepare the data (stages already done are skipped).
+
+        Returns:
+            The data key.
+
+        Raises:
+            subprocess.CalledProcessError: the containerised run failed.
+            Exception: whatever ``prepare_data`` raises.
+        """
+        if self.sif:
+            _run_forwarding(self.command())
+        else:
+            if self.runner is None:
+                from repro.run import prepare_data as runner
+            else:
+                runner = self.runner
+            runner(self.entry, work_dir=self.work_dir, overrides=list(self.overrides), quiet=self.quiet)
+        return self.key
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same job again (finished stages are skipped).
+
+        Returns:
+            ``submitit.helpers.DelayedSubmission`` of a fresh :class:`DataJob`.
+        """
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(replace(self))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m repro.jobs prepare-data ENTRY``: the data job inside a container."""
+    parser = argparse.ArgumentParser(prog="python -m repro.jobs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-data", help="the shared data stages of one entry")
+    prep.add_argument("entry")
+    prep.add_argument("--work-dir")
+    prep.add_argument("--set", dest="overrides", action="append", default=[])
+    prep.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    from repro.run import prepare_data
+
+    paths = prepare_data(args.entry, work_dir=args.work_dir, overrides=args.overrides, quiet=args.quiet)
+    print(json.dumps({k: None if v is None else str(v) for k, v in asdict(paths).items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,84 @@
+#!/bin/bash
+# One array task of slurm/<dataset>.sh: picks (entry, seed) from the task index and runs
+# `repro run` on it, in the Apptainer image $REPRO_SIF or in the host environment.
+# Sourced by the dataset scripts, which set DEFAULT_ENTRIES (an array) before sourcing it;
+# not meant to be submitted on its own.
+#
+# Task index i runs entry ENTRIES[i / SEEDS] with seed i % SEEDS. Indices past the end
+# (an --array wider than ENTRIES x SEEDS) exit at once with status 0.
+#
+# Environment (all optional; pass with `sbatch --export=ALL,NAME=value ...` or export first):
+#   ENTRIES               space-separated entry names (default: the dataset script's list)
+#   SEEDS                 seeds per entry (default 3)
+#   REPRO_WORK            work folder shared by all tasks (default ./runs, relative to the
+#                         submission folder)
+#   REPRO_SIF             Apptainer image; unset: run `repro` from the host environment
+#   REPRO_APPTAINER_ARGS  extra `apptainer exec` options, e.g. "--bind /datasets"
+#   REPRO_SET             extra config overrides, space-separated key=value pairs
+#                         (e.g. "train.max_steps=100 eval.crf=false")
+#
+# Time limits: the dataset scripts ask for `--requeue --signal=B:USR1@120`. On USR1 this
+# script forwards the signal to `repro run`, which checkpoints and exits; the task then
+# requeues itself (`scontrol requeue`) and the next start resumes from the checkpoint (finished
+# stages are skipped). SIGTERM (scancel, preemption) is forwarded too, without a requeue: a
+# cancelled task stays cancelled, and a preempted one is requeued by SLURM itself.
+
+set -uo pipefail
+
+if [[ -n "${ENTRIES:-}" ]]; then
+    read -r -a entries <<< "$ENTRIES"
+else
+    entries=("${DEFAULT_ENTRIES[@]}")
+fi
+seeds=${SEEDS:-3}
+task=${SLURM_ARRAY_TASK_ID:-0}
+total=$(( ${#entries[@]} * seeds ))
+if (( task >= total )); then
+    echo "task ${task}: nothing to do (${#entries[@]} entries x ${seeds} seeds = ${total} tasks)"
+    exit 0
+fi
+entry=${entries[task / seeds]}
+seed=$(( task % seeds ))
+work=$(realpath -m "${REPRO_WORK:-runs}")
+
+cmd=(repro run "$entry" --seed "$seed" --work-dir "$work")
+read -r -a overrides <<< "${REPRO_SET:-}"
+for kv in "${overrides[@]}"; do
+    cmd+=(--set "$kv")
+done
+if [[ -n "${REPRO_SIF:-}" ]]; then
+    read -r -a apptainer_args <<< "${REPRO_APPTAINER_ARGS:-}"
+    mkdir -p "$work"
+    cmd=(apptainer exec --nv --bind "$work" "${apptainer_args[@]}" "$REPRO_SIF" "${cmd[@]}")
+fi
+
+signalled=""
+child=0
+# shellcheck disable=SC2329  # invoked from the traps below
+forward() {
+    signalled=$1
+    echo "$(date '+%F %T') task ${SLURM_JOB_ID:-?}: caught SIG$1, forwarding to ${cmd[0]} (pid ${child})"
+    if (( child > 0 )); then
+        kill -s "$1" "$child" 2> /dev/null || true
+    fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+echo "$(date '+%F %T') task ${SLURM_ARRAY_JOB_ID:-?}_${task} (job ${SLURM_JOB_ID:-?}, restart ${SLURM_RESTART_COUNT:-0}): ${cmd[*]}"
+"${cmd[@]}" &
+child=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until the child has exited.
+while true; do
+    wait "$child"
+    rc=$?
+    kill -0 "$child" 2> /dev/null || break
+done
+echo "$(date '+%F %T') ${cmd[0]} exited with status ${rc}"
+
+if [[ "$signalled" == USR1 && "$rc" -ne 0 && -n "${SLURM_JOB_ID:-}" ]]; then
+    echo "$(date '+%F %T') time limit near: requeueing job ${SLURM_JOB_ID} to resume from the checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$rc"

@@ -1,0 +1,46 @@
+#!/bin/bash
+# Cityscapes-27 (DepthG Table 2): every entry x SEEDS seeds as one SLURM array job.
+#
+# Submit from the repository root (the task logic lives in slurm/array_task.sh):
+#   mkdir -p logs/repro-cityscapes            # SLURM does not create the log folder
+#   sbatch slurm/cityscapes.sh                # all 4 entries below x 3 seeds = 12 tasks
+#   sbatch --array=0-2 --export=ALL,ENTRIES="table2/depthg-vitb8" slurm/cityscapes.sh
+#
+# Task i runs entry i / SEEDS of the list with seed i % SEEDS; with other ENTRIES or SEEDS
+# pass a matching --array=0-(entries x SEEDS - 1) (extra indices exit at once).
+# Environment: ENTRIES, SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
+# the host's `repro`), REPRO_APPTAINER_ARGS, REPRO_SET ("key=value key=value" overrides);
+# see slurm/array_task.sh. Any #SBATCH option can be overridden on the sbatch command line.
+# Log of each task: logs/repro-cityscapes/<array job id>_<task index>.out (appended across requeues).
+# Tasks sharing a dataset compute its crops, depth, shards and kNN once (under a file lock);
+# `repro launch` instead runs those stages as separate jobs first.
+# A task near its time limit checkpoints and requeues itself (--signal=B:USR1@120), then resumes.
+#
+#SBATCH --job-name=repro-cityscapes
+#SBATCH --array=0-11%16
+#SBATCH --output=logs/%x/%A_%a.out
+#SBATCH --open-mode=append
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=48G
+#SBATCH --time=16:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+
+# shellcheck disable=SC2034  # read by array_task.sh
+DEFAULT_ENTRIES=(
+    table2/dino-vitb8
+    table2/stego-vitb8
+    table2/depthg-vitb8
+    released/depthg-cityscapes-vitb8
+)
+
+task_script="${REPRO_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/array_task.sh"
+if [[ ! -f "$task_script" ]]; then
+    echo "cannot find $task_script: submit from the repository root or set REPRO_ROOT" >&2
+    exit 2
+fi
+# shellcheck source=slurm/array_task.sh
+source "$task_script"

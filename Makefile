@@ -7,7 +7,8 @@ SETUP_STAMP := build/.setup-$(DEPS_HASH)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup test lock clean
+.PHONY: setup test demo lock clean container sif results check-results reproduce-supplement reproduce-all \
+	reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table5 reproduce-table6
 
 setup: $(SETUP_STAMP)
 
@@ -28,6 +29,13 @@ $(SETUP_STAMP): $(DEPS_STAMP) pyproject.toml
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The main job on the default data: DepthG end to end on the 10-image NYUv2 sample (CPU, minutes).
+# DINO_CHECKPOINT=/path/dino_deitsmall8_pretrain.pth uses real weights; without it, random weights (said loudly).
+DATA ?= ../shared/data
+DINO_CHECKPOINT ?=
+demo: setup
+	$(BIN)/repro demo --data $(DATA) --work-dir build/demo $(if $(DINO_CHECKPOINT),--checkpoint $(DINO_CHECKPOINT))
+
 # Regenerate requirements.lock from the top-level pins in requirements.in.
 lock:
 	rm -rf build/lockenv && $(PYTHON) -m venv build/lockenv
@@ -38,3 +46,52 @@ lock:
 
 clean:
 	rm -rf build .pytest_cache
+
+# Every table entry as SLURM array jobs (submitit), or locally where there is no SLURM.
+# Variables: REPRO_DATA (dataset roots), REPRO_WORK (shared work folder), SEEDS, PARTITION,
+# REPRO_SIF (Apptainer image; unset = host environment), EXECUTOR (auto | slurm | local).
+REPRO_DATA ?=
+REPRO_WORK ?= runs
+SEEDS ?= 3
+PARTITION ?=
+REPRO_SIF ?=
+EXECUTOR ?= auto
+export REPRO_DATA REPRO_WORK
+LAUNCH = $(BIN)/repro launch --seeds $(SEEDS) --executor $(EXECUTOR) --work-dir $(REPRO_WORK) \
+	$(if $(PARTITION),--partition $(PARTITION)) $(if $(REPRO_SIF),--sif $(REPRO_SIF))
+TABLES := table1 table2 table3 table4 table5 table6
+
+$(addprefix reproduce-,$(TABLES)): reproduce-%: setup
+	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
+	$(LAUNCH) $*
+
+reproduce-supplement: setup
+	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
+	$(LAUNCH) supp3 supp4 supp5 supp6
+
+reproduce-all: setup
+	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
+	$(LAUNCH) $(TABLES) supp3 supp4 supp5 supp6 released
+
+# RESULTS.md from the runs in REPRO_WORK (paper vs reproduced; hand-written text is kept).
+results: setup
+	$(BIN)/repro compare --work-dir $(REPRO_WORK) --out RESULTS.md
+
+# CI regression: re-run the demo-scale entry and compare with the numbers recorded in RESULTS.md.
+check-results: setup
+	$(BIN)/repro check-results --data $(DATA) --results RESULTS.md
+
+# Container images (Containerfile / apptainer.def); weights and data are mounted at run time.
+IMAGE ?= repro:latest
+SIF ?= build/repro.sif
+ENGINE ?= $(shell command -v podman || command -v docker)
+APPTAINER ?= $(shell command -v apptainer || command -v singularity)
+
+container:
+	@test -n "$(ENGINE)" || { echo "make container: no container engine found; install podman or docker, or set ENGINE=..." >&2; exit 1; }
+	$(ENGINE) build -f Containerfile -t $(IMAGE) .
+
+sif:
+	@test -n "$(APPTAINER)" || { echo "make sif: apptainer not found; install apptainer (or singularity), or set APPTAINER=..." >&2; exit 1; }
+	mkdir -p $(dir $(SIF))
+	$(APPTAINER) build $(SIF) apptainer.def

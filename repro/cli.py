@@ -81,6 +81,72 @@ def _cmd_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entry_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("entry", help="registered entry (see `repro list`, e.g. table1/depthg-vits8) or a YAML file")
+    parser.add_argument("--seed", type=int, help="overrides train.seed")
+    parser.add_argument("--work-dir", help="work folder (default: $REPRO_WORK or ./runs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _resolved(args: argparse.Namespace):
+    from repro.run import default_work_dir, resolve_entry
+
+    config = resolve_entry(args.entry, seed=args.seed, overrides=args.overrides)
+    return config, args.work_dir or default_work_dir()
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from repro.run import run_entry
+
+    config, work_dir = _resolved(args)
+    run_dir = run_entry(config, work_dir=work_dir, quiet=args.quiet, until="train")
+    print(f"trained: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from repro.evaluate.report import format_metrics
+    from repro.evaluate.report import write_json
+    from repro.run import data_paths, evaluate_run, run_dir_for
+
+    config, work_dir = _resolved(args)
+    if args.crf is not None or args.flip is not None:
+        ev = dataclasses.replace(config.eval, crf=config.eval.crf if args.crf is None else args.crf,
+                                 flip=config.eval.flip if args.flip is None else args.flip)
+        config = dataclasses.replace(config, eval=ev)
+    run_dir = run_dir_for(config, work_dir)
+    metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=args.quiet)
+    print(format_metrics(metrics))
+    print(f"metrics: {write_json(run_dir / 'metrics.json', metrics)}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from repro.evaluate.report import format_metrics
+    from repro.run import run_entry
+
+    config, work_dir = _resolved(args)
+    run_dir = run_entry(config, work_dir=work_dir, quiet=args.quiet, until=args.until)
+    metrics = run_dir / "metrics.json"
+    if args.until is None and metrics.is_file():
+        print(format_metrics(json.loads(metrics.read_text())))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from repro.demo import run_demo
+
+    run_demo(args.data, args.work_dir, checkpoint=args.checkpoint or None, quiet=args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``repro`` command."""
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
@@ -148,6 +214,38 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--batch-size", type=int, default=32)
     knn.add_argument("--device")
     knn.set_defaults(func=_cmd_knn)
+
+    run = commands.add_parser("run", help="every stage of one table entry: prepare, depth, shards, knn, train, eval")
+    _entry_args(run)
+    run.add_argument("--until", choices=["prepare", "depth", "shards", "knn", "train", "eval"],
+                     help="stop after this stage")
+    run.set_defaults(func=_cmd_run)
+    train = commands.add_parser("train", help="the data stages and training of one entry (resumes)")
+    _entry_args(train)
+    train.set_defaults(func=_cmd_train)
+    evaluate = commands.add_parser("eval", help="evaluate a trained run (final and best-on-val) -> metrics.json")
+    _entry_args(evaluate)
+    evaluate.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (config: eval.crf)")
+    evaluate.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    demo = commands.add_parser("demo", help="the pipeline end to end on the 10-image NYUv2 sample (make demo)")
+    demo.add_argument("--data", required=True, help="folder holding nyuv2-mini/")
+    demo.add_argument("--work-dir", default="build/demo")
+    demo.add_argument("--checkpoint", help="DINO ViT-S/8 checkpoint (default: weights folder, else random weights)")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    from repro.config.registry import add_list_command
+    from repro.launch import add_launch_command
+    from repro.results import add_compare_command
+
+    from repro.regression import add_check_command
+
+    add_list_command(commands)
+    add_check_command(commands)
+    add_compare_command(commands)
+    add_launch_command(commands)
     return parser
 
 

@@ -1,0 +1,75 @@
+"""``repro check-results``: re-run the demo-scale entry and compare it with RESULTS.md.
+
+The recorded numbers of ``demo/nyuv2-mini`` in RESULTS.md come from a run with the random-weight
+ViT-S/8 checkpoint (seed 0) that ``make demo`` writes when no real one is present; the check
+re-creates that checkpoint, runs the entry from scratch in a fresh work folder and fails when
+any metric moves beyond the tolerance recorded next to it. It guards the whole pipeline
+(crops, depth, shards, kNN, training, CRF evaluation) against silent changes of its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+__all__ = ["check_results", "add_check_command", "ENTRY"]
+
+ENTRY = "demo/nyuv2-mini"
+
+
+def check_results(results: str | Path, data_root: str | Path, *, work_dir: str | Path | None = None,
+                  checkpoint: str | Path | None = None, quiet: bool = True) -> tuple[dict, list[str]]:
+    """Run ``demo/nyuv2-mini`` afresh and compare its final summary with ``results``.
+
+    Args:
+        results: the RESULTS.md holding the recorded numbers and tolerance.
+        data_root: folder holding ``nyuv2-mini/``.
+        work_dir: an empty folder for the run (default: a temporary folder, removed afterwards).
+        checkpoint: backbone checkpoint; default the random-weight ViT-S/8 (seed 0) the record used.
+        quiet: no progress bars.
+
+    Returns:
+        ``(summary, failures)``: the fresh numbers and one message per metric out of tolerance.
+
+    Raises:
+        ValueError/FileNotFoundError: if RESULTS.md has no machine-readable block.
+        FileExistsError: if ``work_dir`` already holds a run (the check must not reuse one).
+    """
+    from repro.models.backbone import init_random_checkpoint
+    from repro.results import check_against, read_results
+    from repro.run import run_entry
+
+    recorded = read_results(results)
+    with tempfile.TemporaryDirectory(prefix="repro-check-") as tmp:
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        if (work / ENTRY).exists():
+            raise FileExistsError(f"{work / ENTRY} exists; check-results needs a fresh work folder")
+        ckpt = Path(checkpoint) if checkpoint else init_random_checkpoint("vit_small_patch8", work / "random-vits8.pth", seed=0)
+        run_dir = run_entry(ENTRY, work_dir=work, quiet=quiet,
+                            overrides=[f"data.root={Path(data_root) / 'nyuv2-mini'}", f"model.checkpoint={ckpt.resolve()}"])
+        summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    return summary, check_against(recorded, ENTRY, summary)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    summary, failures = check_results(args.results, args.data, work_dir=args.work_dir, checkpoint=args.checkpoint,
+                                      quiet=not args.progress)
+    print(f"{ENTRY} (fresh run): " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    for failure in failures:
+        print(f"REGRESSION {failure}")
+    print("check-results: " + ("FAILED" if failures else f"all metrics within the tolerance recorded in {args.results}"))
+    return 1 if failures else 0
+
+
+def add_check_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``check-results`` on a subparsers object."""
+    parser = subparsers.add_parser("check-results", help="re-run the demo-scale entry and compare with RESULTS.md")
+    parser.add_argument("--results", default="RESULTS.md")
+    parser.add_argument("--data", required=True, help="folder holding nyuv2-mini/")
+    parser.add_argument("--work-dir", help="empty folder for the run (default: temporary)")
+    parser.add_argument("--checkpoint", help="backbone checkpoint (default: the random ViT-S/8 the record used)")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.set_defaults(func=_cmd_check)
+    return parser

@@ -131,7 +131,7 @@ class EvalConfig:
     """Evaluation protocol (SPEC section 4)."""
 
     crf: bool = True
-    crf_processes: int = 0
+    crf_processes: int = -1  # DenseCRF worker processes: 0 = in-process, -1 = every CPU of the job
     flip: bool = False
     batch_size: int = 16
     num_figures: int = 4

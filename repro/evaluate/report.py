@@ -101,7 +101,8 @@ def evaluate_parts(parts: TrainedParts, backbone, val: ValidationSet, *, crf: bo
     Args:
         parts: trained head and probes; backbone: the frozen backbone.
         val: validation crops (features cached on first use).
-        crf, flip, crf_processes, batch_size: see :func:`repro.evaluate.protocol.evaluate_segmentation`.
+        crf, flip, batch_size: see :func:`repro.evaluate.protocol.evaluate_segmentation`.
+        crf_processes: DenseCRF worker processes; 0 = in-process, -1 = every CPU this process may use.
         device: where the networks run.
         limit: only the first ``limit`` crops (figures).
         keep_predictions: also return per-image predictions.
@@ -110,6 +111,8 @@ def evaluate_parts(parts: TrainedParts, backbone, val: ValidationSet, *, crf: bo
         :class:`~repro.evaluate.protocol.EvalResult`.
     """
     val.cache_features(backbone, device, batch_size)
+    if crf_processes < 0:
+        crf_processes = len(os.sched_getaffinity(0))
     for module in parts.modules().values():
         module.eval()
     samples = val.samples if limit is None else val.samples[:limit]

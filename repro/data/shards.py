@@ -144,7 +144,7 @@ def write_shards(
     partial.mkdir(parents=True)
     shards: list[dict] = []
     seen: set[str] = set()
-    writer, names = None, []
+    writer, writer_count, names = None, 0, []
 
     def close() -> None:
         if writer is not None:

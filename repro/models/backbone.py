@@ -15,7 +15,6 @@ Nothing is downloaded at run time. The official files come from::
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from repro.atomic import atomic_path
 from repro.errors import MissingFileError
 
 __all__ = [
@@ -250,14 +250,6 @@ def init_random_checkpoint(arch: str, out: str | Path, *, seed: int = 0) -> Path
     spec = get_arch(arch)
     torch.manual_seed(seed)
     state = {k: v.clone() for k, v in _create_vit(spec).state_dict().items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return Path(out)

@@ -6,14 +6,13 @@ plus the step and the architecture facts needed to rebuild it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from repro.atomic import atomic_path
 from repro.errors import MissingFileError
 from repro.models.heads import ProjectionHead, SegmentationHead
 from repro.models.probes import ClusterProbe, LinearProbe
@@ -80,18 +79,10 @@ def build_parts(config, feature_dim: int, num_classes: int) -> TrainedParts:
 
 def save_parts(path: str | Path, parts: TrainedParts, meta: dict) -> Path:
     """Write the parts' state dicts and ``meta`` (step, arch, ...) atomically with ``torch.save``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": dict(meta), **{name: m.state_dict() for name, m in parts.modules().items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def load_parts(path: str | Path, config, feature_dim: int, num_classes: int) -> tuple[TrainedParts, dict]:

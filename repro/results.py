@@ -20,11 +20,11 @@ import json
 import os
 import re
 import statistics
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from repro.atomic import atomic_path
 from repro.config.registry import TABLES, list_entries, load_entry
 
 __all__ = ["METRICS", "SeedRun", "collect_runs", "aggregate", "render_results", "read_results", "check_against",
@@ -278,15 +278,8 @@ def _splice(text: str, blocks: dict[str, str], order: list[str]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def render_results(work_dir: str | Path, out: str | Path = "RESULTS.md", tables: Sequence[str] | None = None,

@@ -9,8 +9,6 @@ unknown key or a wrong type names the file (or "command line") it came from.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from repro.atomic import atomic_path
 from repro.config.schema import ExperimentConfig
 
 __all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "BASE_CONFIG", "RELEASED_PRESET"]
@@ -185,10 +184,6 @@ def config_to_dict(config: ExperimentConfig) -> dict:
 
 def save_config(config: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return Path(path)

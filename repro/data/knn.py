@@ -9,8 +9,6 @@ ranks 1..7. Search is exact inner product on L2-normalised features with faiss
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from repro.atomic import atomic_path
 from repro.data.transforms import images_to_tensor
 
 __all__ = ["pooled_features", "search_knn", "KnnTable", "save_knn", "load_knn"]
@@ -107,17 +106,9 @@ class KnnTable:
 
 def save_knn(path: str | Path, table: KnnTable) -> None:
     """Write the table atomically as ``.npz`` (keys, indices, similarities, JSON meta)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, keys=np.array(table.keys), indices=table.indices, similarities=table.similarities,
                  meta=np.array(json.dumps(table.meta, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_knn(path: str | Path) -> KnnTable:

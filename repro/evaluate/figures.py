@@ -14,8 +14,6 @@ prediction panel holds exactly the palette colours of the predicted classes.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from repro.atomic import atomic_path
 
 __all__ = [
     "IGNORE_COLOR",
@@ -142,17 +142,10 @@ def colorize_depth(depth: np.ndarray, cmap: str = "magma") -> np.ndarray:
 def _save_atomic(fig: Figure, path: str | Path, **kwargs) -> Path:
     """Render ``fig`` with Agg into a temporary file next to ``path``, then rename it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format=fmt, **kwargs)
     return path
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from repro.atomic import atomic_path
 from repro.data.pipeline import iter_crops
 from repro.data.registry import DATASETS
 from repro.data.transforms import images_to_tensor
@@ -27,9 +27,6 @@ __all__ = ["ValidationSet", "evaluate_parts", "result_summary", "write_json", "s
 
 def write_json(path: str | Path, data: dict) -> Path:
     """Write JSON atomically (temporary file, then rename); NumPy/torch scalars are converted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
     def default(obj):
         if isinstance(obj, (np.generic, torch.Tensor)):
             return obj.item() if obj.ndim == 0 else obj.tolist()
@@ -37,11 +34,9 @@ def write_json(path: str | Path, data: dict) -> Path:
             return obj.tolist()
         raise TypeError(f"cannot serialise {type(obj).__name__}")
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=default, allow_nan=True)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=default, allow_nan=True))
+    return Path(path)
 
 
 class ValidationSet:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from repro.config.loader import ConfigError, config_to_dict, load_config, save_c
 from repro.config.schema import ExperimentConfig
 
 __all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data", "run_dir_for", "run_entry",
-           "evaluate_run", "default_work_dir", "STAGES"]
+           "evaluate_run", "ValidationContext", "default_work_dir", "STAGES"]
 
 log = logging.getLogger("repro.run")
 STAGES = ("prepare", "depth", "shards", "knn", "train", "eval")
@@ -185,25 +186,52 @@ def _status(run_dir: Path, state: str, stage: str, **extra) -> None:
                                          "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
 
 
+class ValidationContext:
+    """The frozen backbone and the validation crops of one run, each built on first use.
+
+    One context serves the best-on-val checks during training and the final evaluation, so
+    the validation features are computed once per run.
+    """
+
+    def __init__(self, config: ExperimentConfig, paths: DataPaths, device: str | None = None) -> None:
+        self.config, self.paths = config, paths
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @functools.cached_property
+    def backbone(self):
+        """The frozen DINO backbone on :attr:`device`."""
+        from repro.models.backbone import DinoBackbone
+        from repro.train import resolve_checkpoint
+
+        return DinoBackbone(self.config.model.arch, resolve_checkpoint(self.config)).to(self.device)
+
+    @functools.cached_property
+    def val(self):
+        """The 320 px validation crops (with their depth folder, for the figures)."""
+        from repro.evaluate.report import ValidationSet
+
+        return ValidationSet(self.paths.val_crops, self.paths.val_depth, self.config.train.feature_cache_gb)
+
+
 def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths, *, quiet: bool = False,
-                 device: str | None = None) -> dict:
+                 device: str | None = None, context: ValidationContext | None = None) -> dict:
     """Evaluate ``model.pt`` (final) and ``best.pt`` (best on val) of a run; write ``metrics.json`` and figures.
+
+    ``context`` reuses the backbone and validation features of training-time validation.
 
     Returns:
         The metrics dictionary (also written to ``<run_dir>/metrics.json``).
     """
     from repro.data.registry import DATASETS
     from repro.env import collect_env
-    from repro.evaluate.report import ValidationSet, evaluate_parts, result_summary, save_eval_figures, write_json
-    from repro.models.backbone import DinoBackbone
+    from repro.evaluate.report import evaluate_parts, result_summary, save_eval_figures, write_json
     from repro.models.bundle import load_parts
-    from repro.train import BEST, FINAL, resolve_checkpoint
+    from repro.train import BEST, FINAL
 
     run_dir = Path(run_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = DinoBackbone(config.model.arch, resolve_checkpoint(config)).to(device)
+    context = context or ValidationContext(config, paths, device)
+    backbone, val, device = context.backbone, context.val, context.device
     k = DATASETS[config.data.dataset].num_classes
-    val = ValidationSet(paths.val_crops, paths.val_depth, config.train.feature_cache_gb)
     e = config.eval
     metrics: dict = {"entry": config.name, "seed": config.train.seed, "dataset": config.data.dataset,
                      "num_images": len(val), "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size}}
@@ -283,6 +311,7 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         _status(run_dir, "running", stage)
         log.info("run %s seed %d in %s", config.name, config.train.seed, run_dir)
         paths = prepare_data(config, work_dir=work_dir, quiet=quiet, timings=timings)
+        context = ValidationContext(config, paths)  # one backbone and one validation-feature cache per run
         if until in ("prepare", "depth", "shards", "knn"):
             _status(run_dir, "done", until, timings=timings)
             return run_dir
@@ -290,7 +319,7 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         _status(run_dir, "running", stage, timings=timings)
         if not (run_dir / FINAL).is_file():
             start = time.perf_counter()
-            validate = _validator(config, paths) if config.train.val_every > 0 else None
+            validate = _validator(config, context) if config.train.val_every > 0 else None
             out = train(config, run_dir, shards=paths.shards, knn=paths.knn, validate=validate, quiet=quiet)
             timings["train"] = time.perf_counter() - start
             if out != run_dir / FINAL:
@@ -304,7 +333,7 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         metrics_path = run_dir / "metrics.json"
         if not metrics_path.is_file() or metrics_path.stat().st_mtime < (run_dir / FINAL).stat().st_mtime:
             start = time.perf_counter()
-            metrics = evaluate_run(config, run_dir, paths, quiet=quiet)
+            metrics = evaluate_run(config, run_dir, paths, quiet=quiet, context=context)
             timings["eval"] = time.perf_counter() - start
             metrics["timings_s"] = timings
             write_json(metrics_path, metrics)
@@ -320,20 +349,12 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         handler.close()
 
 
-def _validator(config: ExperimentConfig, paths: DataPaths):
+def _validator(config: ExperimentConfig, context: ValidationContext):
     """``parts -> unsupervised mIoU`` on the validation crops without CRF (for the best-on-val pick)."""
-    from repro.evaluate.report import ValidationSet, evaluate_parts
-    from repro.models.backbone import DinoBackbone
-    from repro.train import resolve_checkpoint
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    state: dict = {}
+    from repro.evaluate.report import evaluate_parts
 
     def validate(parts) -> float:
-        if not state:
-            state["backbone"] = DinoBackbone(config.model.arch, resolve_checkpoint(config)).to(device)
-            state["val"] = ValidationSet(paths.val_crops, None, config.train.feature_cache_gb)
-        return evaluate_parts(parts, state["backbone"], state["val"], crf=False, batch_size=config.eval.batch_size,
-                              device=device).cluster.miou
+        return evaluate_parts(parts, context.backbone, context.val, crf=False, batch_size=config.eval.batch_size,
+                              device=context.device).cluster.miou
 
     return validate

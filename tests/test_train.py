@@ -13,7 +13,8 @@ import torch
 
 from repro.models.backbone import init_random_checkpoint
 from repro.run import prepare_data, resolve_entry
-from repro.train import FINAL, _latest_checkpoint, train
+from repro.train import FINAL, train
+from repro.train_state import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
@@ -57,8 +58,7 @@ def test_short_training_learns_and_logs(setup, tmp_path):
     assert payload["meta"]["step"] == 30
     checkpoints = sorted((run_dir / "train" / "checkpoints").glob("step_*"))
     assert [c.name for c in checkpoints] == ["step_0000010", "step_0000020", "step_0000030"]
-    # the head is the first object registered for checkpointing
-    at_ten = torch.load(checkpoints[0] / "custom_checkpoint_0.pkl", weights_only=True)
+    at_ten = torch.load(checkpoints[0] / "state.pt", weights_only=True)["modules"]["head"]
     assert at_ten.keys() == payload["head"].keys()
     changed = [k for k, v in payload["head"].items() if not torch.equal(v, at_ten[k])]
     assert changed, "the head's parameters did not change"
@@ -103,7 +103,7 @@ def test_sigterm_checkpoint_and_resume_match_uninterrupted_run(setup, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGTERM, proc.stderr.read()
-    ckpt = _latest_checkpoint(tmp_path / "interrupted" / "train" / "checkpoints")
+    ckpt = latest_checkpoint(tmp_path / "interrupted" / "train" / "checkpoints")
     assert ckpt is not None and 4 <= int(ckpt.name.split("_")[1]) < 10
     assert not (tmp_path / "interrupted" / FINAL).exists()
     resumed = _train_subprocess(setup, tmp_path / "interrupted", extra + ["train.num_workers=2"])

@@ -1,0 +1,75 @@
+"""Multi-process training through Accelerate's DDP (``accelerate launch --num_processes 2 --cpu``, gloo).
+
+Two processes with batch B each see exactly the crops (and kNN partners) that one process with
+batch 2B sees, and DDP averages their gradients. Where the objective is a mean of per-image terms of
+equal size, the two runs therefore train to the same parameters up to float summation order. The
+test uses such a configuration: no random negatives (``lambda_random = 0``: negatives are drawn
+within each process's slice of the batch, as in STEGO's multi-GPU runs, so they cannot match), the
+full feature map (no per-process sample draws), no dropout (per-process masks). The linear probe's
+cross-entropy is a mean over the *labelled* pixels of each process's slice; with unlabelled pixels
+(NYUv2 void) the slices weigh their pixels differently, so it is compared to a looser bound.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro.models.backbone import init_random_checkpoint
+from repro.run import prepare_data, resolve_entry
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
+SCRIPT = """
+import sys
+from repro.run import resolve_entry
+from repro.train import train
+shards, knn, run_dir, *overrides = sys.argv[1:]
+train(resolve_entry({demo!r}, overrides=overrides), run_dir, shards=shards, knn=knn, quiet=True)
+"""
+B = 4
+
+
+@pytest.fixture(scope="module")
+def data(shared_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp")
+    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
+    overrides = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
+                 "train.val_every=0", "data.crop_size=112", "data.val_size=160", "train.max_steps=5",
+                 "loss.lambda_random=0.0", "sampling.mode=full", "model.dropout=0.0", "train.checkpoint_every=1",
+                 "train.keep_checkpoints=10"]
+    paths = prepare_data(resolve_entry(DEMO, overrides=overrides), work_dir=work, quiet=True)
+    return work, overrides, paths
+
+
+def _train(cmd: list[str], script: Path, paths, run_dir: Path, overrides: list[str]) -> dict:
+    proc = subprocess.run([*cmd, str(script), str(paths.shards), str(paths.knn), str(run_dir), *overrides],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def test_two_processes_train_like_one_with_the_whole_batch(data, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is missing from the environment (requirements.lock)"
+    work, overrides, paths = data
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT.format(demo=str(DEMO)))
+    two = _train([accelerate, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision",
+                  "no", "--dynamo_backend", "no", "--main_process_port", "29533"], script, paths, tmp_path / "two",
+                 [*overrides, f"train.batch_size={B}"])
+    one = _train([sys.executable], script, paths, tmp_path / "one", [*overrides, f"train.batch_size={2 * B}"])
+    assert two["meta"]["processes"] == 2 and one["meta"]["processes"] == 1
+    assert two["meta"]["step"] == one["meta"]["step"] == 5
+    first = torch.load(tmp_path / "one" / "train" / "checkpoints" / "step_0000001" / "state.pt", weights_only=True)
+    assert any(not torch.equal(first["modules"]["head"][k], v) for k, v in one["head"].items())  # it trained
+    for part in ("head", "cluster_probe"):
+        for key, value in one[part].items():
+            assert torch.allclose(two[part][key], value, rtol=1e-4, atol=1e-6), f"{part}.{key}"
+    for key, value in one["linear_probe"].items():  # see the module docstring
+        assert torch.allclose(two["linear_probe"][key], value, rtol=5e-2, atol=5e-3), f"linear_probe.{key}"

@@ -29,7 +29,8 @@ images). Manifest columns used: ``nyu_labeled_index_1based`` and optionally ``rg
 
 Depth becomes float32 metres (``value / 10000``), labels as above. Split membership is the folder.
 DepthG wrote these PNGs as ``(depths * 1e4).astype(np.uint16)``: depth beyond 6.5535 m does not fit
-in uint16 and was stored wrapped around; such values are read back as they are in the file.
+in uint16 and was stored modulo 65536 (numpy on x86-64); such values are read back as they are in
+the file (in nyuv2-mini, 5 of the 10 frames have 4-7 % of their pixels beyond 6.5535 m).
 Sources: Silberman et al., ECCV 2012; 13-class labels of Couprie et al. (ICLR 2013) as released
 in ankurhanda/nyuv2-meta-data; DepthG (Sick et al., CVPR 2024) ``src/data.py``.
 """

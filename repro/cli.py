@@ -45,6 +45,24 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_data_convert_nyuv2(args: argparse.Namespace) -> int:
+    from repro.data.nyuv2_convert import convert_nyuv2
+    from repro.data.sample import DatasetError
+    from repro.errors import MissingFileError
+
+    try:
+        result = convert_nyuv2(args.mat, args.splits, args.labels13, args.out, depth=args.depth,
+                               progress=not args.quiet)
+    except (DatasetError, MissingFileError) as exc:
+        print(f"repro data convert nyuv2: {exc}", file=sys.stderr)
+        return 1
+    rate = result.written / result.seconds if result.seconds > 0 else float("nan")
+    print(f"nyuv2: {result.frames} frames in {result.out} ({result.written} written, {result.skipped} already "
+          f"complete) in {result.seconds:.1f} s, {rate:.1f} images/s")
+    print(f"check: repro data verify nyuv2 --root {result.out}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from repro.data import get_dataset
     from repro.data.pipeline import prepare_stage
@@ -187,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dataset", choices=["cocostuff27", "cityscapes27", "potsdam3", "nyuv2"])
     verify.add_argument("--root", required=True)
     verify.set_defaults(func=_cmd_data_verify)
+    convert = data.add_parser("convert", help="convert a dataset as published into repro's layout").add_subparsers(
+        dest="convert_dataset", required=True, metavar="DATASET")
+    nyu = convert.add_parser(
+        "nyuv2", help="nyu_depth_v2_labeled.mat + splits.mat + 13-class labels -> rgb/, depth/ (mm), label13/",
+        description="Write repro's NYUv2 layout (rgb/, depth/ uint16 mm, label13/, manifest.csv with the official "
+                    "split) from the files as published. Streams frame by frame; resumable; atomic per file.")
+    nyu.add_argument("--mat", required=True, help="nyu_depth_v2_labeled.mat (MATLAB v7.3 / HDF5, read with h5py)")
+    nyu.add_argument("--splits", required=True, help="splits.mat of the NYU toolbox (trainNdxs, testNdxs)")
+    nyu.add_argument("--labels13", required=True, nargs="+", metavar="SRC",
+                     help="13-class labels (Couprie et al.) from ankurhanda/nyuv2-meta-data, either its label PNGs: "
+                          "train_labels_13/nyuv2_train_class13.tgz and test_labels_13/nyuv2_test_class13.tgz "
+                          "(or folders of their new_nyu_class13_NNNN.png), or its class mapping: classMapping40.mat "
+                          "(mapClass, 894 -> 40) and class13Mapping.mat (classMapping13.labels13, 40 -> 13) applied "
+                          "to the .mat's 'labels'. The source used is recorded in manifest.csv (label13_source) "
+                          "and conversion.json")
+    nyu.add_argument("--out", required=True, help="output folder (a rerun skips the files already written)")
+    nyu.add_argument("--depth", choices=["inpainted", "raw"], default="inpainted",
+                     help="'depths' (in-painted, default: as the sample and DepthG) or 'rawDepths' (0 = no reading)")
+    nyu.add_argument("--quiet", action="store_true", help="no progress bar")
+    nyu.set_defaults(func=_cmd_data_convert_nyuv2)
 
     prepare = commands.add_parser("prepare", help="crop a dataset split (five-crop, resize, centre crop)")
     prepare.add_argument("dataset", choices=["cocostuff27", "cityscapes27", "potsdam3", "nyuv2"])

@@ -193,6 +193,44 @@ def test_nyuv2_extra_rgb_only_has_no_depth(shared_data):
     assert "0046.png" in str(err.value)
 
 
+def test_nyuv2_depthg_layout_reads_back_like_the_png_layout(nyu, shared_data, tmp_path):
+    # DepthG's folders ({split}_rgb, {split}_seg13, {split}_depth; depth PNG = metres * 1e4 as uint16)
+    # holding the sample frames. uint16 holds at most 6.5535 m in 1e-4 m, so the frames whose sensor
+    # depth goes beyond that get no depth file (DepthG's own writer wraps them around).
+    mini = shared_data / "nyuv2-mini"
+    fits = []
+    for stem in (k[-4:] for k in nyu.keys()):
+        for sub, folder in (("rgb", "test_rgb"), ("label13", "test_seg13")):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            shutil.copy(mini / sub / f"{stem}.png", tmp_path / folder / f"{stem}.png")
+        mm = np.asarray(Image.open(mini / "depth" / f"{stem}.png")).astype(np.int64)
+        if mm.max() * 10 <= np.iinfo(np.uint16).max:
+            fits.append(stem)
+            _png(tmp_path / "test_depth" / f"{stem}.png", (mm * 10).astype(np.uint16))
+    assert fits == ["0001", "0002", "0014", "0021", "0028"]
+    _png(tmp_path / "train_rgb/0003.png", np.zeros((4, 5, 3), np.uint8))
+    _png(tmp_path / "train_seg13/0003.png", np.full((4, 5), 13, np.uint8))
+    _png(tmp_path / "train_depth/0003.png", np.full((4, 5), 65535, np.uint16))
+    ds = NYUv2(tmp_path, "test")
+    assert ds.layout == "depthg" and ds.keys() == nyu.keys()
+    for a, b in zip(nyu, ds):
+        np.testing.assert_array_equal(b.image, a.image)
+        np.testing.assert_array_equal(b.label, a.label)
+        assert b.meta["layout"] == "depthg" and b.meta["image"] == f"test_rgb/{a.key[-4:]}.png"
+        if a.key[-4:] in fits:
+            assert b.depth.dtype == np.float32 and np.array_equal(b.depth, a.depth)  # bit-identical metres
+        else:
+            assert b.depth is None
+    train = NYUv2(tmp_path, "train")[0]
+    assert train.key == "nyuv2_train_0003" and train.label.max() == 12
+    np.testing.assert_array_equal(train.depth, np.float32(6.5535))
+    report = verify_dataset("nyuv2", tmp_path)
+    assert "FAIL test: expected 654 test RGB+label images, found 10" in report.lines
+    assert "info test: 5 images without a sensor depth file (depth=None)" in report.lines
+    with pytest.raises(MissingFileError, match="split"):  # the PNG layout cannot read DepthG's folders
+        NYUv2(tmp_path, "test", layout="png")
+
+
 # ---------------------------------------------------------------- COCO-Stuff-27
 
 

@@ -1,7 +1,10 @@
 """NYU Depth V2 (labelled set) with the 13-class labels, RGB and sensor depth.
 
-PNG layout (the export used by ``nyuv2-mini``; ``NNNN`` = 1-based index into the 1,449 labelled
-images)::
+Two layouts are read (``layout="auto"`` picks one, like :class:`repro.data.potsdam.Potsdam3`).
+
+``"png"``: repro's layout (the export used by ``nyuv2-mini`` and written by
+``repro data convert nyuv2``, :mod:`repro.data.nyuv2_convert`; ``NNNN`` = 1-based index into the
+1,449 labelled images)::
 
     root/rgb/NNNN.png       (480, 640, 3) uint8 RGB
     root/depth/NNNN.png     (480, 640) uint16 sensor depth in millimetres (0 = no reading)
@@ -16,8 +19,20 @@ else a ``manifest.csv`` without split information is treated as a subset of one 
 ``subset_split`` (default ``"test"``: nyuv2-mini and its ``extra_rgb_only/`` hold official test
 images). Manifest columns used: ``nyu_labeled_index_1based`` and optionally ``rgb``,
 ``depth_mm_uint16`` (or ``depth``), ``label13``; missing path columns default to the layout above.
+
+``"depthg"``: the layout of DepthG's loader (``src/data.py``, class ``NYUv2``, folders written by its
+``download_rgb`` / ``download_seg`` / ``_create_depth_files``)::
+
+    root/{train,test}_rgb/NNNN.png     RGB; the file list of the split (sorted, as DepthG lists it)
+    root/{train,test}_seg13/NNNN.png   uint8: 0 void, 1..13 classes (nyuv2-meta-data PNGs, renamed)
+    root/{train,test}_depth/NNNN.png   uint16 in-painted depth in units of 1e-4 m (DepthG divides by 1e4)
+
+Depth becomes float32 metres (``value / 10000``), labels as above. Split membership is the folder.
+DepthG wrote these PNGs as ``(depths * 1e4).astype(np.uint16)``: depth beyond 6.5535 m does not fit
+in uint16 and was stored modulo 65536 (numpy on x86-64); such values are read back as they are in
+the file (in nyuv2-mini, 5 of the 10 frames have 4-7 % of their pixels beyond 6.5535 m).
 Sources: Silberman et al., ECCV 2012; 13-class labels of Couprie et al. (ICLR 2013) as released
-in ankurhanda/nyuv2-meta-data.
+in ankurhanda/nyuv2-meta-data; DepthG (Sick et al., CVPR 2024) ``src/data.py``.
 """
 
 from __future__ import annotations
@@ -32,12 +47,15 @@ from repro.data.sample import (BaseDataset, DatasetError, Sample, make_key, read
                                require_dir, require_file)
 from repro.errors import MissingFileError
 
-__all__ = ["NYUv2", "nyu_label13_to_index", "nyu_depth_mm_to_m", "read_split_indices", "NYU13_CLASS_NAMES"]
+__all__ = ["NYUv2", "nyu_label13_to_index", "nyu_depth_mm_to_m", "nyu_depth_png_to_m", "read_split_indices",
+           "NYU13_CLASS_NAMES", "DEPTH_UNITS_PER_M"]
 
 NYU13_CLASS_NAMES: tuple[str, ...] = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
                                       "picture", "sofa", "table", "tv", "wall", "window")
-FIX = ("download nyu_depth_v2_labeled.mat (http://horatio.cs.nyu.edu/mit/silberman/nyu_depth_v2/) and the "
-       "13-class labels of ankurhanda/nyuv2-meta-data, export them as PNG (see data_manifests/nyuv2.yaml)")
+FIX = ("download nyu_depth_v2_labeled.mat and splits.mat (NYU Depth V2 site) and the 13-class labels of "
+       "ankurhanda/nyuv2-meta-data, then run `repro data convert nyuv2` (see data_manifests/nyuv2.yaml)")
+DEPTH_UNITS_PER_M = {"png": 1000, "depthg": 10000}
+"""Integer depth PNG units per metre of each layout: millimetres (png), 1e-4 m (DepthG)."""
 
 
 def nyu_label13_to_index(label: np.ndarray) -> np.ndarray:
@@ -55,7 +73,21 @@ def nyu_label13_to_index(label: np.ndarray) -> np.ndarray:
 
 def nyu_depth_mm_to_m(depth_mm: np.ndarray) -> np.ndarray:
     """Convert integer sensor depth in millimetres to float32 metres (``mm / 1000``; 0 stays 0)."""
-    return np.asarray(depth_mm).astype(np.float32) / np.float32(1000.0)
+    return nyu_depth_png_to_m(depth_mm, 1000)
+
+
+def nyu_depth_png_to_m(depth: np.ndarray, units_per_m: int) -> np.ndarray:
+    """Convert an integer depth PNG to float32 metres: ``value / units_per_m`` (0 stays 0).
+
+    Args:
+        depth: ``(H, W)`` integer array (uint16 PNG values).
+        units_per_m: 1000 for millimetres (repro's layout), 10000 for DepthG's 1e-4 m.
+
+    Returns:
+        ``(H, W)`` float32 metres, a single float32 division (so ``10 * mm`` in 1e-4 m and ``mm``
+        in millimetres give bit-identical metres).
+    """
+    return np.asarray(depth).astype(np.float32) / np.float32(units_per_m)
 
 
 def read_split_indices(path: Path, split: str) -> set[int]:
@@ -84,9 +116,11 @@ class NYUv2(BaseDataset):
     """NYUv2 labelled set: RGB, sensor depth (metres) and 13-class labels.
 
     Args:
-        root: folder in the PNG layout (module docstring). ``root/<split>/rgb`` is used if present.
+        root: folder in the PNG or DepthG layout (module docstring). PNG layout:
+            ``root/<split>/rgb`` is used if present.
         split: ``"train"`` or ``"test"``.
-        layout: only ``"png"`` (convert ``nyu_depth_v2_labeled.mat`` to PNGs first).
+        layout: ``"png"``, ``"depthg"`` or ``"auto"``: DepthG's if ``train_rgb/`` or ``test_rgb/``
+            exists and neither ``rgb/`` nor ``<split>/rgb/`` does, else PNG.
         require_depth: if True, a sample without a depth file raises :class:`MissingFileError`;
             otherwise it yields ``depth=None`` (e.g. ``extra_rgb_only/``).
         split_file: explicit ``splits.mat`` or index list overriding the automatic lookup.
@@ -94,7 +128,8 @@ class NYUv2(BaseDataset):
 
     Raises:
         ValueError: for an unknown split or layout.
-        MissingFileError: if ``root``/``rgb/`` is missing, or no split information exists.
+        MissingFileError: if ``root``/``rgb/`` (DepthG: ``<split>_rgb/``) is missing, or no split
+            information exists.
         DatasetError: if the manifest is malformed or ``split`` is not in a one-split subset.
     """
 
@@ -102,23 +137,43 @@ class NYUv2(BaseDataset):
     num_classes = 13
     class_names = NYU13_CLASS_NAMES
 
-    def __init__(self, root: str | Path, split: str, layout: str = "png", *, require_depth: bool = False,
+    def __init__(self, root: str | Path, split: str, layout: str = "auto", *, require_depth: bool = False,
                  split_file: str | Path | None = None, subset_split: str = "test") -> None:
         if split not in ("train", "test"):
             raise ValueError(f"NYUv2: split must be 'train' or 'test', got {split!r}")
-        if layout != "png":
-            raise ValueError(f"NYUv2: only layout='png' is supported, got {layout!r}")
+        if layout not in ("auto", "png", "depthg"):
+            raise ValueError(f"NYUv2: layout must be 'png', 'depthg' or 'auto', got {layout!r}")
         super().__init__(root, split)
         require_dir(self.root, "NYUv2 root folder", FIX)
+        self.require_depth = require_depth
+        if layout == "auto":
+            depthg = any((self.root / f"{s}_rgb").is_dir() for s in ("train", "test"))
+            png = (self.root / "rgb").is_dir() or (self.root / split / "rgb").is_dir()
+            layout = "depthg" if depthg and not png else "png"
+        self.layout = layout
+        if layout == "depthg":
+            self._items = self._depthg_rows()
+            return
         folder_split = (self.root / split / "rgb").is_dir()
         if folder_split:
             self.root = self.root / split
-        self.require_depth = require_depth
         indices = None if folder_split else self._split_indices(split_file)
         rows = self._manifest_rows(not folder_split and indices is None, subset_split)
         if indices is not None:
             rows = [r for r in rows if r["index"] in indices]
         self._items = sorted(rows, key=lambda r: r["key"])
+
+    def _depthg_rows(self) -> list[dict]:
+        rgb_dir = require_dir(self.root / f"{self.split}_rgb", f"NYUv2 (DepthG layout) {self.split}_rgb/ folder", FIX)
+        with os.scandir(rgb_dir) as it:
+            stems = sorted(e.name[:-4] for e in it if e.name.endswith(".png"))
+        rows = []
+        for stem in stems:
+            index = int(stem) if stem.isdigit() else None
+            rows.append({"key": make_key(self.name, self.split, stem), "index": index,
+                         "rgb": f"{self.split}_rgb/{stem}.png", "depth": f"{self.split}_depth/{stem}.png",
+                         "label": f"{self.split}_seg13/{stem}.png"})
+        return rows
 
     def _split_indices(self, split_file: str | Path | None) -> set[int] | None:
         if split_file is not None:
@@ -171,11 +226,12 @@ class NYUv2(BaseDataset):
         label = nyu_label13_to_index(raw_label)
         depth = None
         if depth_path.is_file() or self.require_depth:
-            raw = read_png(depth_path, "NYUv2 sensor depth PNG (uint16 mm)", FIX)
+            units = "1e-4 m" if self.layout == "depthg" else "mm"
+            raw = read_png(depth_path, f"NYUv2 sensor depth PNG (uint16 {units})", FIX)
             if not np.issubdtype(raw.dtype, np.integer):
-                raise DatasetError(f"{depth_path}: depth PNG must hold integer millimetres, got {raw.dtype}")
-            depth = nyu_depth_mm_to_m(raw)
-        meta = {"dataset": self.name, "split": self.split, "index_1based": item["index"],
+                raise DatasetError(f"{depth_path}: depth PNG must hold integer depth in {units}, got {raw.dtype}")
+            depth = nyu_depth_png_to_m(raw, DEPTH_UNITS_PER_M[self.layout])
+        meta = {"dataset": self.name, "split": self.split, "index_1based": item["index"], "layout": self.layout,
                 "image": self._rel(rgb_path), "label": self._rel(label_path),
                 "depth": self._rel(depth_path) if depth is not None else None, "depth_units": "m"}
         files = {"image": rgb_path, "label": label_path, "depth": depth_path}

@@ -144,14 +144,14 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(demo, tmp_pat
     run_dir = tmp_path / "run"
     train(config, run_dir, shards=paths.shards, knn=paths.knn, quiet=True, stop_after=2)
     ckpt = latest_checkpoint(run_dir / "train" / "checkpoints")
+    crafted = tmp_path / "run2" / "train" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, crafted)
     marker = tmp_path / "pwned"
     # 1. an extra file such as Accelerate's custom_checkpoint_0.pkl is never read
     (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     assert train(config, run_dir, shards=paths.shards, knn=paths.knn, quiet=True) == run_dir / "model.pt"
     assert not marker.exists()
     # 2. a crafted state file is refused with a clear error, and nothing runs
-    crafted = tmp_path / "run2" / "train" / "checkpoints" / ckpt.name
-    shutil.copytree(ckpt, crafted)
     torch.save({"step": 2, "modules": _Payload(marker)}, crafted / "state.pt")
     with pytest.raises(CheckpointError, match="refusing to load .*state.pt"):
         train(config, tmp_path / "run2", shards=paths.shards, knn=paths.knn, quiet=True)

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real sample data under ../shared/data."""
+"""Shared pytest fixtures: the real sample data under ../shared/data, golden outputs under ../shared/golden."""
 
 from __future__ import annotations
 
@@ -26,4 +26,19 @@ def shared_data() -> Path:
             f"sample data not found at {root}; set REPRO_SHARED_DATA to the folder holding "
             "nyuv2-mini/, cityscapes-sample/, potsdam-sample/ and cocostuff-curated/"
         )
+    return root
+
+
+def shared_golden_root() -> Path:
+    """Golden outputs of the released code: ``$REPRO_SHARED_GOLDEN``, else ``golden/`` beside the sample data."""
+    return Path(os.environ.get("REPRO_SHARED_GOLDEN", shared_data_root().parent / "golden"))
+
+
+@pytest.fixture(scope="session")
+def shared_golden() -> Path:
+    """The golden fixtures of the released code; a missing folder is an error, never a silent skip."""
+    root = shared_golden_root()
+    if not (root / "README.md").is_file():
+        raise FileNotFoundError(f"golden fixtures not found at {root}; set REPRO_SHARED_GOLDEN (or REPRO_SHARED_DATA) "
+                                "to the shared folder's golden/ (data/)")
     return root

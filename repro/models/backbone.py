@@ -15,6 +15,7 @@ Nothing is downloaded at run time. The official files come from::
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,18 +135,23 @@ class DinoBackbone(nn.Module):
 
     Args:
         arch: ``"vit_small_patch8"`` (C=384) or ``"vit_base_patch8"`` (C=768).
-        checkpoint: path to the DINO weights file (official format, see module docstring).
+        checkpoint: path to the DINO weights file (official format, see module docstring), or
+            the state dict itself with official DINO key names (e.g. converted from a published
+            STEGO/DepthG checkpoint by :mod:`repro.models.lightning`).
 
     Raises:
         MissingFileError: if the checkpoint file is missing.
         ValueError: if its keys or shapes do not match the architecture.
     """
 
-    def __init__(self, arch: str, checkpoint: str | Path) -> None:
+    def __init__(self, arch: str, checkpoint: str | Path | Mapping[str, Tensor]) -> None:
         super().__init__()
         self.arch = get_arch(arch)
         self.vit = _create_vit(self.arch)
-        state = load_dino_state_dict(checkpoint, self.arch)
+        if isinstance(checkpoint, Mapping):
+            state, checkpoint = dict(checkpoint), "the given state dict"
+        else:
+            state = load_dino_state_dict(checkpoint, self.arch)
         expected = self.vit.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

@@ -49,15 +49,17 @@ clean:
 
 # Every table entry as SLURM array jobs (submitit), or locally where there is no SLURM.
 # Variables: REPRO_DATA (dataset roots), REPRO_WORK (shared work folder), SEEDS, PARTITION,
-# REPRO_SIF (Apptainer image; unset = host environment), EXECUTOR (auto | slurm | local).
+# REPRO_SIF (Apptainer image; unset = host environment), EXECUTOR (auto | slurm | local),
+# FIDELITY (both | paper | released: every entry as the paper is written and/or as the released code ran).
 REPRO_DATA ?=
 REPRO_WORK ?= runs
 SEEDS ?= 3
 PARTITION ?=
 REPRO_SIF ?=
 EXECUTOR ?= auto
+FIDELITY ?= both
 export REPRO_DATA REPRO_WORK
-LAUNCH = $(BIN)/repro launch --seeds $(SEEDS) --executor $(EXECUTOR) --work-dir $(REPRO_WORK) \
+LAUNCH = $(BIN)/repro launch --seeds $(SEEDS) --fidelity $(FIDELITY) --executor $(EXECUTOR) --work-dir $(REPRO_WORK) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(REPRO_SIF),--sif $(REPRO_SIF))
 TABLES := table1 table2 table3 table4 table5 table6
 
@@ -71,7 +73,7 @@ reproduce-supplement: setup
 
 reproduce-all: setup
 	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
-	$(LAUNCH) $(TABLES) supp3 supp4 supp5 supp6 released
+	$(LAUNCH) $(TABLES) supp3 supp4 supp5 supp6
 
 # RESULTS.md from the runs in REPRO_WORK (paper vs reproduced; hand-written text is kept).
 results: setup

@@ -84,6 +84,8 @@ def _cmd_knn(args: argparse.Namespace) -> int:
 def _entry_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("entry", help="registered entry (see `repro list`, e.g. table1/depthg-vits8) or a YAML file")
     parser.add_argument("--seed", type=int, help="overrides train.seed")
+    parser.add_argument("--fidelity", choices=["paper", "released"],
+                        help="paper (as written) or released (as the public code ran); default: the entry's (paper)")
     parser.add_argument("--work-dir", help="work folder (default: $REPRO_WORK or ./runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set train.max_steps=100 (repeatable)")
@@ -93,7 +95,8 @@ def _entry_args(parser: argparse.ArgumentParser) -> None:
 def _resolved(args: argparse.Namespace):
     from repro.run import default_work_dir, resolve_entry
 
-    config = resolve_entry(args.entry, seed=args.seed, overrides=args.overrides)
+    overrides = ([f"fidelity={args.fidelity}"] if args.fidelity else []) + list(args.overrides)
+    config = resolve_entry(args.entry, seed=args.seed, overrides=overrides)
     return config, args.work_dir or default_work_dir()
 
 
@@ -137,6 +140,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.until is None and metrics.is_file():
         print(format_metrics(json.loads(metrics.read_text())))
     print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from repro.config.fidelity import format_table
+
+    print("SPEC section 7: what the paper says and what the released code did; each config key's value in the "
+          "`paper` and the `released` profile. --set fidelity_items.R4=paper takes one item from the other profile.")
+    print(format_table(args.items or None))
     return 0
 
 
@@ -228,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (config: eval.crf)")
     evaluate.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
     evaluate.set_defaults(func=_cmd_eval)
+
+    fidelity = commands.add_parser("fidelity", help="the paper and released profiles, item by item (SPEC R1-R16)")
+    fidelity.add_argument("items", nargs="*", metavar="ITEM", help="only these items, e.g. R4 R10")
+    fidelity.set_defaults(func=_cmd_fidelity)
 
     demo = commands.add_parser("demo", help="the pipeline end to end on the 10-image NYUv2 sample (make demo)")
     demo.add_argument("--data", required=True, help="folder holding nyuv2-mini/")

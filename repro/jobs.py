@@ -173,7 +173,8 @@ class EntryJob:
     Attributes:
         entry: entry name (``table1/depthg-vits8``).
         seed: the training seed (``train.seed``).
-        work_dir: the work folder; the run lands in ``<work_dir>/<entry>/seed<seed>/``.
+        work_dir: the work folder; the run lands in ``<work_dir>/<entry>/<fidelity>/seed<seed>/``.
+        fidelity: ``"paper"`` or ``"released"`` (SPEC section 9).
         overrides: ``key=value`` config overrides (``--set``).
         sif: Apptainer image; ``None`` runs in-process.
         quiet: no progress bars.
@@ -183,6 +184,7 @@ class EntryJob:
     entry: str
     seed: int
     work_dir: str
+    fidelity: str = "paper"
     overrides: tuple[str, ...] = ()
     sif: str | None = None
     quiet: bool = False
@@ -190,13 +192,13 @@ class EntryJob:
 
     def command(self) -> list[str]:
         """The container command line (only meaningful with ``sif``)."""
-        cmd = ["repro", "run", self.entry, "--seed", str(self.seed), "--work-dir", str(self.work_dir),
-               *_set_args(self.overrides)]
+        cmd = ["repro", "run", self.entry, "--fidelity", self.fidelity, "--seed", str(self.seed),
+               "--work-dir", str(self.work_dir), *_set_args(self.overrides)]
         return [*_apptainer_prefix(self.sif, Path(self.work_dir)), *cmd] + (["--quiet"] if self.quiet else [])
 
     def run_dir(self) -> Path:
-        """``<work_dir>/<entry>/seed<seed>``, where the run writes ``status.json`` and ``metrics.json``."""
-        return Path(self.work_dir) / self.entry / f"seed{self.seed}"
+        """``<work_dir>/<entry>/<fidelity>/seed<seed>``, where the run writes ``status.json`` and ``metrics.json``."""
+        return Path(self.work_dir) / self.entry / self.fidelity / f"seed{self.seed}"
 
     def __call__(self) -> str:
         """Run the entry to the end (resuming what a previous attempt finished).
@@ -217,12 +219,12 @@ class EntryJob:
                 from repro.run import run_entry as runner
             else:
                 runner = self.runner
-            run_dir = Path(runner(self.entry, seed=self.seed, work_dir=self.work_dir, overrides=list(self.overrides),
-                                  quiet=self.quiet))
+            run_dir = Path(runner(self.entry, seed=self.seed, work_dir=self.work_dir,
+                                  overrides=[f"fidelity={self.fidelity}", *self.overrides], quiet=self.quiet))
         status_file = run_dir / "status.json"
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
         if status.get("state") != "done":
-            raise JobError(f"{self.entry} seed {self.seed} stopped before it was done (status {status or 'missing'} "
+            raise JobError(f"{self.entry} ({self.fidelity}) seed {self.seed} stopped before it was done (status {status or 'missing'} "
                               f"in {run_dir}); resubmit it to resume")
         return str(run_dir)
 

@@ -5,7 +5,7 @@ What a launch submits, in order:
 1. one *data job* per distinct :func:`repro.run.data_key` among the entries (crops, depth,
    shards and kNN are shared by every entry with the same dataset, depth source and backbone),
    calling :func:`repro.run.prepare_data`;
-2. one *array job* per table, one task per (entry, seed), each calling
+2. one *array job* per table, one task per (entry, fidelity, seed), each calling
    :func:`repro.run.run_entry`. Under SLURM the array depends on its data jobs
    (``--dependency=afterok:...``, ``--kill-on-invalid-dep=yes``); the local executor runs the data
    jobs first and then the entries, ``array_parallelism`` at a time (default one at a time).
@@ -100,6 +100,7 @@ class LaunchedJob:
         data_key: the :func:`repro.run.data_key` it prepares or reads.
         job: the submitit job (``job.job_id``, ``job.state``, ``job.result()``); ``None`` in a dry run.
         record: the launch record ``<work_dir>/launch/<timestamp>.json`` listing every job of the launch.
+        fidelity: the run's profile (``paper`` / ``released``); for a data job, the profile it prepares for.
     """
 
     kind: str
@@ -108,6 +109,7 @@ class LaunchedJob:
     data_key: str
     job: Any = field(repr=False)
     record: Path | None = None
+    fidelity: str = "paper"
 
     @property
     def job_id(self) -> str:
@@ -194,7 +196,15 @@ def _failures(launched: Sequence[LaunchedJob]) -> list[str]:
     return out
 
 
-def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: str = "auto",
+def _fidelities(fidelity: str) -> list[str]:
+    if fidelity == "both":
+        return ["paper", "released"]
+    if fidelity not in ("paper", "released"):
+        raise LaunchError(f"fidelity must be paper, released or both, got {fidelity!r}")
+    return [fidelity]
+
+
+def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: str = "both", executor: str = "auto",
            work_dir: str | Path | None = None, overrides: Sequence[str] = (), partition: str | None = None,
            sif: str | None = None, log_dir: str | Path | None = None, wait: bool = False,
            resources: dict[str, int] | None = None, array_parallelism: int | None = None,
@@ -205,6 +215,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: 
     Args:
         targets: table keys (``table1``, ``supp4``, ``demo``) and/or entry names.
         seeds: ``K`` runs seeds ``0..K-1``; a list runs exactly those seeds.
+        fidelity: ``"paper"``, ``"released"`` or ``"both"`` (every entry in both profiles).
         executor: ``"slurm"``, ``"local"`` (this machine, no scheduler) or ``"auto"``
             (``slurm`` when ``sbatch`` is on ``PATH``).
         work_dir: the work folder shared by all jobs (default ``$REPRO_WORK`` or ``./runs``); must
@@ -225,7 +236,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: 
         dry_run: plan and record, submit nothing (the jobs' ``job`` is ``None``).
 
     Returns:
-        The :class:`LaunchedJob` records: data jobs first, then one per (entry, seed) in table order.
+        The :class:`LaunchedJob` records: data jobs first, then one per (entry, fidelity, seed) in table order.
 
     Raises:
         UnknownEntryError: an unknown table or entry.
@@ -238,27 +249,31 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: 
 
     kind = _executor_kind(executor)
     seed_list = _seeds(seeds)
+    profiles = _fidelities(fidelity)
     work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
     logs = Path(log_dir).absolute() if log_dir is not None else work / "launch" / "logs"
     sif = sif or os.environ.get("REPRO_SIF") or None
     sif = str(Path(sif).absolute()) if sif else None
     overrides = tuple(overrides)
     groups = resolve_targets(targets)
-    configs = {name: load_entry(name, overrides) for names in groups.values() for name in names}
-    keys = {name: data_key(cfg) for name, cfg in configs.items()}
-    representative: dict[str, str] = {}
-    for name, key in keys.items():
-        representative.setdefault(key, name)
+    # runs are (entry, fidelity); the data of two runs is shared when their data keys are equal
+    configs = {(name, f): load_entry(name, [f"fidelity={f}", *overrides])
+               for names in groups.values() for name in names for f in profiles}
+    keys = {run: data_key(cfg) for run, cfg in configs.items()}
+    representative: dict[str, tuple[str, str]] = {}
+    for run, key in keys.items():
+        representative.setdefault(key, run)
     common = {"work_dir": str(work), "overrides": overrides, "sif": sif, "quiet": quiet}
 
     launched: list[LaunchedJob] = []
     data_ids: dict[str, str] = {}
     # 1. shared data stages; keys of one dataset run one after another (they share crops and a lock)
     last_of_dataset: dict[str, str] = {}
-    for key, name in representative.items():
-        dataset = configs[name].data.dataset
-        res = resources_for(configs[name], stage="data", overrides=resources)
-        job = DataJob(entry=name, key=key, runner=data_runner, **common)
+    for key, (name, profile) in representative.items():
+        dataset = configs[name, profile].data.dataset
+        res = resources_for(configs[name, profile], stage="data", overrides=resources)
+        job = DataJob(entry=name, key=key, runner=data_runner,
+                      **{**common, "overrides": (f"fidelity={profile}", *overrides)})
         submitted = None
         if not dry_run:
             after = [f"afterany:{last_of_dataset[dataset]}"] if dataset in last_of_dataset and kind == "slurm" else []
@@ -266,7 +281,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: 
                                 parallelism=1, dependency=after, signal_delay_s=signal_delay_s)
             submitted = _run_local(ex, [job], 1)[0] if kind == "local" else ex.submit(job)
             data_ids[key] = last_of_dataset[dataset] = str(submitted.job_id)
-        launched.append(LaunchedJob("data", name, None, key, submitted))
+        launched.append(LaunchedJob("data", name, None, key, submitted, fidelity=profile))
     if kind == "local" and not dry_run:
         failed = _failures([j for j in launched if j.kind == "data"])
         if failed:
@@ -274,13 +289,14 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: 
 
     # 2. one array per table
     for table, names in groups.items():
-        tasks = [(name, seed) for name in names for seed in seed_list]
-        res = _max_resources([resources_for(configs[n], overrides=resources) for n in names])
-        jobs = [EntryJob(entry=name, seed=seed, runner=runner, **common) for name, seed in tasks]
+        tasks = [(name, f, seed) for name in names for f in profiles for seed in seed_list]
+        res = _max_resources([resources_for(configs[n, f], overrides=resources) for n in names for f in profiles])
+        jobs = [EntryJob(entry=name, seed=seed, fidelity=f, runner=runner, **common) for name, f, seed in tasks]
         submitted_jobs: list[Any] = [None] * len(jobs)
         if not dry_run:
             parallel = array_parallelism or (len(jobs) if kind == "slurm" else 1)
-            deps = ["afterok:" + ":".join(sorted({data_ids[keys[n]] for n in names}))] if kind == "slurm" else []
+            deps = (["afterok:" + ":".join(sorted({data_ids[keys[n, f]] for n in names for f in profiles}))]
+                    if kind == "slurm" else [])
             ex = _make_executor(kind, logs, res, f"repro-{table}", partition=partition, parallelism=parallel,
                                 dependency=deps, signal_delay_s=signal_delay_s)
             if kind == "local":
@@ -288,8 +304,8 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, executor: 
             else:
                 with ex.batch():
                     submitted_jobs = [ex.submit(job) for job in jobs]
-        launched += [LaunchedJob("entry", name, seed, keys[name], sj)
-                     for (name, seed), sj in zip(tasks, submitted_jobs, strict=True)]
+        launched += [LaunchedJob("entry", name, seed, keys[name, f], sj, fidelity=f)
+                     for (name, f, seed), sj in zip(tasks, submitted_jobs, strict=True)]
 
     record = _write_record(work, kind, list(targets), seed_list, overrides, sif, logs, launched, dry_run)
     for item in launched:
@@ -315,9 +331,10 @@ def _write_record(work: Path, kind: str, targets: list[str], seeds: list[int], o
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
         "executor": kind, "dry_run": dry_run, "targets": targets, "seeds": seeds, "overrides": list(overrides),
         "sif": sif, "work_dir": str(work), "log_dir": str(logs),
-        "jobs": [{"kind": j.kind, "entry": j.entry, "seed": j.seed, "data_key": j.data_key,
+        "jobs": [{"kind": j.kind, "entry": j.entry, "fidelity": j.fidelity, "seed": j.seed, "data_key": j.data_key,
                   "job_id": None if j.job is None else j.job_id,
-                  "run_dir": None if j.seed is None else str(work / j.entry / f"seed{j.seed}")} for j in launched],
+                  "run_dir": None if j.seed is None else str(work / j.entry / j.fidelity / f"seed{j.seed}")}
+                 for j in launched],
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
@@ -333,12 +350,13 @@ def _parse_seeds(text: str) -> int | list[int]:
 
 def _cmd_launch(args: argparse.Namespace) -> int:
     resources = {k: getattr(args, k) for k in ("gpus", "cpus", "mem_gb", "time_min") if getattr(args, k) is not None}
-    launched = launch(args.targets, seeds=args.seeds, executor=args.executor, work_dir=args.work_dir,
+    launched = launch(args.targets, seeds=args.seeds, fidelity=args.fidelity, executor=args.executor,
+                      work_dir=args.work_dir,
                       overrides=args.overrides, partition=args.partition, sif=args.sif, log_dir=args.log_dir,
                       wait=args.wait, resources=resources or None, array_parallelism=args.array_parallelism,
                       quiet=args.quiet, dry_run=args.dry_run)
     for item in launched:
-        what = item.entry if item.seed is None else f"{item.entry} seed {item.seed}"
+        what = item.entry if item.seed is None else f"{item.entry}/{item.fidelity} seed {item.seed}"
         job_id = "-" if item.job is None else item.job_id
         print(f"{item.kind:5s} {job_id:>14s}  {what}  [{item.data_key}]")
     if launched:
@@ -361,6 +379,8 @@ def add_launch_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                     "Writes <work-dir>/launch/<timestamp>.json with the job ids.")
     parser.add_argument("targets", nargs="+", metavar="TARGET", help="table keys (table1, demo, ...) or entry names")
     parser.add_argument("--seeds", type=_parse_seeds, default=1, help="number of seeds (3 -> 0,1,2) or a list (0,2,5)")
+    parser.add_argument("--fidelity", choices=["paper", "released", "both"], default="both",
+                        help="which profile(s) to run every entry in (default: both)")
     parser.add_argument("--executor", choices=["slurm", "local", "auto"], default="auto",
                         help="slurm, local (this machine, one job at a time) or auto (slurm if sbatch is found)")
     parser.add_argument("--work-dir", help="shared work folder (default: $REPRO_WORK or ./runs)")

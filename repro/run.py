@@ -6,8 +6,8 @@ Layout under the work folder (``--work-dir``, ``$REPRO_WORK`` or ``./runs``)::
     data/<dataset>/depth-<split>-<size>-<five|single>-<source>/
     data/<dataset>/shards-<split>-224-<five|single>-<source>/
     data/<dataset>/knn-<split>-224-<five|single>-<source>-<arch>.npz
-    <entry>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
-                       metrics.json figures/
+    <entry>/<fidelity>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
+                                  metrics.json figures/        (fidelity: paper | released)
 
 A stage whose valid output exists is skipped, so a rerun (or a requeued SLURM task) continues
 where the previous one stopped; the data stages of one dataset run under a file lock, so
@@ -86,26 +86,49 @@ def _uses_depth(config: ExperimentConfig) -> bool:
     return config.data.depth_source != "none"
 
 
-def data_key(config: ExperimentConfig) -> str:
-    """Identity of an entry's shared data (entries with equal keys share crops, depth, shards and kNN)."""
+def _crop_tag(config: ExperimentConfig, *, train: bool) -> str:
+    """What makes crops differ: split, size, five-crop, resizing (R3), JPEG round trip (R3), void class (R13)."""
     d = config.data
-    return f"{d.dataset}/{d.train_split}/{d.crop_size}/{'five' if d.five_crop else 'single'}/{d.depth_source}/{config.model.arch}"
+    split, size, five = (d.train_split, d.crop_size, d.five_crop) if train else (d.val_split, d.val_size, False)
+    tag = f"{split}-{size}-{'five' if five else 'single'}-{d.resize}"
+    if train and d.train_crop_codec != "png":
+        tag += f"-{d.train_crop_codec}"
+    return tag + ("-void" if d.score_void else "")
+
+
+def _depth_tag(config: ExperimentConfig) -> str:
+    """What makes depth maps differ: source, scope (R4), encoding (R4/R5), estimator test-time augmentation."""
+    d = config.data
+    tta = "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas") else "-notta"
+    return f"{d.depth_source}-{d.depth_scope}-{d.depth_encoding}{tta}"
+
+
+def data_key(config: ExperimentConfig) -> str:
+    """Identity of an entry's shared data: runs with equal keys share crops, depth, shards and kNN.
+
+    Both fidelities share a stage wherever their settings produce the same bytes (e.g. a STEGO entry's
+    kNN table without depth), and never share it where they do not (NEAREST vs bilinear crops, R11's
+    dropout in the kNN features).
+    """
+    d = config.data
+    depth = _depth_tag(config) if _uses_depth(config) else "nodepth"
+    return f"{d.dataset}/{_crop_tag(config, train=True)}/{depth}/{config.model.arch}/knn-dropout{d.knn_dropout:g}"
 
 
 def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
-    """The shared data folders of a config under ``work_dir``."""
+    """The shared data folders of a config under ``work_dir`` (named after :func:`data_key`'s parts)."""
     d = config.data
     base = Path(work_dir) / "data" / d.dataset
-    train = f"{d.train_split}-{d.crop_size}-{'five' if d.five_crop else 'single'}"
-    val = f"{d.val_split}-{d.val_size}-single"
-    depth = _uses_depth(config)
+    train, val = _crop_tag(config, train=True), _crop_tag(config, train=False)
+    depth = _depth_tag(config) if _uses_depth(config) else None
+    knn_drop = f"-drop{d.knn_dropout:g}" if d.knn_dropout else ""
     return DataPaths(
         crops=base / f"crops-{train}",
-        depth=base / f"depth-{train}-{d.depth_source}" if depth else None,
-        shards=base / f"shards-{train}-{d.depth_source}",
-        knn=base / f"knn-{train}-{d.depth_source}-{config.model.arch}.npz",
+        depth=base / f"depth-{train}-{depth}" if depth else None,
+        shards=base / f"shards-{train}-{depth or 'nodepth'}",
+        knn=base / f"knn-{train}-{depth or 'nodepth'}-{config.model.arch}{knn_drop}.npz",
         val_crops=base / f"crops-{val}",
-        val_depth=base / f"depth-{val}-{d.depth_source}" if depth else None,
+        val_depth=base / f"depth-{val}-{depth}" if depth else None,
     )
 
 
@@ -175,8 +198,8 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
 
 
 def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
-    """``<work_dir>/<entry name>/seed<S>``."""
-    return Path(work_dir) / (config.name or "unnamed") / f"seed{config.train.seed}"
+    """``<work_dir>/<entry>/<fidelity>/seed<S>``: the two fidelities of an entry never share a folder."""
+    return Path(work_dir) / (config.name or "unnamed") / config.fidelity / f"seed{config.train.seed}"
 
 
 def _status(run_dir: Path, state: str, stage: str, **extra) -> None:
@@ -203,7 +226,8 @@ class ValidationContext:
         from repro.models.backbone import DinoBackbone
         from repro.train import resolve_checkpoint
 
-        return DinoBackbone(self.config.model.arch, resolve_checkpoint(self.config)).to(self.device)
+        return DinoBackbone(self.config.model.arch, resolve_checkpoint(self.config),
+                            pos_embed=self.config.model.pos_embed).to(self.device)
 
     @functools.cached_property
     def val(self):
@@ -298,7 +322,7 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
     run_dir = run_dir_for(config, work_dir)
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        previous = load_config(saved, base=None)
+        previous = load_config(saved, base=None, resolve_fidelity=False)
         if config_to_dict(previous) != config_to_dict(config):
             raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}); use another --work-dir "
                                   "or remove that folder")

@@ -310,7 +310,7 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                                                                     logging_dir=str(run_dir / "train")))
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)
-    backbone = DinoBackbone(cfg.model.arch, resolve_checkpoint(cfg)).to(device)
+    backbone = DinoBackbone(cfg.model.arch, resolve_checkpoint(cfg), pos_embed=cfg.model.pos_embed).to(device)
     dataset_cls = DATASETS[cfg.data.dataset]
     parts = build_parts(cfg, backbone.feature_dim, dataset_cls.num_classes).to(device)
     optimizers = _optimizers(cfg, parts)

@@ -1,15 +1,17 @@
 #!/bin/bash
-# One array task of slurm/<dataset>.sh: picks (entry, seed) from the task index and runs
+# One array task of slurm/<dataset>.sh: picks (entry, fidelity, seed) from the task index and runs
 # `repro run` on it, in the Apptainer image $REPRO_SIF or in the host environment.
 # Sourced by the dataset scripts, which set DEFAULT_ENTRIES (an array) before sourcing it;
 # not meant to be submitted on its own.
 #
-# Task index i runs entry ENTRIES[i / SEEDS] with seed i % SEEDS. Indices past the end
-# (an --array wider than ENTRIES x SEEDS) exit at once with status 0.
+# Task index i runs entry ENTRIES[i / (F x SEEDS)] in fidelity FIDELITIES[(i / SEEDS) % F] with seed
+# i % SEEDS, F = number of fidelities. Indices past the end (an --array wider than
+# ENTRIES x F x SEEDS) exit at once with status 0.
 #
 # Environment (all optional; pass with `sbatch --export=ALL,NAME=value ...` or export first):
 #   ENTRIES               space-separated entry names (default: the dataset script's list)
-#   SEEDS                 seeds per entry (default 3)
+#   FIDELITY              paper, released or both (default both: every entry in both profiles)
+#   SEEDS                 seeds per entry and fidelity (default 3)
 #   REPRO_WORK            work folder shared by all tasks (default ./runs, relative to the
 #                         submission folder)
 #   REPRO_SIF             Apptainer image; unset: run `repro` from the host environment
@@ -30,18 +32,25 @@ if [[ -n "${ENTRIES:-}" ]]; then
 else
     entries=("${DEFAULT_ENTRIES[@]}")
 fi
+case "${FIDELITY:-both}" in
+    both) fidelities=(paper released) ;;
+    paper|released) fidelities=("$FIDELITY") ;;
+    *) echo "FIDELITY must be paper, released or both, got '${FIDELITY}'" >&2; exit 2 ;;
+esac
 seeds=${SEEDS:-3}
 task=${SLURM_ARRAY_TASK_ID:-0}
-total=$(( ${#entries[@]} * seeds ))
+per_entry=$(( ${#fidelities[@]} * seeds ))
+total=$(( ${#entries[@]} * per_entry ))
 if (( task >= total )); then
-    echo "task ${task}: nothing to do (${#entries[@]} entries x ${seeds} seeds = ${total} tasks)"
+    echo "task ${task}: nothing to do (${#entries[@]} entries x ${#fidelities[@]} fidelities x ${seeds} seeds = ${total} tasks)"
     exit 0
 fi
-entry=${entries[task / seeds]}
+entry=${entries[task / per_entry]}
+fidelity=${fidelities[(task / seeds) % ${#fidelities[@]}]}
 seed=$(( task % seeds ))
 work=$(realpath -m "${REPRO_WORK:-runs}")
 
-cmd=(repro run "$entry" --seed "$seed" --work-dir "$work")
+cmd=(repro run "$entry" --fidelity "$fidelity" --seed "$seed" --work-dir "$work")
 read -r -a overrides <<< "${REPRO_SET:-}"
 for kv in "${overrides[@]}"; do
     cmd+=(--set "$kv")

@@ -3,12 +3,13 @@
 #
 # Submit from the repository root (the task logic lives in slurm/array_task.sh):
 #   mkdir -p logs/repro-cocostuff            # SLURM does not create the log folder
-#   sbatch slurm/cocostuff.sh                # all 36 entries below x 3 seeds = 108 tasks
-#   sbatch --array=0-5 --export=ALL,ENTRIES="table1/stego-vits8 table1/depthg-vits8" slurm/cocostuff.sh
+#   sbatch slurm/cocostuff.sh                # all 34 entries below x 2 fidelities x 3 seeds = 204 tasks
+#   sbatch --array=0-11 --export=ALL,ENTRIES="table1/stego-vits8 table1/depthg-vits8" slurm/cocostuff.sh
 #
-# Task i runs entry i / SEEDS of the list with seed i % SEEDS; with other ENTRIES or SEEDS
-# pass a matching --array=0-(entries x SEEDS - 1) (extra indices exit at once).
-# Environment: ENTRIES, SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
+# Task i runs entry i / (FIDELITIES x SEEDS) of the list, fidelity (i / SEEDS) % FIDELITIES and seed
+# i % SEEDS (FIDELITY=both: paper, released; or one of them); with other ENTRIES, FIDELITY or SEEDS
+# pass a matching --array=0-(entries x fidelities x SEEDS - 1) (extra indices exit at once).
+# Environment: ENTRIES, FIDELITY (both), SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
 # the host's `repro`), REPRO_APPTAINER_ARGS, REPRO_SET ("key=value key=value" overrides);
 # see slurm/array_task.sh. Any #SBATCH option can be overridden on the sbatch command line.
 # Log of each task: logs/repro-cocostuff/<array job id>_<task index>.out (appended across requeues).
@@ -17,7 +18,7 @@
 # A task near its time limit checkpoints and requeues itself (--signal=B:USR1@120), then resumes.
 #
 #SBATCH --job-name=repro-cocostuff
-#SBATCH --array=0-107%16
+#SBATCH --array=0-203%16
 #SBATCH --output=logs/%x/%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --nodes=1
@@ -65,8 +66,6 @@ DEFAULT_ENTRIES=(
     supp4/n12
     supp5/no-scheduling
     supp5/scheduling
-    released/depthg-cocostuff-vits8
-    released/depthg-cocostuff-vitb8
 )
 
 task_script="${REPRO_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/array_task.sh"

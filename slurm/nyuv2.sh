@@ -3,12 +3,13 @@
 #
 # Submit from the repository root (the task logic lives in slurm/array_task.sh):
 #   mkdir -p logs/repro-nyuv2            # SLURM does not create the log folder
-#   sbatch slurm/nyuv2.sh                # all 2 entries below x 3 seeds = 6 tasks
-#   sbatch --array=0 --export=ALL,ENTRIES="demo/nyuv2-mini",SEEDS=1 slurm/nyuv2.sh
+#   sbatch slurm/nyuv2.sh                # all 2 entries below x 2 fidelities x 3 seeds = 12 tasks
+#   sbatch --array=0 --export=ALL,ENTRIES="demo/nyuv2-mini",SEEDS=1,FIDELITY=paper slurm/nyuv2.sh
 #
-# Task i runs entry i / SEEDS of the list with seed i % SEEDS; with other ENTRIES or SEEDS
-# pass a matching --array=0-(entries x SEEDS - 1) (extra indices exit at once).
-# Environment: ENTRIES, SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
+# Task i runs entry i / (FIDELITIES x SEEDS) of the list, fidelity (i / SEEDS) % FIDELITIES and seed
+# i % SEEDS (FIDELITY=both: paper, released; or one of them); with other ENTRIES, FIDELITY or SEEDS
+# pass a matching --array=0-(entries x fidelities x SEEDS - 1) (extra indices exit at once).
+# Environment: ENTRIES, FIDELITY (both), SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
 # the host's `repro`), REPRO_APPTAINER_ARGS, REPRO_SET ("key=value key=value" overrides);
 # see slurm/array_task.sh. Any #SBATCH option can be overridden on the sbatch command line.
 # Log of each task: logs/repro-nyuv2/<array job id>_<task index>.out (appended across requeues).
@@ -17,7 +18,7 @@
 # A task near its time limit checkpoints and requeues itself (--signal=B:USR1@120), then resumes.
 #
 #SBATCH --job-name=repro-nyuv2
-#SBATCH --array=0-5%16
+#SBATCH --array=0-11%16
 #SBATCH --output=logs/%x/%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --nodes=1

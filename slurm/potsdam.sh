@@ -3,12 +3,13 @@
 #
 # Submit from the repository root (the task logic lives in slurm/array_task.sh):
 #   mkdir -p logs/repro-potsdam            # SLURM does not create the log folder
-#   sbatch slurm/potsdam.sh                # all 11 entries below x 3 seeds = 33 tasks
-#   sbatch --array=0-2 --export=ALL,ENTRIES="table3/depthg-vits8" slurm/potsdam.sh
+#   sbatch slurm/potsdam.sh                # all 10 entries below x 2 fidelities x 3 seeds = 60 tasks
+#   sbatch --array=0-5 --export=ALL,ENTRIES="table3/depthg-vits8" slurm/potsdam.sh
 #
-# Task i runs entry i / SEEDS of the list with seed i % SEEDS; with other ENTRIES or SEEDS
-# pass a matching --array=0-(entries x SEEDS - 1) (extra indices exit at once).
-# Environment: ENTRIES, SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
+# Task i runs entry i / (FIDELITIES x SEEDS) of the list, fidelity (i / SEEDS) % FIDELITIES and seed
+# i % SEEDS (FIDELITY=both: paper, released; or one of them); with other ENTRIES, FIDELITY or SEEDS
+# pass a matching --array=0-(entries x fidelities x SEEDS - 1) (extra indices exit at once).
+# Environment: ENTRIES, FIDELITY (both), SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
 # the host's `repro`), REPRO_APPTAINER_ARGS, REPRO_SET ("key=value key=value" overrides);
 # see slurm/array_task.sh. Any #SBATCH option can be overridden on the sbatch command line.
 # Log of each task: logs/repro-potsdam/<array job id>_<task index>.out (appended across requeues).
@@ -17,7 +18,7 @@
 # A task near its time limit checkpoints and requeues itself (--signal=B:USR1@120), then resumes.
 #
 #SBATCH --job-name=repro-potsdam
-#SBATCH --array=0-32%16
+#SBATCH --array=0-59%16
 #SBATCH --output=logs/%x/%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --nodes=1
@@ -41,7 +42,6 @@ DEFAULT_ENTRIES=(
     supp3/image-plane-potsdam
     supp3/perspective-plane-potsdam
     supp3/semseg-map-potsdam
-    released/depthg-potsdam-vits8
 )
 
 task_script="${REPRO_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/array_task.sh"

@@ -19,6 +19,12 @@ MAX_WAIT_S = 150  # a first attempt that is never signalled fails after this lon
 MORE_STEPS = 5
 
 
+def run_dir_of(work_dir: str, entry: str, seed: int, overrides=()) -> Path:
+    """The run folder the real ``run_entry`` uses: ``<work>/<entry>/<fidelity>/seed<S>`` (fidelity from overrides)."""
+    fidelity = next((o.split("=", 1)[1] for o in overrides if o.startswith("fidelity=")), "paper")
+    return Path(work_dir) / entry / fidelity / f"seed{seed}"
+
+
 def _save(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload))
@@ -33,7 +39,7 @@ def interruptible_run(entry: str, *, seed: int, work_dir: str, overrides=(), qui
     re-raised with its default action, as the trainer does. An attempt after the first does
     :data:`MORE_STEPS` steps and writes ``metrics.json`` and a ``done`` status.
     """
-    run_dir = Path(work_dir) / entry / f"seed{seed}"
+    run_dir = run_dir_of(work_dir, entry, seed, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress_file = run_dir / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {"step": 0, "attempts": 0}
@@ -74,7 +80,7 @@ def interruptible_run(entry: str, *, seed: int, work_dir: str, overrides=(), qui
 def quick_run(entry: str, *, seed: int, work_dir: str, overrides=(), quiet: bool = False) -> Path:
     """Fake ``run_entry`` that finishes at once and records whether the data stage ran before it."""
     data = Path(work_dir) / "data" / "prepared.txt"
-    run_dir = Path(work_dir) / entry / f"seed{seed}"
+    run_dir = run_dir_of(work_dir, entry, seed, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     _save(run_dir / "metrics.json", {"entry": entry, "seed": seed, "data_ready": data.is_file()})
     _save(run_dir / "status.json", {"state": "done", "stage": "eval"})
@@ -95,12 +101,12 @@ def quick_prepare(entry: str, *, work_dir: str, overrides=(), quiet: bool = Fals
 
 
 FAKE_REPRO = r"""#!/bin/bash
-# fake `repro run ENTRY --seed S --work-dir W [--set k=v]...`: the first attempt counts until
-# SIGUSR1/SIGTERM (then saves and exits 138), later attempts count 5 more steps and finish;
+# fake `repro run ENTRY --fidelity F --seed S --work-dir W [--set k=v]...`: the first attempt counts
+# until SIGUSR1/SIGTERM (then saves and exits 138), later attempts count 5 more steps and finish;
 # with FAKE_REPRO_QUICK=1 every attempt finishes at once.
 [[ "$1" == run ]] || { echo "fake repro: only 'run' is supported" >&2; exit 2; }
-entry=$2; seed=$4; work=$6
-dir="$work/$entry/seed$seed"; mkdir -p "$dir"
+entry=$2; fidelity=$4; seed=$6; work=$8
+dir="$work/$entry/$fidelity/seed$seed"; mkdir -p "$dir"
 step=$(cat "$dir/progress" 2> /dev/null || echo 0)
 attempt=$(( $(cat "$dir/attempts" 2> /dev/null || echo 0) + 1 ))
 echo "$attempt" > "$dir/attempts"

@@ -42,12 +42,66 @@ def test_experiment_and_overrides_layer_over_the_base(tmp_path):
     assert cfg.paper["unsup_miou"] == 25.6
 
 
-def test_released_fidelity_preset_and_explicit_values_win(tmp_path):
+def test_released_profile_switches_and_explicit_file_values_win(tmp_path):
     cfg = load_config(write(tmp_path, {**COCO_VITS, "fidelity": "released"}))
     assert (cfg.loss.depth_kernel, cfg.sampling.fps_order, cfg.train.step_unit, cfg.lhp.variant) == (
         "released", "released", "released", "released")
+    assert (cfg.data.resize, cfg.data.train_crop_codec, cfg.data.depth_scope, cfg.data.depth_encoding) == (
+        "nearest", "jpeg", "image", "uint8")
+    assert (cfg.loss.negative_perm, cfg.loss.negative_coords, cfg.data.knn_dropout) == ("super_perm", "knn", 0.1)
+    assert (cfg.eval.flip, cfg.eval.crf_image, cfg.train.precision) == (True, "bgr_truncated", "fp32")
+    assert cfg.fidelity_deviations == {}
     cfg = load_config(write(tmp_path, {**COCO_VITS, "fidelity": "released", "train": {"step_unit": "batch"}}))
     assert cfg.train.step_unit == "batch" and cfg.loss.depth_kernel == "released"
+    assert "released R9" in cfg.fidelity_deviations["train.step_unit"]
+
+
+def test_paper_profile_keeps_the_papers_reading_and_shared_protocol_facts(tmp_path):
+    cfg = load_config(write(tmp_path, COCO_VITS))
+    assert (cfg.data.resize, cfg.data.depth_scope, cfg.loss.negative_perm, cfg.loss.depth_kernel) == (
+        "bilinear", "crop", "derangement", "product")
+    assert (cfg.model.pos_embed, cfg.eval.flip) == ("dino", True)  # R2 and R12 hold in both profiles
+    assert (cfg.loss.b_knn, cfg.sampling.feature_samples) == (0.02, 9)
+
+
+def test_run_script_values_follow_the_entry_and_yield_to_the_command_line(tmp_path):
+    released = load_config(write(tmp_path, {**COCO_VITS, "fidelity": "released"}))
+    # paper_reproduction.sh, "COCOStuff Vit-S": pos_inter_shift=0.025 neg_inter_shift=0.761, N 11 x0.9 / 1000
+    assert (released.loss.b_knn, released.loss.b_random, released.loss.lambda_self) == (0.025, 0.761, 0.58)
+    assert (released.sampling.feature_samples, released.sampling.decrease_every,
+            released.sampling.released_factor) == (11, 1000, 0.9)
+    cli = load_config(write(tmp_path, {**COCO_VITS, "fidelity": "released"}), ["loss.b_knn=0.3"])
+    assert cli.loss.b_knn == 0.3 and "R14" in cli.fidelity_deviations["loss.b_knn"]
+    other = {**COCO_VITS, "fidelity": "released", "data": {"dataset": "potsdam3", "root": "x"}}
+    potsdam = load_config(write(tmp_path, other))
+    assert potsdam.loss.b_knn == 0.02 and potsdam.data.depth_encoding == "int_cast"  # R14 is COCO-only; R5
+    assert (potsdam.model.code_dim, potsdam.train.batch_size) == (90, 16)
+
+
+def test_single_items_can_come_from_the_other_profile(tmp_path):
+    cfg = load_config(write(tmp_path, {**COCO_VITS, "fidelity": "released"}), ["fidelity_items.R4=paper"])
+    assert (cfg.data.depth_scope, cfg.data.depth_encoding, cfg.data.resize) == ("crop", "float", "nearest")
+    with pytest.raises(ConfigError, match="command line: unknown fidelity item 'fidelity_items.R99'"):
+        load_config(None, ["fidelity_items.R99=paper"])
+    path = write(tmp_path, {**COCO_VITS, "fidelity": "exact"}, name="bad.yaml")
+    with pytest.raises(ConfigError, match=f"{path}: 'fidelity' must be one of"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("guidance.decay_factor=5", "'guidance.decay_factor' must be > 0 and <= 1"),
+    ("train.max_steps=0", "'train.max_steps' must be >= 1"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1"),
+    ("model.code_dim=0", "'model.code_dim' must be >= 1"),
+    ("train.batch_size=-4", "'train.batch_size' must be >= 2"),
+    ("sampling.feature_samples=1", "'sampling.feature_samples' must be >= 2"),
+    ("data.crop_size=225", "'data.crop_size' must be a multiple of 8"),
+    ("train.max_steps=[1,2", "the value of 'train.max_steps' is not a valid YAML value"),
+])
+def test_values_are_checked_by_meaning_and_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, COCO_VITS), [override])
+    assert message in str(err.value) and str(err.value).startswith("command line")
 
 
 @pytest.mark.parametrize(
@@ -85,4 +139,7 @@ def test_ints_are_accepted_for_floats_and_none_for_optionals(tmp_path):
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(write(tmp_path, COCO_VITS), ["train.seed=7"])
     saved = save_config(cfg, tmp_path / "run" / "config.yaml")
-    assert load_config(saved, base=None) == cfg
+    assert load_config(saved, base=None, resolve_fidelity=False) == cfg
+    released = load_config(write(tmp_path, {**COCO_VITS, "fidelity": "released"}), ["loss.b_knn=0.3"])
+    saved = save_config(released, tmp_path / "run2" / "config.yaml")
+    assert load_config(saved, base=None, resolve_fidelity=False) == released

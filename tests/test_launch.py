@@ -57,10 +57,19 @@ def test_dry_run_plans_data_jobs_per_key_and_records_them(tmp_path, capsys):
     assert payload["executor"] == "slurm" and payload["seeds"] == [0, 2] and payload["dry_run"]
     keys = {j["data_key"] for j in entries}
     assert sorted(j["data_key"] for j in data) == sorted(keys)  # one data job per distinct key
-    assert len(entries) == 2 * (len(list_entries("table1")) + 1)
-    assert {"entry": "demo/nyuv2-mini", "seed": 2} in [{"entry": j["entry"], "seed": j["seed"]} for j in entries]
-    assert entries[-1]["run_dir"] == str(tmp_path / "demo" / "nyuv2-mini" / "seed2")
-    assert "demo/nyuv2-mini seed 2" in capsys.readouterr().out
+    assert len(entries) == 2 * 2 * (len(list_entries("table1")) + 1)  # seeds x fidelities x entries
+    runs = [(j["entry"], j["fidelity"], j["seed"]) for j in entries]
+    assert ("demo/nyuv2-mini", "paper", 2) in runs and ("demo/nyuv2-mini", "released", 2) in runs
+    assert entries[-1]["run_dir"] == str(tmp_path / "demo" / "nyuv2-mini" / "released" / "seed2")
+    assert "demo/nyuv2-mini/released seed 2" in capsys.readouterr().out
+    # data is shared where both profiles make the same bytes: STEGO/DINO rows without depth still differ
+    # (R3 NEAREST crops, R11 kNN dropout), so every key is (dataset, crops, depth, backbone, kNN) specific
+    by_key = {}
+    for j in entries:
+        by_key.setdefault(j["data_key"], set()).add(j["fidelity"])
+    assert all(len(f) == 1 for f in by_key.values())
+    paper_only = launch(["demo"], fidelity="paper", executor="slurm", work_dir=tmp_path / "p", dry_run=True)
+    assert {j.fidelity for j in paper_only} == {"paper"} and len([j for j in paper_only if j.kind == "entry"]) == 1
 
 
 def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
@@ -72,17 +81,17 @@ def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
 
 def test_container_commands(monkeypatch):
     monkeypatch.setenv("REPRO_APPTAINER_ARGS", "--bind /datasets --cleanenv")
-    job = EntryJob("table1/depthg-vits8", 2, "/scratch/w", ("train.max_steps=10",), sif="/img/repro.sif")
+    job = EntryJob("table1/depthg-vits8", 2, "/scratch/w", overrides=("train.max_steps=10",), sif="/img/repro.sif")
     assert job.command() == ["apptainer", "exec", "--nv", "--bind", "/scratch/w", "--bind", "/datasets", "--cleanenv",
-                             "/img/repro.sif", "repro", "run", "table1/depthg-vits8", "--seed", "2", "--work-dir",
-                             "/scratch/w", "--set", "train.max_steps=10"]
+                             "/img/repro.sif", "repro", "run", "table1/depthg-vits8", "--fidelity", "paper",
+                             "--seed", "2", "--work-dir", "/scratch/w", "--set", "train.max_steps=10"]
     data = DataJob("table1/depthg-vits8", "key", "/scratch/w", sif="/img/repro.sif", quiet=True)
     assert data.command()[-9:] == ["/img/repro.sif", "python3", "-m", "repro.jobs", "prepare-data",
                                    "table1/depthg-vits8", "--work-dir", "/scratch/w", "--quiet"]
 
 
 def test_checkpoint_requeues_an_identical_job():
-    job = EntryJob("demo/nyuv2-mini", 1, "/w", ("a=1",), sif=None, runner=slurm_helpers.quick_run)
+    job = EntryJob("demo/nyuv2-mini", 1, "/w", "released", ("a=1",), sif=None, runner=slurm_helpers.quick_run)
     again = job.checkpoint()
     assert again.function == job and again.function is not job
     assert DataJob("demo/nyuv2-mini", "k", "/w").checkpoint().function == DataJob("demo/nyuv2-mini", "k", "/w")
@@ -90,13 +99,13 @@ def test_checkpoint_requeues_an_identical_job():
 
 def test_entry_job_reports_an_unfinished_run(tmp_path):
     def stops_early(entry, *, seed, work_dir, overrides, quiet):
-        run_dir = Path(work_dir) / entry / f"seed{seed}"
+        run_dir = slurm_helpers.run_dir_of(work_dir, entry, seed, overrides)
         run_dir.mkdir(parents=True)
         (run_dir / "status.json").write_text(json.dumps({"state": "running", "stage": "train"}))
         return run_dir
 
-    assert EntryJob("demo/nyuv2-mini", 0, str(tmp_path), runner=slurm_helpers.quick_run)() == str(
-        tmp_path / "demo" / "nyuv2-mini" / "seed0")
+    assert EntryJob("demo/nyuv2-mini", 0, str(tmp_path), "released", runner=slurm_helpers.quick_run)() == str(
+        tmp_path / "demo" / "nyuv2-mini" / "released" / "seed0")
     with pytest.raises(JobError, match="stopped before it was done"):
         EntryJob("demo/nyuv2-mini", 1, str(tmp_path), runner=stops_early)()
 
@@ -145,7 +154,7 @@ def test_scripts_list_every_entry_of_their_dataset(script, dataset):
     expected = [n for n in list_entries() if not n.startswith("demo/") and load_entry(n).data.dataset == dataset]
     assert sorted(entries) == sorted(expected)
     array = re.search(r"^#SBATCH --array=0-(\d+)", path.read_text(), re.M)
-    assert int(array.group(1)) == 3 * len(entries) - 1  # SEEDS defaults to 3
+    assert int(array.group(1)) == 2 * 3 * len(entries) - 1  # FIDELITY defaults to both, SEEDS to 3
     text = path.read_text()
     for option in ("--output=logs/%x/%A_%a.out", "--requeue", "--signal=B:USR1@120", "--open-mode=append"):
         assert f"#SBATCH {option}" in text
@@ -163,17 +172,21 @@ def _run_script(tmp_path: Path, task: int, **env: str) -> subprocess.CompletedPr
 def test_array_index_picks_entry_and_seed(tmp_path):
     env = {"ENTRIES": "supp6/sensor demo/nyuv2-mini", "SEEDS": "2", "REPRO_WORK": "w",
            "REPRO_SET": "train.max_steps=4 eval.crf=false"}
-    proc = _run_script(tmp_path, 3, **env)
+    proc = _run_script(tmp_path, 7, **env)  # entry 7 // (2 fidelities x 2 seeds) = 1, fidelity (7 // 2) % 2 = 1, seed 1
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    argv = (tmp_path / "w" / "demo" / "nyuv2-mini" / "seed1" / "argv").read_text().split()
-    assert argv == ["run", "demo/nyuv2-mini", "--seed", "1", "--work-dir", str(tmp_path / "w"),
-                    "--set", "train.max_steps=4", "--set", "eval.crf=false"]
-    proc = _run_script(tmp_path, 4, **env)
+    argv = (tmp_path / "w" / "demo" / "nyuv2-mini" / "released" / "seed1" / "argv").read_text().split()
+    assert argv == ["run", "demo/nyuv2-mini", "--fidelity", "released", "--seed", "1", "--work-dir",
+                    str(tmp_path / "w"), "--set", "train.max_steps=4", "--set", "eval.crf=false"]
+    proc = _run_script(tmp_path, 8, **env)
     assert proc.returncode == 0 and "nothing to do" in proc.stdout
+    proc = _run_script(tmp_path, 1, **env, FIDELITY="paper")  # one fidelity: task 1 = entry 0, seed 1
+    assert (tmp_path / "w" / "supp6" / "sensor" / "paper" / "seed1" / "argv").is_file()
+    proc = _run_script(tmp_path, 0, **env, FIDELITY="exact")
+    assert proc.returncode == 2 and "FIDELITY must be" in proc.stderr
     proc = _run_script(tmp_path, 0, **env, REPRO_SIF="/img/repro.sif")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "calls").read_text().startswith(f"exec --nv --bind {tmp_path / 'w'} /img/repro.sif repro run "
-                                                       "supp6/sensor --seed 0")
+                                                       "supp6/sensor --fidelity paper --seed 0")
 
 
 def test_array_task_passes_the_exit_status_on(tmp_path):

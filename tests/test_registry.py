@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 import pytest
 
 from repro.config import ConfigError, load_config
@@ -12,7 +14,7 @@ from repro.config.registry import (EXPERIMENTS_DIR, TABLES, UnknownEntryError, a
 from repro.schedules import feature_samples_schedule, guidance_schedule
 
 COUNTS = {"table1": 7, "table2": 3, "table3": 4, "table4": 6, "table5": 3, "table6": 3, "supp3": 12,
-          "supp4": 7, "supp5": 2, "supp6": 2, "released": 4, "demo": 1}
+          "supp4": 7, "supp5": 2, "supp6": 2, "demo": 1}
 
 # SPEC section 6, written out independently of the YAML files: (unsup acc, unsup mIoU, linear acc, linear mIoU).
 PAPER = {
@@ -36,9 +38,6 @@ PAPER = {
     "supp4/n6": (52.6, 22.2), "supp4/n7": (52.6, 23.0), "supp4/n8": (54.2, 23.8), "supp4/n9": (56.3, 25.6),
     "supp4/n10": (53.4, 24.2), "supp4/n11": (54.3, 24.2), "supp4/n12": (54.1, 24.0),
     "supp5/no-scheduling": (49.4, 18.8), "supp5/scheduling": (56.3, 25.6),
-    "released/depthg-cocostuff-vits8": (56.3, 25.6, 73.7, 38.9),
-    "released/depthg-cocostuff-vitb8": (58.6, 29.0, 75.5, 41.6),
-    "released/depthg-cityscapes-vitb8": (81.6, 23.1), "released/depthg-potsdam-vits8": (80.4,),
 }
 METRICS = ("unsup_acc", "unsup_miou", "linear_acc", "linear_miou")
 
@@ -67,7 +66,7 @@ def test_every_row_of_spec_section6_has_one_entry_per_table():
         names = list_entries(table)
         assert len(names) == count, (table, names)
         assert names == sorted(names) and all(n.startswith(f"{table}/") for n in names)
-    assert len(ALL) == sum(COUNTS.values()) == 54 and ALL == sorted(ALL)
+    assert len(ALL) == sum(COUNTS.values()) == 50 and ALL == sorted(ALL)
     assert set(PAPER) | {"supp6/zoedepth", "supp6/sensor", "demo/nyuv2-mini"} == set(ALL)
 
 
@@ -186,23 +185,45 @@ def test_n_and_scheduling_rows():
     assert (on.guidance.decay_step, on.guidance.decay_factor) == (250, 0.6)
 
 
-def test_released_twins():
-    twins = {"released/depthg-cocostuff-vits8": "table1/depthg-vits8",
-             "released/depthg-cocostuff-vitb8": "table1/depthg-vitb8",
-             "released/depthg-cityscapes-vitb8": "table2/depthg-vitb8",
-             "released/depthg-potsdam-vits8": "table3/depthg-vits8"}
-    assert set(twins) == set(list_entries("released"))
-    for twin, paper_name in twins.items():
-        cfg, ref = load_entry(twin), load_entry(paper_name)
-        assert cfg.fidelity == "released" and ref.fidelity == "paper"
-        assert (cfg.loss.depth_kernel, cfg.sampling.fps_order, cfg.train.step_unit, cfg.lhp.variant) == ("released",) * 4
-        assert weights(cfg) == weights(ref) and cfg.paper == ref.paper
-        assert (cfg.data, cfg.model, cfg.guidance, cfg.sampling.mode) == (ref.data, ref.model, ref.guidance,
-                                                                            ref.sampling.mode)
-    coco = load_entry("released/depthg-cocostuff-vits8")
+def test_every_entry_exists_in_both_fidelities_and_no_file_repeats_a_switch():
+    from repro.config.fidelity import controlled_keys
+
+    switches = controlled_keys()
+    for name in list_entries():
+        raw = yaml.safe_load(entry_path(name).read_text())
+        flat = {f"{section}.{key}" for section, block in raw.items() if isinstance(block, dict) for key in block}
+        assert not (flat & switches), f"{name} repeats profile switches {sorted(flat & switches)}"
+        assert "fidelity" not in raw, name
+        paper, released = load_entry(name), load_entry(name, ["fidelity=released"])
+        assert (paper.fidelity, released.fidelity) == ("paper", "released")
+        assert paper.fidelity_deviations == {} and released.fidelity_deviations == {}
+        assert paper.paper == released.paper and paper.name == released.name
+        assert (released.data.resize, released.loss.negative_perm, released.eval.crf_image) == (
+            "nearest", "super_perm", "bgr_truncated")
+
+
+def test_released_profile_restates_the_run_script():
+    # paper_reproduction.sh of leonsick/depthg, written out independently of repro.config.fidelity
+    vitb = load_entry("table1/depthg-vitb8", ["fidelity=released"])
+    assert (vitb.loss.lambda_depthg, vitb.loss.b_depthg) == (0.16026274975444096, 0.035909146298813595)
+    assert (vitb.loss.lambda_self, vitb.loss.b_self) == (0.23052367315917113, 0.12326312284078644)
+    assert (vitb.loss.lambda_knn, vitb.loss.b_knn) == (1.0500945312858674, 0.21028290947990444)
+    assert (vitb.loss.lambda_random, vitb.loss.b_random) == (0.2485038032028848, 0.9748103425096648)
+    assert (vitb.model.code_dim, vitb.sampling.feature_samples, vitb.guidance.decay_step,
+            vitb.guidance.decay_factor) == (90, 12, 300, 0.64)
+    city = load_entry("table2/depthg-vitb8", ["fidelity=released"])
+    assert (city.sampling.mode, city.sampling.feature_samples, city.loss.spatial_centering) == ("random", 11, False)
+    assert load_entry("table2/depthg-vitb8").sampling.mode == "full"
+    pots = load_entry("table3/depthg-vits8", ["fidelity=released"])
+    assert (pots.model.code_dim, pots.train.batch_size, pots.guidance.decay_step, pots.guidance.decay_factor,
+            pots.data.depth_encoding) == (90, 16, 200, 1.0, "int_cast")
+    coco = load_entry("table1/depthg-vits8", ["fidelity=released"])
+    assert (coco.loss.b_knn, coco.loss.b_random, coco.train.step_unit) == (0.025, 0.761, "released")
     assert (coco.sampling.feature_samples, coco.sampling.released_factor, coco.sampling.decrease_every) == (11, 0.9, 1000)
     assert feature_samples_schedule(1, 11, decrease_every=1000, released_factor=0.9, step_unit="released") == 9
-
+    assert load_entry("table1/depthg-lhp-vits8", ["fidelity=released"]).lhp.weight == 0.2
+    stego = load_entry("table1/stego-vits8", ["fidelity=released"])
+    assert stego.train.step_unit == "batch" and stego.loss.negative_coords == "knn"  # STEGO's Lightning: 1 step/batch
 
 def test_demo_entry():
     cfg = load_entry("demo/nyuv2-mini")
@@ -250,13 +271,13 @@ def test_list_command_prints_one_line_per_entry(capsys):
     args = parser.parse_args(["list", "table1"])
     assert args.func(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    assert len(lines) == 7
+    assert len(lines) == 8 and all("/paper" in l and "/released" in l for l in lines[:7])
     row = next(line for line in lines if line.startswith("table1/depthg-vits8 "))
     assert all(s in row for s in ("depthg", "cocostuff27", "vit_small_patch8", "unsup_acc=56.3", "linear_miou=38.9"))
     args = parser.parse_args(["list"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert sum(1 for line in out.splitlines() if "/" in line.split(" ")[0]) == 54
+    assert sum(1 for line in out.splitlines() if "/" in line.split(" ")[0]) == 50
     assert out.index("supp4/n6 ") < out.index("supp4/n10 ")
     with pytest.raises(SystemExit):
         parser.parse_args(["list", "table9"])

@@ -112,13 +112,13 @@ def test_sbatch_script_runs_the_demo_entry(slurm_cluster, demo, tmp_path):
            "REPRO_SET": " ".join(overrides)}
     start = time.monotonic()
     job = _sbatch(slurm_cluster, REPO / "slurm" / "nyuv2.sh", f"--chdir={tmp_path}", "--array=0", "--gpus-per-node=0",
-                  "--cpus-per-task=2", "--mem=8G", f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,REPRO_WORK={work}",
+                  "--cpus-per-task=2", "--mem=8G", f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,FIDELITY=paper,REPRO_WORK={work}",
                   env=env)
     state = _wait(slurm_cluster, f"{job}_0", timeout=400)
     log = tmp_path / "logs" / "repro-nyuv2" / f"{job}_0.out"
     assert state == "COMPLETED", _logs(tmp_path / "logs")
     assert log.is_file(), "the task log is not at logs/<job name>/<array id>_<index>.out"
-    run_dir = work / "demo" / "nyuv2-mini" / "seed0"
+    run_dir = work / "demo" / "nyuv2-mini" / "paper" / "seed0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["seed"] == 0 and 0 <= metrics["summary"]["unsup_miou"] <= 100, metrics["summary"]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
@@ -142,7 +142,7 @@ def test_launch_runs_a_table_as_one_array_job_and_resumes_a_signalled_task(slurm
     """
     work, overrides = demo
     start = time.monotonic()
-    launched = launch(["demo"], seeds=[1, 2], executor="slurm", work_dir=work,
+    launched = launch(["demo"], seeds=[1, 2], fidelity="paper", executor="slurm", work_dir=work,
                       overrides=[*overrides, "train.max_steps=6", "train.checkpoint_every=1"],
                       log_dir=tmp_path / "submitit", resources={**TINY_JOB, "time_min": 30})
     data = [j for j in launched if j.kind == "data"]
@@ -152,7 +152,7 @@ def test_launch_runs_a_table_as_one_array_job_and_resumes_a_signalled_task(slurm
     assert len(array_ids) == 1, [j.job_id for j in entries]
 
     signalled = entries[0]
-    run_dir = work / "demo" / "nyuv2-mini" / "seed1"
+    run_dir = work / "demo" / "nyuv2-mini" / "paper" / "seed1"
     deadline = time.monotonic() + 300
     while not list((run_dir / "train" / "checkpoints").glob("step_*")):  # the training loop is running
         assert time.monotonic() < deadline and _state(slurm_cluster, signalled.job_id) not in TERMINAL, \
@@ -173,7 +173,7 @@ def test_launch_runs_a_table_as_one_array_job_and_resumes_a_signalled_task(slurm
     log = (run_dir / "logs" / "run.log").read_text()
     assert "received signal" in log and "resumed from" in log, log
     for item in entries:
-        metrics = json.loads((work / "demo" / "nyuv2-mini" / f"seed{item.seed}" / "metrics.json").read_text())
+        metrics = json.loads((work / "demo" / "nyuv2-mini" / "paper" / f"seed{item.seed}" / "metrics.json").read_text())
         assert metrics["seed"] == item.seed and metrics["final"]["step"] == 6
     (record,) = [p for p in (work / "launch").glob("*.json")]
     assert [j["job_id"] for j in json.loads(record.read_text())["jobs"]] == [j.job_id for j in launched]
@@ -188,7 +188,8 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, job_env, tmp
     Apptainer image, where the job forwards the signal to its child.
     """
     start = time.monotonic()
-    common = dict(seeds=1, executor="slurm", resources=TINY_JOB, signal_delay_s=59, log_dir=tmp_path / "submitit")
+    common = dict(seeds=1, fidelity="paper", executor="slurm", resources=TINY_JOB, signal_delay_s=59,
+                  log_dir=tmp_path / "submitit")
     in_process = launch(["demo/nyuv2-mini"], work_dir=tmp_path / "w-host", runner=slurm_helpers.interruptible_run,
                         data_runner=slurm_helpers.quick_prepare, **common)
     container = launch(["demo/nyuv2-mini"], work_dir=tmp_path / "w-sif", sif=str(tmp_path / "fake.sif"), **common)
@@ -198,7 +199,7 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, job_env, tmp
             run_dir = Path(entry.job.result())
         except Exception:
             pytest.fail(f"{entry} failed:\n{entry.job.stdout() or ''}\n{entry.job.stderr() or ''}")
-        assert run_dir == work / "demo" / "nyuv2-mini" / "seed0"
+        assert run_dir == work / "demo" / "nyuv2-mini" / "paper" / "seed0"
         assert (work / "data" / "prepared.txt").read_text().split() == ["demo/nyuv2-mini"]
         assert _submitit_state(entry.job) == "COMPLETED"  # waits: the result file lands before SLURM's record
         history = _history(slurm_cluster, entry.job_id)
@@ -212,7 +213,8 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, job_env, tmp
             metrics = json.loads((run_dir / "metrics.json").read_text())
             assert metrics["attempts"] >= 2 and metrics["steps"] > 5, metrics
             calls = (tmp_path / "apptainer-calls.txt").read_text()
-            assert f"exec --nv --bind {work} {tmp_path / 'fake.sif'} repro run demo/nyuv2-mini --seed 0" in calls
+            assert (f"exec --nv --bind {work} {tmp_path / 'fake.sif'} repro run demo/nyuv2-mini --fidelity paper "
+                    "--seed 0") in calls
     print(f"time limit + requeue (host and container): {time.monotonic() - start:.0f} s")
 
 
@@ -226,9 +228,10 @@ def test_sbatch_script_requeues_itself_at_the_time_limit(slurm_cluster, job_env,
     start = time.monotonic()
     jobs = {
         "host": _sbatch(slurm_cluster, REPO / "slurm" / "nyuv2.sh", *args,
-                        f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,REPRO_WORK={tmp_path / 'w-host'}", env=env),
+                        f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,FIDELITY=paper,REPRO_WORK={tmp_path / 'w-host'}",
+                        env=env),
         "sif": _sbatch(slurm_cluster, REPO / "slurm" / "nyuv2.sh", *args,
-                       f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,REPRO_WORK={tmp_path / 'w-sif'},"
+                       f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,FIDELITY=paper,REPRO_WORK={tmp_path / 'w-sif'},"
                        f"REPRO_SIF={tmp_path / 'fake.sif'}", env=env),
     }
     for mode, job in jobs.items():
@@ -238,7 +241,7 @@ def test_sbatch_script_requeues_itself_at_the_time_limit(slurm_cluster, job_env,
         history = _history(slurm_cluster, f"{job}_0")
         assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
         assert "caught SIGUSR1" in log and "requeueing job" in log, log
-        run_dir = tmp_path / f"w-{mode}" / "demo" / "nyuv2-mini" / "seed0"
+        run_dir = tmp_path / f"w-{mode}" / "demo" / "nyuv2-mini" / "paper" / "seed0"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["attempts"] >= 2 and metrics["steps"] > 5, (metrics, log)
     calls = (tmp_path / "apptainer-calls.txt").read_text()
@@ -248,17 +251,18 @@ def test_sbatch_script_requeues_itself_at_the_time_limit(slurm_cluster, job_env,
 
 def test_local_executor_runs_the_same_job_path(helpers_importable, tmp_path):
     work = tmp_path / "work"
-    launched = launch(["demo"], seeds=2, executor="local", work_dir=work, log_dir=tmp_path / "submitit",
+    launched = launch(["demo"], seeds=2, fidelity="paper", executor="local", work_dir=work, log_dir=tmp_path / "submitit",
                       runner=slurm_helpers.quick_run, data_runner=slurm_helpers.quick_prepare, wait=True)
     assert [(j.kind, j.seed) for j in launched] == [("data", None), ("entry", 0), ("entry", 1)]
     for item in launched[1:]:
         run_dir = Path(item.job.result())
-        assert run_dir == work / "demo" / "nyuv2-mini" / f"seed{item.seed}"
+        assert run_dir == work / "demo" / "nyuv2-mini" / "paper" / f"seed{item.seed}"
         assert json.loads((run_dir / "metrics.json").read_text())["data_ready"]  # data job ran first
     assert (tmp_path / "submitit").is_dir() and not (work / "launch" / "logs").exists()
     (record,) = (work / "launch").glob("*.json")
     assert json.loads(record.read_text())["executor"] == "local"
 
     with pytest.raises(LaunchError, match="planned failure of demo/nyuv2-mini seed 0"):
-        launch(["demo/nyuv2-mini"], seeds=1, executor="local", work_dir=work, log_dir=tmp_path / "submitit",
+        launch(["demo/nyuv2-mini"], seeds=1, fidelity="paper", executor="local", work_dir=work,
+               log_dir=tmp_path / "submitit",
                runner=slurm_helpers.failing_run, data_runner=slurm_helpers.quick_prepare, wait=True)

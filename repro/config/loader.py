@@ -1,9 +1,10 @@
 """Load, merge and validate experiment configs (YAML -> :class:`ExperimentConfig`).
 
-Layers, later wins: ``base.yaml`` (shipped with the package), the ``fidelity: released``
-preset (SPEC section 7) when the experiment asks for it, the experiment file, then
-``key.sub=value`` overrides from the command line. Each layer is validated on its own, so an
-unknown key or a wrong type names the file (or "command line") it came from.
+Layers, later wins: ``base.yaml`` (shipped with the package), the fidelity profile's behaviour
+switches, the experiment file, the profile's entry-dependent values, then ``key.sub=value``
+overrides from the command line (:mod:`repro.config.fidelity` explains the profile layers). Each
+layer is validated on its own, so an unknown key, a wrong type or a value out of range names the
+file (or "command line") it came from.
 """
 
 from __future__ import annotations
@@ -17,19 +18,12 @@ from typing import Any
 import yaml
 
 from repro.atomic import atomic_path
+from repro.config.fidelity import PROFILES, item_ids, profile_layers
 from repro.config.schema import ExperimentConfig
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "BASE_CONFIG", "RELEASED_PRESET"]
+__all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "BASE_CONFIG", "RANGES"]
 
 BASE_CONFIG = Path(__file__).with_name("base.yaml")
-
-RELEASED_PRESET: dict[str, dict[str, Any]] = {
-    "loss": {"depth_kernel": "released"},
-    "sampling": {"fps_order": "released"},
-    "train": {"step_unit": "released"},
-    "lhp": {"variant": "released"},
-}
-"""The switches that ``fidelity: released`` turns on (SPEC 7.1, 7.2, 7.3, 7.5)."""
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("depthg", "stego", "dino"),
@@ -39,16 +33,62 @@ CHOICES: dict[str, tuple[str, ...]] = {
     # stage cannot compute (no estimator in repro); entries using them validate but need the maps supplied.
     "data.depth_source": ("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none",
                           "kbr", "mde_features", "semseg"),
+    "data.resize": ("bilinear", "nearest"),
+    "data.train_crop_codec": ("png", "jpeg"),
+    "data.depth_scope": ("crop", "image"),
+    "data.depth_encoding": ("float", "uint8", "int_cast"),
     "model.arch": ("vit_small_patch8", "vit_base_patch8"),
+    "model.pos_embed": ("dino", "timm"),
     "loss.reduction": ("mean", "sum"),
     "loss.depth_kernel": ("product", "released"),
+    "loss.negative_perm": ("derangement", "super_perm"),
+    "loss.negative_coords": ("own", "knn"),
     "sampling.mode": ("random", "fps", "full"),
     "sampling.fps_order": ("xy", "released"),
     "lhp.propagation": ("depth", "attention"),
     "lhp.variant": ("paper", "released"),
     "train.step_unit": ("batch", "released"),
     "train.precision": ("bf16", "fp32"),
+    "eval.crf_image": ("rgb", "bgr_truncated"),
 }
+
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    # key: (lowest allowed, highest allowed, what the bound means); None = unbounded; bounds inclusive
+    "data.crop_size": (8, None, "pixels, a multiple of the patch size 8"),
+    "data.val_size": (8, None, "pixels, a multiple of the patch size 8"),
+    "data.shard_size": (1, None, "crops per shard"),
+    "data.num_neighbors": (1, None, "the partner is drawn from ranks 1..num_neighbors"),
+    "data.knn_k": (2, None, "neighbours kept per crop"),
+    "data.knn_dropout": (0.0, 0.99, "a dropout probability"),
+    "model.code_dim": (1, None, "code channels Q"),
+    "model.dropout": (0.0, 0.99, "a dropout probability"),
+    "loss.neg_samples": (0, None, "negative draws"),
+    "sampling.feature_samples": (2, None, "N, samples per side (N x N)"),
+    "sampling.decrease_every": (1, None, "steps between N decreases"),
+    "sampling.n_min": (1, None, "the smallest N"),
+    "sampling.released_n_start": (1, None, "N"),
+    "sampling.released_factor": (1e-9, 1.0, "a decay factor in (0, 1]"),
+    "sampling.fov_deg": (1e-9, 179.999, "degrees in (0, 180)"),
+    "guidance.decay_step": (1, None, "steps between decays"),
+    "guidance.decay_factor": (1e-9, 1.0, "a decay factor in (0, 1]"),
+    "lhp.k": (0, None, "neighbours per cell"),
+    "lhp.weight": (0.0, None, "a loss weight"),
+    "train.max_steps": (1, None, "training steps"),
+    "train.batch_size": (2, None, "images per batch (random negatives need two)"),
+    "train.lr": (1e-12, None, "a learning rate"),
+    "train.probe_lr": (1e-12, None, "a learning rate"),
+    "train.checkpoint_every": (1, None, "batches between checkpoints"),
+    "train.keep_checkpoints": (1, None, "checkpoints kept"),
+    "train.val_every": (0, None, "batches between validations (0 = off)"),
+    "train.log_every": (1, None, "batches between log lines"),
+    "train.hist_every": (0, None, "batches between histograms (0 = off)"),
+    "train.feature_cache_gb": (0.0, None, "GiB"),
+    "train.num_workers": (0, None, "loader processes"),
+    "eval.crf_processes": (-1, None, "processes (0 = in-process, -1 = every CPU)"),
+    "eval.batch_size": (1, None, "images per batch"),
+    "eval.num_figures": (0, None, "figures"),
+}
+"""Ranges of numeric keys (checked per layer, so the error names the file the value came from)."""
 
 
 class ConfigError(ValueError):
@@ -67,9 +107,10 @@ def _check_value(value: Any, hint: Any, key: str, origin: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _check_value(value, inner, key, origin)
     if typing.get_origin(hint) is dict:
+        inner = typing.get_args(hint)[1]
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{origin}: '{key}' must be a mapping of names to numbers")
-        return {k: _check_value(v, float, f"{key}.{k}", origin) for k, v in value.items()}
+            raise ConfigError(f"{origin}: '{key}' must be a mapping of names to {inner.__name__} values")
+        return {k: _check_value(v, inner, f"{key}.{k}", origin) for k, v in value.items()}
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -80,6 +121,14 @@ def _check_value(value: Any, hint: Any, key: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: '{key}' must be {hint.__name__}, got {value!r} ({type(value).__name__})")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{origin}: '{key}' must be one of {CHOICES[key]}, got {value!r}")
+    if key in RANGES:
+        lo, hi, meaning = RANGES[key]
+        if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:
+            low = "> 0" if lo is not None and 0 < lo < 1e-6 else f">= {lo:g}"
+            bounds = low if hi is None else f"{low} and <= {hi:g}"
+            raise ConfigError(f"{origin}: '{key}' must be {bounds} ({meaning}), got {value!r}")
+        if key in ("data.crop_size", "data.val_size") and value % 8:
+            raise ConfigError(f"{origin}: '{key}' must be a multiple of 8 (the ViT patch size), got {value!r}")
     return float(value) if hint is float else value
 
 
@@ -121,7 +170,12 @@ def _parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"command line: override {text!r} must look like key.sub=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"command line: the value of '{dotted.strip()}' is not a valid YAML value: {raw!r} "
+                          f"({problem})") from None
     nested: dict = {}
     cursor = nested
     parts = dotted.strip().split(".")
@@ -141,40 +195,75 @@ def _build(cls: type, data: dict) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
-                base: str | Path | None = BASE_CONFIG) -> ExperimentConfig:
-    """Load an experiment config.
+                base: str | Path | None = BASE_CONFIG, resolve_fidelity: bool = True) -> ExperimentConfig:
+    """Load an experiment config and resolve its fidelity profile.
 
     Args:
         path: the experiment YAML (None: base and overrides only).
         overrides: ``key.sub=value`` strings (values parsed as YAML scalars).
         base: the base YAML (None to skip).
+        resolve_fidelity: apply the ``fidelity`` profile (:mod:`repro.config.fidelity`); ``False``
+            reads an already resolved config (a run's ``config.yaml``) as it is.
 
     Returns:
-        The validated :class:`ExperimentConfig`.
+        The validated :class:`ExperimentConfig`; ``fidelity_deviations`` lists every key whose
+        value differs from what its profile prescribes (an explicit choice, recorded).
 
     Raises:
-        ConfigError: unknown key, wrong type or value outside its choices; the message names
-            the key and the file (or "command line").
+        ConfigError: unknown key, wrong type, value outside its choices or range, unknown fidelity
+            or fidelity item; the message names the key and the file (or "command line").
         FileNotFoundError: if a config file is missing.
     """
-    layers: list[tuple[str, dict]] = []
-    if base is not None:
-        layers.append((str(base), _read_yaml(Path(base))))
-    experiment = (str(path), _read_yaml(Path(path))) if path is not None else None
-    cli = [("command line", _parse_override(o)) for o in overrides]
-    checked = [(origin, _check_mapping(data, ExperimentConfig, "", origin))
-               for origin, data in layers + ([experiment] if experiment else []) + cli]
+    def checked(origin: str, data: dict) -> tuple[str, dict]:
+        data = _check_mapping(data, ExperimentConfig, "", origin)
+        _check_fidelity_items(data, origin)
+        return origin, data
+
+    base_layers = [checked(str(base), _read_yaml(Path(base)))] if base is not None else []
+    file_layers = [checked(str(path), _read_yaml(Path(path)))] if path is not None else []
+    cli = [checked("command line", _parse_override(o)) for o in overrides]
+    entry: dict = {}
+    for _, data in base_layers + file_layers + cli:
+        entry = _merge(entry, data)
+    if not resolve_fidelity:
+        return _build(ExperimentConfig, entry)
+    fidelity, items = entry.get("fidelity", "paper"), entry.get("fidelity_items", {})
+    unconditional, conditional = profile_layers(fidelity, entry, items)
     merged: dict = {}
-    for _, data in checked:
+    for _, data in base_layers + unconditional + file_layers + conditional + cli:
         merged = _merge(merged, data)
-    if merged.get("fidelity") == "released":
-        merged = {}
-        for _, data in checked[: len(layers)]:
-            merged = _merge(merged, data)
-        merged = _merge(merged, RELEASED_PRESET)
-        for _, data in checked[len(layers) :]:
-            merged = _merge(merged, data)
+    merged["fidelity_deviations"] = _deviations(merged, unconditional + conditional)
     return _build(ExperimentConfig, merged)
+
+
+def _check_fidelity_items(data: dict, origin: str) -> None:
+    for item_id, profile in (data.get("fidelity_items") or {}).items():
+        if item_id not in item_ids():
+            raise ConfigError(f"{origin}: unknown fidelity item 'fidelity_items.{item_id}' "
+                              f"(known: {', '.join(item_ids())})")
+        if profile not in PROFILES:
+            raise ConfigError(f"{origin}: 'fidelity_items.{item_id}' must be one of {PROFILES}, got {profile!r}")
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("paper", "fidelity_items", "fidelity_deviations"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _deviations(merged: dict, profile: list[tuple[str, dict]]) -> dict[str, str]:
+    """Keys whose final value differs from the value the (last applicable) profile layer sets."""
+    final = _flat(merged)
+    wanted: dict[str, tuple[str, Any]] = {}
+    for origin, layer in profile:
+        for key, value in _flat(layer).items():
+            wanted[key] = (origin, value)
+    return {key: f"{origin} sets {value!r}; this config has {final.get(key)!r}"
+            for key, (origin, value) in sorted(wanted.items()) if final.get(key) != value}
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:

@@ -2,8 +2,8 @@
 
 An entry's name is ``<table>/<entry>`` (``table1/depthg-vits8``, ``supp4/n9``), the path of its
 file relative to :data:`EXPERIMENTS_DIR` without the suffix. :data:`TABLES` maps the table keys
-to the paper tables they reproduce (DepthG main paper and supplement, SPEC section 6), plus the
-``released`` twins (SPEC section 7) and the ``demo`` entry. ``repro list [TABLE]`` prints them.
+to the paper tables they reproduce (DepthG main paper and supplement, SPEC section 6) and the
+``demo`` entry; every entry runs in both fidelities (:mod:`repro.config.fidelity`). ``repro list [TABLE]`` prints them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from repro.config.fidelity import PROFILES
 from repro.config.loader import load_config
 from repro.config.schema import ExperimentConfig
 
@@ -25,6 +26,7 @@ __all__ = [
     "entry_path",
     "load_entry",
     "format_entry",
+    "run_name",
     "add_list_command",
 ]
 
@@ -42,7 +44,6 @@ TABLES: dict[str, str] = {
     "supp4": "DepthG supplement Table 4: number of feature samples N, COCO-Stuff-27 ViT-S/8",
     "supp5": "DepthG supplement Table 5: guidance scheduling, COCO-Stuff-27 ViT-S/8",
     "supp6": "DepthG supplement Table 6: NYUv2, estimated vs sensor depth",
-    "released": "Released-code twins of the headline DepthG entries (SPEC section 7)",
     "demo": "Demo on the NYUv2 sample (nyuv2-mini)",
 }
 """Table key -> title, in the order RESULTS.md and ``repro list`` present them."""
@@ -144,8 +145,14 @@ def format_entry(name: str, config: ExperimentConfig) -> str:
     Returns:
         A line such as ``table1/depthg-vits8  depthg  cocostuff27  vit_small_patch8  unsup_acc=56.3 ...``.
     """
-    method = config.method if config.fidelity == "paper" else f"{config.method}*"
-    return f"{name:34s} {method:8s} {config.data.dataset:13s} {config.model.arch:17s} {_fmt_paper(config.paper)}"
+    runs = "  ".join(run_name(name, f) for f in PROFILES)
+    return (f"{name:30s} {config.method:7s} {config.data.dataset:13s} {config.model.arch:17s} {runs}  "
+            f"{_fmt_paper(config.paper)}")
+
+
+def run_name(entry: str, fidelity: str) -> str:
+    """The name of one fidelity's run of an entry, ``<entry>/<fidelity>`` (also its folder under the work dir)."""
+    return f"{entry}/{fidelity}"
 
 
 def _natural(name: str) -> list:
@@ -155,17 +162,14 @@ def _natural(name: str) -> list:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     """Handler of ``repro list [TABLE]``: print one line per entry, grouped by table."""
-    released = False
     for key in [args.table] if args.table else list(TABLES):
         names = sorted(list_entries(key), key=_natural)
         if names:
             print(f"# {key}: {TABLES[key]}")
         for name in names:
-            config = load_entry(name)
-            released |= config.fidelity == "released"
-            print(format_entry(name, config))
-    if released:
-        print("(* = fidelity: released, the public code's behaviour; SPEC section 7)")
+            print(format_entry(name, load_entry(name)))
+    print("Every entry runs in two fidelities: paper (as written) and released (as the public code ran; "
+          "`repro fidelity` lists the differences).")
     return 0
 
 

@@ -37,6 +37,13 @@ class DataConfig:
     val_size: int = 320
     depth_source: str = "zoedepth"  # zoedepth | midas | sensor | image/perspective_plane | none | kbr | mde_features | semseg
     depth_weights: str | None = None
+    resize: str = "bilinear"  # bilinear | nearest (R3: torchvision Resize, int() of the long side)
+    train_crop_codec: str = "png"  # png | jpeg (R3: full-size training five-crops round-trip through JPEG)
+    depth_scope: str = "crop"  # crop (eq. 4: depth of each crop) | image (R4: full image, then cropped)
+    depth_encoding: str = "float"  # float [0, 1] | uint8 (R4: 0..255 integers) | int_cast (R5: {0, 1})
+    depth_tta: bool = True  # estimator test-time augmentation (ZoeDepth infer: flip + reflect padding)
+    knn_dropout: float = 0.0  # R11: Dropout2d(p) on the features before pooling for the kNN table
+    score_void: bool = False  # R13 (NYUv2): score void as class 0 of 14 instead of ignoring it
     shard_size: int = 1000
     num_neighbors: int = 7  # positive drawn uniformly from kNN ranks 1..num_neighbors
     knn_k: int = 30
@@ -48,6 +55,7 @@ class ModelConfig:
 
     arch: str = "vit_small_patch8"  # vit_small_patch8 | vit_base_patch8
     checkpoint: str = ""
+    pos_embed: str = "dino"  # dino (R2: DINO's interpolate_pos_encoding) | timm
     code_dim: int = 70  # Q
     dropout: float = 0.1
     dropout_target: bool = True
@@ -66,6 +74,8 @@ class LossConfig:
     lambda_depthg: float = 0.0
     b_depthg: float = 0.0
     neg_samples: int = 5
+    negative_perm: str = "derangement"  # derangement | super_perm (R10: STEGO's draw, not always a permutation)
+    negative_coords: str = "own"  # own | knn (R10: negatives read at the kNN partner's sample coordinates)
     spatial_centering: bool = True
     keep_global_mean: bool = True
     zero_clamp: bool = True
@@ -132,7 +142,8 @@ class EvalConfig:
 
     crf: bool = True
     crf_processes: int = -1  # DenseCRF worker processes: 0 = in-process, -1 = every CPU of the job
-    flip: bool = False
+    flip: bool = True  # R12: every published number was flip-averaged
+    crf_image: str = "rgb"  # rgb | bgr_truncated (R12: the released CRF gets BGR, truncated to uint8)
     batch_size: int = 16
     num_figures: int = 4
 
@@ -149,7 +160,9 @@ class ExperimentConfig:
     table: str = ""
     description: str = ""
     method: str = "depthg"  # depthg | stego | dino (raw backbone features, no head training)
-    fidelity: str = "paper"  # paper | released (SPEC section 7)
+    fidelity: str = "paper"  # paper | released (SPEC sections 7 and 9; repro.config.fidelity)
+    fidelity_items: dict[str, str] = field(default_factory=dict)  # per-item profile, e.g. {R4: paper}
+    fidelity_deviations: dict[str, str] = field(default_factory=dict)  # written by the loader: key -> what differs
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

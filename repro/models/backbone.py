@@ -2,34 +2,44 @@
 
 Weights are read from a local file in the official DINO format: a ``torch.save``-d state dict
 with the ViT's own key names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
-``blocks.N.*``, ``norm.*``), e.g. ``dino_deitsmall8_pretrain.pth``. Full training
+``blocks.N.*``, ``norm.*``), e.g. ``dino_deitsmall8_300ep_pretrain.pth``. Full training
 checkpoints (``{"teacher": {...}, "student": {...}}`` with ``module.``/``backbone.``
 prefixes) are accepted too; their *teacher* weights are used, as STEGO does.
 
-Nothing is downloaded at run time. The official files come from::
+Nothing is downloaded at run time. The files every published STEGO/DepthG number used (SPEC R1:
+the released code loads the 300-epoch ViT-S/8, not the 800-epoch ``dino_deitsmall8_pretrain.pth``
+that ``torch.hub``'s ``dino_vits8`` returns) come from::
 
-    wget https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth
+    wget https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth
     wget https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth
+
+Position embeddings are resized for other input sizes (320 px evaluation) exactly as DINO's own
+``VisionTransformer.interpolate_pos_encoding`` does (SPEC R2), not with timm's antialiased resampling.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.atomic import atomic_path
 from repro.errors import MissingFileError
 
 __all__ = [
-    "ARCHS", "DinoArch", "DinoBackbone", "init_random_checkpoint", "last_block_attention", "load_dino_state_dict",
-    "default_weights_dir",
+    "ARCHS", "DinoArch", "DinoBackbone", "POS_EMBED_MODES", "dino_interpolate_pos_encoding", "init_random_checkpoint",
+    "last_block_attention", "load_dino_state_dict", "default_weights_dir",
 ]
+
+POS_EMBED_MODES = ("dino", "timm")
+"""Position-embedding resizing: DINO's own (bicubic, +0.1 offset, SPEC R2) or timm's antialiased resampling."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,8 @@ ARCHS: dict[str, DinoArch] = {
         DinoArch(
             "vit_small_patch8",
             "vit_small_patch8_224",
-            "dino_deitsmall8_pretrain.pth",
-            "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+            "dino_deitsmall8_300ep_pretrain.pth",
+            "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
             384,
         ),
         DinoArch(
@@ -85,6 +95,54 @@ def default_weights_dir() -> Path:
 def _create_vit(arch: DinoArch) -> nn.Module:
     # No classifier head, final norm kept, position embeddings interpolated for 320 px inputs.
     return timm.create_model(arch.timm_name, pretrained=False, num_classes=0, dynamic_img_size=True)
+
+
+def dino_interpolate_pos_encoding(pos_embed: Tensor, grid_h: int, grid_w: int) -> Tensor:
+    """Resize ViT position embeddings to a ``grid_h x grid_w`` patch grid the way DINO does.
+
+    Bicubic ``F.interpolate`` (a = -0.75, no antialias) of the square patch grid with
+    ``scale_factor = ((grid_h + 0.1) / sqrt(N), (grid_w + 0.1) / sqrt(N))``; the +0.1 keeps the
+    floor of the output size at the wanted grid. A square grid of the training size is returned
+    unchanged. Source: facebookresearch/dino ``vision_transformer.py``,
+    ``VisionTransformer.interpolate_pos_encoding`` (copied into STEGO's and DepthG's ``src/dino/``).
+
+    Args:
+        pos_embed: ``(1, 1 + N, C)`` embeddings, class token first, ``N`` a square number (784 = 28x28).
+        grid_h: patch rows of the input (image height / patch size).
+        grid_w: patch columns of the input.
+
+    Returns:
+        ``(1, 1 + grid_h * grid_w, C)``, class token first, patches in row-major order.
+
+    Raises:
+        ValueError: if ``N`` is not a square number or the grid is empty.
+    """
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"position embedding holds {n} patch tokens, not a square grid")
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"patch grid must be non-empty, got {grid_h}x{grid_w}")
+    if grid_h == grid_w == side:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / math.sqrt(n), (grid_w + 0.1) / math.sqrt(n)),
+                         mode="bicubic")
+    if tuple(grid.shape[-2:]) != (grid_h, grid_w):  # the +0.1 guard of DINO; cannot fail for sane sizes
+        raise ValueError(f"interpolated grid {tuple(grid.shape[-2:])} != requested {(grid_h, grid_w)}")
+    return torch.cat((pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+
+
+def _dino_pos_embed(vit: nn.Module, x: Tensor) -> Tensor:
+    """Replacement for timm's ``VisionTransformer._pos_embed`` (``x``: ``(B, H, W, C)`` patch tokens)."""
+    b, h, w, c = x.shape
+    key = (h, w, x.device, x.dtype)
+    cache = vit.__dict__.setdefault("_repro_pos_cache", {})
+    if key not in cache:  # the backbone is frozen: one interpolation per grid size
+        cache[key] = dino_interpolate_pos_encoding(vit.pos_embed, h, w).to(dtype=x.dtype)
+    tokens = torch.cat((vit.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)), dim=1)
+    return vit.pos_drop(tokens + cache[key])
 
 
 def _fetch_hint(arch: DinoArch, path: Path) -> str:
@@ -135,21 +193,27 @@ class DinoBackbone(nn.Module):
 
     Args:
         arch: ``"vit_small_patch8"`` (C=384) or ``"vit_base_patch8"`` (C=768).
-        checkpoint: path to the DINO weights file (official format, see module docstring), or
-            the state dict itself with official DINO key names (e.g. converted from a published
-            STEGO/DepthG checkpoint by :mod:`repro.models.lightning`).
+        checkpoint: path to the DINO weights file (official format, see module docstring), or an
+            already loaded backbone state dict with official DINO key names.
+        pos_embed: ``"dino"`` (DINO's ``interpolate_pos_encoding``, what every published number
+            used, SPEC R2) or ``"timm"`` (timm's antialiased ``resample_abs_pos_embed``). Both
+            leave 224 px inputs unchanged.
 
     Raises:
         MissingFileError: if the checkpoint file is missing.
-        ValueError: if its keys or shapes do not match the architecture.
+        ValueError: if its keys or shapes do not match the architecture, or ``pos_embed`` is unknown.
     """
 
-    def __init__(self, arch: str, checkpoint: str | Path | Mapping[str, Tensor]) -> None:
+    def __init__(self, arch: str, checkpoint: str | Path | dict[str, Tensor], pos_embed: str = "dino") -> None:
         super().__init__()
+        if pos_embed not in POS_EMBED_MODES:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_MODES}, got {pos_embed!r}")
         self.arch = get_arch(arch)
         self.vit = _create_vit(self.arch)
-        if isinstance(checkpoint, Mapping):
-            state, checkpoint = dict(checkpoint), "the given state dict"
+        if pos_embed == "dino":
+            self.vit._pos_embed = types.MethodType(_dino_pos_embed, self.vit)
+        if isinstance(checkpoint, dict):
+            state, checkpoint = checkpoint, "the given state dict"
         else:
             state = load_dino_state_dict(checkpoint, self.arch)
         expected = self.vit.state_dict()

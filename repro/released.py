@@ -143,7 +143,7 @@ def check_against_entry(model, config) -> list[str]:
     c, notes = model.checkpoint, []
     if model.arch != config.model.arch:
         raise ValueError(f"{c.path} is a {model.arch} checkpoint but entry {config.name} uses {config.model.arch}")
-    k = DATASETS[config.data.dataset].num_classes
+    k = DATASETS[config.data.dataset].num_classes + int(config.data.score_void)  # R13: void scored as a class
     if model.n_classes != k:
         raise ValueError(f"{c.path} has {model.n_classes} classes but {config.data.dataset} ({config.name}) has {k}")
     saved = c.cfg.get("dataset_name")
@@ -171,7 +171,7 @@ def _val_crops(config, work_dir: Path, quiet: bool) -> Path:
 
 
 def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_dir: str | Path | None = None,
-                      overrides: Sequence[str] = (), crf: bool | None = None, crf_image: str = "bgr_truncated",
+                      overrides: Sequence[str] = (), crf: bool | None = None, crf_image: str | None = None,
                       crf_processes: int | None = None, device: str | None = None, quiet: bool = False,
                       force: bool = False, extra_globals: Sequence[str] = ()) -> dict:
     """Score a published checkpoint on a table entry's validation set in the released protocol.
@@ -181,9 +181,11 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
         checkpoint: the ``.ckpt`` file; default the entry's registered file in :func:`released_dir`.
         work_dir: work folder (default ``$REPRO_WORK`` or ``./runs``); validation crops are shared
             with the entry's training runs (``<work>/data/<dataset>/crops-<val>-320-single``).
-        overrides: ``key=value`` config overrides (``data.root=...``, ``eval.batch_size=...``).
+        overrides: ``key=value`` config overrides (``data.root=...``, ``eval.batch_size=...``), applied
+            after ``fidelity=released`` (the entry is resolved in the released profile: flip
+            averaging, the released CRF image, NEAREST validation crops, NYUv2 void scored; SPEC section 9).
         crf: DenseCRF refinement (default: the entry's ``eval.crf``, on for every published number).
-        crf_image: the CRF image (``"bgr_truncated"``: the released code's; ``"rgb"``).
+        crf_image: the CRF image (default ``eval.crf_image``: ``"bgr_truncated"`` in the released profile).
         crf_processes: CRF worker processes (default ``eval.crf_processes``; -1 = every CPU).
         device: where the networks run (default CUDA when available).
         quiet: no progress bars.
@@ -206,7 +208,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     from repro.models.lightning import load_released
     from repro.run import default_work_dir, resolve_entry
 
-    config = resolve_entry(entry, overrides=overrides)
+    config = resolve_entry(entry, overrides=["fidelity=released", *overrides])
     registry = load_registry()
     if checkpoint is None:
         item = find_published(config.name, registry)
@@ -218,9 +220,11 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     work = Path(work_dir) if work_dir is not None else default_work_dir()
     out = released_metrics_path(work, config.name)
     crf = config.eval.crf if crf is None else crf
-    protocol = {"crf": crf, "flip": True, "size": config.data.val_size, "crf_image": crf_image if crf else None,
-                "cluster_alpha": 2.0, "upsampling": "bilinear, align_corners=False",
-                "source": "released eval_segmentation.py (SPEC section 7, R12)"}
+    crf_image = crf_image or config.eval.crf_image
+    protocol = {"crf": crf, "flip": config.eval.flip, "size": config.data.val_size,
+                "crf_image": crf_image if crf else None, "cluster_alpha": 2.0, "upsampling": "bilinear",
+                "fidelity": config.fidelity, "resize": config.data.resize, "pos_embed": config.model.pos_embed,
+                "score_void": config.data.score_void}
     start = time.perf_counter()
     model = load_released(checkpoint, extra_globals=extra_globals)
     record = {**import_summary(model, registry), "entry_notes": check_against_entry(model, config)}
@@ -236,11 +240,12 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     timings["prepare_val"] = time.perf_counter() - start
     processes = config.eval.crf_processes if crf_processes is None else crf_processes
     processes = len(os.sched_getaffinity(0)) if processes < 0 else processes
-    backbone = model.backbone().to(device)
+    backbone = model.backbone(config.model.pos_embed).to(device)
     parts = model.parts.to(device)
     start = time.perf_counter()
     result = evaluate_segmentation(samples, backbone, parts.head, parts.cluster_probe, parts.linear_probe,
-                                   batch_size=config.eval.batch_size, crf=crf, crf_processes=processes, flip=True,
+                                   batch_size=config.eval.batch_size, crf=crf, crf_processes=processes,
+                                   flip=config.eval.flip,
                                    device=device, crf_image=crf_image)
     timings["eval"] = time.perf_counter() - start
     timings["eval_per_image"] = timings["eval"] / max(len(samples), 1)

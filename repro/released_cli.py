@@ -74,7 +74,8 @@ def _cmd_eval_released(args: argparse.Namespace) -> int:
                                 force=args.force, extra_globals=args.allow_global)
     s, c = metrics["summary"], metrics["checkpoint"]
     print(f"{metrics['entry']} released checkpoint {c['file']} (sha256 {c['sha256'][:16]}..., step {c['global_step']}): "
-          f"{metrics['num_images']} val images, CRF {'on' if metrics['protocol']['crf'] else 'off'}, flip on")
+          f"{metrics['num_images']} val images, CRF {metrics['protocol']['crf_image'] or 'off'}, "
+          f"flip {'on' if metrics['protocol']['flip'] else 'off'}")
     print(f"  unsup Acc {s['unsup_acc']:.2f}  unsup mIoU {s['unsup_miou']:.2f}  linear Acc {s['linear_acc']:.2f}  "
           f"linear mIoU {s['linear_miou']:.2f}")
     if metrics.get("paper"):
@@ -140,8 +141,8 @@ def add_released_commands(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--work-dir", help="work folder (default: $REPRO_WORK or ./runs)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (default: eval.crf)")
-    ev.add_argument("--crf-image", choices=["bgr_truncated", "rgb"], default="bgr_truncated",
-                    help="the CRF image: as the released code builds it (default) or the plain RGB crop")
+    ev.add_argument("--crf-image", choices=["bgr_truncated", "rgb"],
+                    help="the CRF image: as the released code builds it (default, eval.crf_image) or the RGB crop")
     ev.add_argument("--device")
     ev.add_argument("--force", action="store_true", help="evaluate again even if metrics.json holds this file's result")
     ev.add_argument("--allow-global", action="append", default=[], metavar="NAME")

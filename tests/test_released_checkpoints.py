@@ -27,9 +27,10 @@ from repro.evaluate.metrics import ConfusionMatrix, compute_metrics
 from repro.evaluate.protocol import evaluate_segmentation, predict_logits
 from repro.models.backbone import DinoBackbone, init_random_checkpoint
 from repro.models.lightning import (
-    CheckpointFormatError, CheckpointLayoutError, PickledStandIn, UnsafeCheckpointError, allowed_globals,
-    convert_checkpoint, load_released, read_lightning_checkpoint,
+    CheckpointFormatError, CheckpointLayoutError, UnsafeCheckpointError, convert_checkpoint, load_released,
+    read_lightning_checkpoint,
 )
+from repro.models.safe_load import PickledStandIn, allowed_globals
 
 MODELS = ("stego", "depthg")
 MARGIN = 1e-3  # compare argmaxes where the released top-1 minus top-2 log-probability exceeds this (near-ties exist)
@@ -227,8 +228,8 @@ def test_full_released_protocol_agrees_with_the_released_outputs(golden, release
     with torch.no_grad():
         code1 = m.parts.head(backbone(x))[1]
         code = 0.5 * (code1 + m.parts.head(backbone(x.flip(-1)))[1].flip(-1))
-    assert (code1 - torch.from_numpy(out["code_noflip"])).abs().max().item() < 1e-3
-    assert (code - torch.from_numpy(out["code"])).abs().max().item() < 1e-3
+    assert (code1 - torch.from_numpy(out["code_noflip"])).abs().max().item() < 1e-4  # measured 5e-6 (|code| <= 5)
+    assert (code - torch.from_numpy(out["code"])).abs().max().item() < 1e-4
     cluster_log, linear_log = predict_logits(backbone, m.parts.head, m.parts.cluster_probe, m.parts.linear_probe, x,
                                              (320, 320), flip=True, log_probs=True)
     for name, log_probs in (("cluster", cluster_log), ("linear", linear_log)):
@@ -242,8 +243,9 @@ def test_full_released_protocol_agrees_with_the_released_outputs(golden, release
     for name, metrics in (("cluster", result.cluster), ("linear", result.linear)):
         sure = out[f"crf_{name}_margin_f16"].astype(np.float32) > MARGIN
         assert (np.stack(result.predictions[name]) == out[f"crf_{name}_argmax"])[sure].mean() >= 0.999
-        assert metrics.accuracy == pytest.approx(rel[f"final/{name}/Accuracy"], abs=0.1)
-        assert metrics.miou == pytest.approx(rel[f"final/{name}/mIoU"], abs=0.1)
+        # one pixel is 0.0005 points of accuracy; measured: identical predictions, metrics equal to 1e-6
+        assert metrics.accuracy == pytest.approx(rel[f"final/{name}/Accuracy"], abs=0.01)
+        assert metrics.miou == pytest.approx(rel[f"final/{name}/mIoU"], abs=0.01)
 
 
 # ------------------------------------------------------------------------------------------ bad files

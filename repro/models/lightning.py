@@ -7,12 +7,11 @@ segmentation head (``net.cluster1.0.*`` = linear branch, ``net.cluster2.{0,2}.*`
 ``decoder.*``) and, for DepthG runs with 3D-LHP, ``lhp_module.projection_head.{0,2}.*``. Their
 ``hyper_parameters`` are ``{"n_classes": K, "cfg": <pickled OmegaConf DictConfig>}``.
 
-Nothing pickled is ever executed: files are read with ``torch.load(weights_only=True)`` and an
-explicit allowlist in which every OmegaConf class is an inert stand-in (:class:`PickledStandIn`,
-registered under the OmegaConf global name; omegaconf itself is not needed), plus ``builtins.dict``,
-``collections.defaultdict`` and ``typing.Any``. Before loading, the pickle is disassembled
-(``torch.serialization.get_unsafe_globals_in_checkpoint``) and a file naming any other global is
-refused with :class:`UnsafeCheckpointError`. The config objects are turned into plain dicts.
+Nothing pickled is ever executed (:mod:`repro.models.safe_load`): ``torch.load(weights_only=True)``
+with an explicit allowlist in which every OmegaConf class is an inert stand-in registered under the
+OmegaConf global name (omegaconf itself is not needed), plus ``builtins.dict``,
+``collections.defaultdict`` and ``typing.Any``; a file naming any other global is refused with
+:class:`UnsafeCheckpointError` before anything is unpickled. The config objects become plain dicts.
 
 :func:`read_lightning_checkpoint` reads a file, :func:`convert_checkpoint` checks the key layout
 and builds the parts (:class:`ReleasedModel`): the DINO backbone state dict (official key names,
@@ -24,16 +23,10 @@ loaded by :class:`~repro.models.backbone.DinoBackbone`), :class:`~repro.models.h
 
 from __future__ import annotations
 
-import collections
-import copyreg
-import hashlib
-import pickle
-import typing
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,122 +36,18 @@ from repro.models.backbone import ARCHS, DinoBackbone
 from repro.models.bundle import TrainedParts
 from repro.models.heads import ProjectionHead, SegmentationHead
 from repro.models.probes import ClusterProbe, LinearProbe
+from repro.models.safe_load import (
+    CheckpointFormatError, UnsafeCheckpointError, allowed_globals, file_sha256, safe_torch_load, to_plain,
+)
 
 __all__ = [
-    "CheckpointFormatError", "CheckpointLayoutError", "UnsafeCheckpointError", "PickledStandIn", "OMEGACONF_GLOBALS",
-    "allowed_globals", "LightningCheckpoint", "ReleasedModel", "read_lightning_checkpoint", "convert_checkpoint",
-    "load_released", "file_sha256",
+    "CheckpointFormatError", "CheckpointLayoutError", "UnsafeCheckpointError", "allowed_globals", "LightningCheckpoint",
+    "ReleasedModel", "read_lightning_checkpoint", "check_layout", "convert_checkpoint", "load_released",
 ]
-
-
-class CheckpointFormatError(ValueError):
-    """A file that is not a complete Lightning checkpoint (truncated, corrupt, top-level keys missing)."""
 
 
 class CheckpointLayoutError(ValueError):
     """A checkpoint whose state-dict keys or shapes do not match its saved config; the message names them."""
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint whose pickle references a global outside the allowlist; nothing of it was loaded."""
-
-
-OMEGACONF_GLOBALS = (
-    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
-    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode", "omegaconf.nodes.IntegerNode",
-    "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode",
-)
-"""OmegaConf classes read as inert stand-ins (the released files use DictConfig, ContainerMetadata,
-Metadata and AnyNode; list values and typed nodes of other OmegaConf versions use the rest)."""
-
-_PLAIN_GLOBALS: dict[str, Any] = {"builtins.dict": dict, "collections.defaultdict": collections.defaultdict,
-                                  "typing.Any": typing.Any}
-"""Harmless real objects the OmegaConf metadata references (``dict()``, ``defaultdict(dict)``, ``Any``)."""
-
-
-class PickledStandIn:
-    """Inert stand-in for a pickled class: keeps the constructor arguments and the pickled state, runs nothing.
-
-    One subclass per allowlisted global name (``global_name``). ``NEWOBJ``/``REDUCE`` create an
-    instance, ``BUILD`` stores the state; pickling it again writes the same reduce tuple.
-    """
-
-    global_name: ClassVar[str] = ""
-
-    def __new__(cls, *args: Any) -> PickledStandIn:
-        obj = super().__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __init__(self, *args: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        return copyreg.__newobj__, (type(self), *self.args), self.state
-
-    def __repr__(self) -> str:
-        return f"<stand-in for {self.global_name}>"
-
-
-_STAND_INS: dict[str, type[PickledStandIn]] = {}
-
-
-def _stand_in(name: str) -> type[PickledStandIn]:
-    if name not in _STAND_INS:
-        _STAND_INS[name] = type(name.rsplit(".", 1)[-1], (PickledStandIn,), {"global_name": name,
-                                                                              "__module__": __name__})
-    return _STAND_INS[name]
-
-
-def allowed_globals(extra: Iterable[str] = ()) -> list[tuple[Any, str]]:
-    """The allowlist for ``torch.serialization.safe_globals``: ``(object, global name)`` pairs.
-
-    Args:
-        extra: further global names to read as inert :class:`PickledStandIn` objects (e.g. the
-            class of a Lightning callback that an old checkpoint uses as a dict key). A stand-in
-            never runs code of the class it replaces.
-
-    Returns:
-        Stand-ins for :data:`OMEGACONF_GLOBALS` and ``extra``, plus ``builtins.dict``,
-        ``collections.defaultdict`` and ``typing.Any``.
-    """
-    names = list(dict.fromkeys([*OMEGACONF_GLOBALS, *extra]))
-    return [(_stand_in(n), n) for n in names] + [(obj, n) for n, obj in _PLAIN_GLOBALS.items()]
-
-
-def to_plain(obj: Any) -> Any:
-    """Turn stand-ins of OmegaConf containers and nodes (and the containers around them) into plain Python.
-
-    A ``DictConfig`` becomes a dict, a ``ListConfig`` a list, a value node its value; interpolations
-    stay the strings they were (``"${...}"``); any other stand-in becomes ``"<global name>"``.
-    """
-    if isinstance(obj, PickledStandIn):
-        state = obj.state if isinstance(obj.state, dict) else {}
-        name = obj.global_name
-        if name.endswith(("DictConfig", "ListConfig")):
-            return to_plain(state.get("_content"))
-        if name.startswith("omegaconf.nodes."):
-            return to_plain(state.get("_val"))
-        return f"<{name}>"
-    if isinstance(obj, dict):
-        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.tolist() if obj.numel() <= 16 else f"<tensor {tuple(obj.shape)}>"
-    return obj
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -195,35 +84,13 @@ class LightningCheckpoint:
         return int(self.hyper_parameters["n_classes"])
 
 
-def _unsafe_globals(path: Path, allow: list[tuple[Any, str]]) -> list[str]:
-    with torch.serialization.safe_globals(allow):
-        try:
-            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-        except Exception as exc:  # noqa: BLE001 - any failure to read the archive is a format error
-            raise CheckpointFormatError(f"{path}: cannot read the checkpoint's pickle ({type(exc).__name__}: {exc}); "
-                                        "the file is corrupt or truncated: download it again") from None
-
-
-def _format_of(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if zipfile.is_zipfile(path):
-        return "zip"
-    if head[:2] == b"\x80\x02":
-        return "legacy"
-    if head[:2] == b"PK":
-        raise CheckpointFormatError(f"{path} ({path.stat().st_size} bytes) is a truncated ZIP archive (no end-of-"
-                                    "archive record): the download or copy stopped early; download it again")
-    raise CheckpointFormatError(f"{path} is not a torch.save checkpoint (starts with {head!r}); expected a "
-                                "PyTorch Lightning .ckpt file")
-
-
 def read_lightning_checkpoint(path: str | Path, *, extra_globals: Iterable[str] = ()) -> LightningCheckpoint:
     """Read a Lightning checkpoint of STEGO's or DepthG's ``LitUnsupervisedSegmenter`` without executing code.
 
     Args:
         path: the ``.ckpt`` file.
-        extra_globals: further pickle globals to read as inert stand-ins (see :func:`allowed_globals`).
+        extra_globals: further pickle globals to read as inert stand-ins
+            (:func:`repro.models.safe_load.allowed_globals`).
 
     Returns:
         :class:`LightningCheckpoint` (tensors on the CPU, config as plain dicts).
@@ -239,23 +106,7 @@ def read_lightning_checkpoint(path: str | Path, *, extra_globals: Iterable[str] 
     if not path.is_file():
         raise MissingFileError("published checkpoint", path, "download it: `repro released list` shows where "
                                "each published file is available")
-    allow = allowed_globals(extra_globals)
-    if _format_of(path) == "zip":
-        unsafe = _unsafe_globals(path, allow)
-        if unsafe:
-            raise UnsafeCheckpointError(
-                f"{path} refers to pickled globals outside the allowlist: {', '.join(unsafe)}. Nothing was loaded "
-                "(reading them could run code). If one is a plain data class (e.g. a Lightning callback class "
-                "used as a dict key), `repro released import --allow-global NAME` reads it as an inert stand-in.")
-    try:
-        with torch.serialization.safe_globals(allow):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(f"{path}: refused by the weights-only reader: "
-                                    f"{str(exc).strip().splitlines()[-1]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointFormatError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); the file "
-                                    "is corrupt or truncated: download it again") from None
+    obj = safe_torch_load(path, extra_globals=extra_globals)
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path} holds a {type(obj).__name__}, not a Lightning checkpoint dict")
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in obj]
@@ -308,9 +159,13 @@ class ReleasedModel:
     notes: list[str]
     checkpoint: LightningCheckpoint
 
-    def backbone(self) -> DinoBackbone:
-        """The frozen DINO backbone with the checkpoint's own weights (no separate download)."""
-        return DinoBackbone(self.arch, self.backbone_state)
+    def backbone(self, pos_embed: str = "dino") -> DinoBackbone:
+        """The frozen DINO backbone with the checkpoint's own weights (no separate download).
+
+        Args:
+            pos_embed: position-embedding resampling, ``"dino"`` (the released code's, SPEC R2) or ``"timm"``.
+        """
+        return DinoBackbone(self.arch, self.backbone_state, pos_embed=pos_embed)
 
     def provenance(self) -> dict[str, Any]:
         """The record of this file for ``metrics.json`` and ``repro released import``."""

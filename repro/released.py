@@ -119,8 +119,8 @@ def _registry_check(model, registry: Sequence[PublishedCheckpoint]) -> dict[str,
         raise ValueError(f"{ckpt.path}: sha256 {ckpt.sha256} differs from the published {item.file} recorded in "
                          f"data_manifests/{REGISTRY_FILE} ({item.sha256}); the file is corrupt or another file: "
                          f"{item.fetch_hint(ckpt.path)}")
-    status = "matches the registry" if item.sha256 else (f"not yet recorded: record sha256 {ckpt.sha256} for "
-                                                         f"{item.name} in data_manifests/{REGISTRY_FILE}")
+    status = "matches the registry" if item.sha256 else (f"not yet recorded for {item.name}: check the download, "
+                                                         f"then record it in data_manifests/{REGISTRY_FILE}")
     return {"registry_name": item.name, "sha256_status": status, "url": item.url}
 
 

@@ -354,3 +354,111 @@ def test_backbone_from_a_state_dict_equals_the_backbone_from_its_file(tmp_path, 
     assert torch.equal(DinoBackbone("vit_small_patch8", dino_state)(x), DinoBackbone("vit_small_patch8", path)(x))
     with pytest.raises(ValueError, match="the given state dict does not match"):
         DinoBackbone("vit_small_patch8", {k: v for k, v in dino_state.items() if k != "norm.bias"})
+
+
+# ------------------------------------------------------------------------------------------ registry, CLI, launch
+def test_registry_lists_the_seven_published_files_with_their_entries():
+    from repro.config.registry import entry_path
+    from repro.released import load_registry
+
+    registry = load_registry()
+    assert sorted((r.project, r.file) for r in registry) == sorted(
+        [("stego", "cocostuff27_vit_base_5.ckpt"), ("stego", "cityscapes_vit_base_1.ckpt"),
+         ("stego", "potsdam_test.ckpt"), ("depthg", "cocostuff_vits.ckpt"), ("depthg", "cocostuff_vitb.ckpt"),
+         ("depthg", "cityscapes_vitb.ckpt"), ("depthg", "potsdam_vits.ckpt")])
+    for r in registry:
+        assert entry_path(r.entry).is_file() and r.sha256 == ""  # never invented: empty until a file is checked
+        assert r.url.startswith("https://marhamilresearch4.blob.core.windows.net/stego-public/saved_models/" + r.file
+                                if r.project == "stego" else "https://drive.google.com/drive/folders/")
+
+
+def test_released_list_shows_what_is_present(tmp_path, complete, capsys):
+    from repro.cli import main
+
+    (tmp_path / "potsdam_test.ckpt").write_bytes(complete["stego"].read_bytes())
+    assert main(["released", "list", "--dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("potsdam_test.ckpt" in line and "present (sha256 not recorded yet" in line for line in lines)
+    assert sum("missing" in line for line in lines) == 6
+    assert any("wget -O" in line and "cityscapes_vit_base_1.ckpt" in line for line in lines)
+
+
+def test_released_import_prints_the_provenance_and_writes_the_parts(tmp_path, complete, capsys):
+    from repro.cli import main
+
+    assert main(["released", "import", str(complete["depthg"]), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    sha = hashlib.sha256(complete["depthg"].read_bytes()).hexdigest()
+    assert "Lightning 2.0.1.post0, global_step 7000, epoch 0" in out and sha in out and "decayed" in out
+    record = json.loads((tmp_path / "out" / "checkpoint.json").read_text())
+    assert record["sha256"] == sha and record["hyper_parameters"]["cfg"]["depth_feat_weight"] == 0.19
+    backbone = DinoBackbone("vit_small_patch8", tmp_path / "out" / "backbone.pth")  # the DINO file format
+    assert backbone.feature_dim == 384
+    parts = torch.load(tmp_path / "out" / "parts.pt", weights_only=True)
+    raw = _raw(complete["depthg"])["state_dict"]
+    assert torch.equal(parts["head"]["mlp.2.weight"], raw["net.cluster2.2.weight"])
+    assert parts["meta"]["sha256"] == sha and parts["meta"]["step"] == 7000
+
+
+def _nyuv2_checkpoint(path, golden, dino_state):
+    """The golden STEGO checkpoint cut to NYUv2's 13 classes (cfg dataset_name nyuv2), written in the released format."""
+    raw = _refill(_raw(_fixture_ckpt(golden, "stego")), dino_state, golden, "stego")
+    for key in ("cluster_probe.clusters", "train_cluster_probe.clusters", "linear_probe.weight", "linear_probe.bias"):
+        raw["state_dict"][key] = raw["state_dict"][key][:13].clone()
+    raw["hyper_parameters"]["n_classes"] = 13
+    raw["hyper_parameters"]["cfg"].state["_content"]["dataset_name"].state["_val"] = "nyuv2"
+    torch.save(raw, path, pickle_module=_PICKLE_MODULE)
+    return path
+
+
+def test_eval_released_writes_released_checkpoint_metrics_and_skips_a_rerun(tmp_path, golden, dino_state, complete,
+                                                                            shared_data, capsys):
+    from repro.cli import main
+    from repro.jobs import ReleasedJob
+
+    ckpt = _nyuv2_checkpoint(tmp_path / "nyuv2_vits8.ckpt", golden, dino_state)
+    work = tmp_path / "work"
+    sets = [f"data.root={shared_data / 'nyuv2-mini'}", "data.score_void=false", "eval.crf=false"]
+    args = ["eval-released", "demo/nyuv2-mini", "--checkpoint", str(ckpt), "--work-dir", str(work)]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    assert "unsup Acc" in capsys.readouterr().out
+    path = work / "demo" / "nyuv2-mini" / "released-checkpoint" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    assert metrics["label"] == "released-checkpoint" and metrics["seed"] is None
+    assert metrics["checkpoint"]["file"] == ckpt.name
+    assert metrics["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert metrics["checkpoint"]["global_step"] == 7000 and metrics["released-checkpoint"]["step"] == 7000
+    assert metrics["protocol"]["flip"] is True and metrics["protocol"]["fidelity"] == "released"
+    assert set(metrics["summary"]) == {"unsup_acc", "unsup_miou", "linear_acc", "linear_miou"}
+    assert metrics["summary"] == metrics["released-checkpoint"]["summary"]
+    crops = sorted((work / "data" / "nyuv2").glob("crops-*/*.label.npy"))
+    labelled = sum(int((np.load(p) >= 0).sum()) for p in crops)
+    assert metrics["num_images"] == len(crops) == 10
+    assert np.asarray(metrics["released-checkpoint"]["cluster"]["confusion"]).sum() == labelled
+    stamp = path.stat().st_mtime_ns
+    job = ReleasedJob("demo/nyuv2-mini", str(ckpt), str(work), tuple(sets))
+    assert job() == str(path) and path.stat().st_mtime_ns == stamp  # same file, same protocol: skipped
+    with pytest.raises(ValueError, match="has 27 classes but nyuv2"):
+        main(["eval-released", "demo/nyuv2-mini", "--checkpoint", str(complete["stego"]), "--work-dir", str(work),
+              "--set", f"data.root={shared_data / 'nyuv2-mini'}", "--set", "data.score_void=false"])
+
+
+def test_launch_released_plans_one_task_per_present_file(tmp_path, complete):
+    from repro.jobs import ReleasedJob
+    from repro.launch import LaunchError
+    from repro.released import launch_released
+
+    folder = tmp_path / "released"
+    folder.mkdir()
+    with pytest.raises(LaunchError, match="no published checkpoint found"):
+        launch_released(folder=folder, executor="local", work_dir=tmp_path / "work", dry_run=True)
+    for name in ("potsdam_test.ckpt", "cocostuff_vits.ckpt"):
+        (folder / name).write_bytes(complete["stego"].read_bytes())
+    launched = launch_released(folder=folder, executor="local", work_dir=tmp_path / "work", dry_run=True)
+    assert sorted(j.entry for j in launched) == ["table1/depthg-vits8", "table3/stego-vits8"]
+    record = json.loads(launched[0].record.read_text())
+    assert sorted(j["file"] for j in record["jobs"]) == sorted(str(folder / n) for n in ("cocostuff_vits.ckpt",
+                                                                                           "potsdam_test.ckpt"))
+    cmd = ReleasedJob("table3/stego-vits8", str(folder / "potsdam_test.ckpt"), str(tmp_path / "work"),
+                      sif="repro.sif").command()
+    assert cmd[cmd.index("--bind") + 1] == str(folder) and cmd[cmd.index("repro.sif") + 1:][:2] == ["repro", "eval-released"]

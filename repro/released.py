@@ -179,8 +179,8 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     Args:
         entry: table entry (``table1/stego-vitb8``) or experiment YAML.
         checkpoint: the ``.ckpt`` file; default the entry's registered file in :func:`released_dir`.
-        work_dir: work folder (default ``$REPRO_WORK`` or ``./runs``); validation crops are shared
-            with the entry's training runs (``<work>/data/<dataset>/crops-<val>-320-single``).
+        work_dir: work folder (default ``$REPRO_WORK`` or ``./runs``); the validation crops are those of
+            the entry's released-profile runs (:func:`repro.run.data_paths`), prepared here if missing.
         overrides: ``key=value`` config overrides (``data.root=...``, ``eval.batch_size=...``), applied
             after ``fidelity=released`` (the entry is resolved in the released profile: flip
             averaging, the released CRF image, NEAREST validation crops, NYUv2 void scored; SPEC section 9).
@@ -190,7 +190,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
         device: where the networks run (default CUDA when available).
         quiet: no progress bars.
         force: evaluate again even if ``metrics.json`` already holds this file's result.
-        extra_globals: pickle globals to read as inert stand-ins (:func:`repro.models.lightning.allowed_globals`).
+        extra_globals: pickle globals to read as inert stand-ins (:func:`repro.models.safe_load.allowed_globals`).
 
     Returns:
         The metrics dictionary, also written atomically to :func:`released_metrics_path`.
@@ -245,8 +245,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     start = time.perf_counter()
     result = evaluate_segmentation(samples, backbone, parts.head, parts.cluster_probe, parts.linear_probe,
                                    batch_size=config.eval.batch_size, crf=crf, crf_processes=processes,
-                                   flip=config.eval.flip,
-                                   device=device, crf_image=crf_image)
+                                   flip=config.eval.flip, device=device, crf_image=crf_image)
     timings["eval"] = time.perf_counter() - start
     timings["eval_per_image"] = timings["eval"] / max(len(samples), 1)
     summary = result_summary(result)

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real sample data under ../shared/data, golden outputs under ../shared/golden."""
+"""Shared pytest fixtures: the real sample data under ../shared/data."""
 
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ def shared_data() -> Path:
 
 
 def shared_golden_root() -> Path:
-    """Golden outputs of the released code: ``$REPRO_SHARED_GOLDEN``, else ``golden/`` beside the sample data."""
-    return Path(os.environ.get("REPRO_SHARED_GOLDEN", shared_data_root().parent / "golden"))
+    """Return the golden-output root: ``$REPRO_SHARED_GOLDEN`` or ``<repo>/../shared/golden``."""
+    return Path(os.environ.get("REPRO_SHARED_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
 
 
 @pytest.fixture(scope="session")
 def shared_golden() -> Path:
-    """The golden fixtures of the released code; a missing folder is an error, never a silent skip."""
+    """Outputs of the released STEGO/DepthG code (``released/``, ``released-checkpoints/``); never skipped."""
     root = shared_golden_root()
     if not (root / "README.md").is_file():
-        raise FileNotFoundError(f"golden fixtures not found at {root}; set REPRO_SHARED_GOLDEN (or REPRO_SHARED_DATA) "
-                                "to the shared folder's golden/ (data/)")
+        raise FileNotFoundError(f"golden outputs not found at {root}; set REPRO_SHARED_GOLDEN to the folder holding "
+                                "released/ and released-checkpoints/")
     return root

@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_command(commands)
     add_compare_command(commands)
     add_launch_command(commands)
+    from repro.released_cli import add_released_commands  # released list/import/launch, eval-released
+    add_released_commands(commands)
     return parser
 
 

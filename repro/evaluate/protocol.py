@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.data.transforms import images_to_tensor
-from repro.evaluate.crf import CRFParams, dense_crf_batch
+from repro.evaluate.crf import CRF_IMAGES, CRFParams, crf_images, dense_crf_batch
 from repro.evaluate.metrics import ConfusionMatrix, SegmentationMetrics, compute_metrics
 from repro.models.probes import ClusterProbe, LinearProbe
 
@@ -50,6 +50,7 @@ def predict_logits(
     *,
     flip: bool = False,
     features: Tensor | None = None,
+    log_probs: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Cluster probabilities and linear logits at label resolution.
 
@@ -63,15 +64,21 @@ def predict_logits(
         flip: average the code with the code of the flipped image (flipped back).
         features: precomputed ``backbone(images)`` ``(B, C, h, w)`` (the backbone is frozen,
             so validation features are computed once per run); ignored when ``flip``.
+        log_probs: return log-probabilities instead: ``log_softmax(2 cos)`` and
+            ``log_softmax(logits)``, as the released ``eval_segmentation.py`` computes them.
 
     Returns:
-        ``(cluster_probs (B, K, H, W), linear_logits (B, K, H, W))``.
+        ``(cluster_probs (B, K, H, W), linear_logits (B, K, H, W))``, or with ``log_probs``
+        ``(cluster_log_probs, linear_log_probs)``.
     """
     head.eval()
     code = head(features if (features is not None and not flip) else backbone(images))[1]
     if flip:
         code = 0.5 * (code + head(backbone(images.flip(-1)))[1].flip(-1))
     code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+    if log_probs:
+        return (torch.log_softmax(cluster_probe.similarities(code) * CLUSTER_ALPHA, dim=1),
+                torch.log_softmax(linear_probe(code), dim=1))
     _, cluster_probs = cluster_probe(code, alpha=CLUSTER_ALPHA)
     return cluster_probs, linear_probe(code)
 
@@ -90,6 +97,7 @@ def evaluate_segmentation(
     flip: bool = False,
     device: str | torch.device = "cpu",
     keep_predictions: bool = False,
+    crf_image: str = "rgb",
 ) -> EvalResult:
     """Score both probes over every validation pixel (SPEC section 4).
 
@@ -106,13 +114,21 @@ def evaluate_segmentation(
         device: where the networks run.
         keep_predictions: also return the per-image predictions (``"cluster"`` and
             ``"linear"``: lists of ``(H, W)`` int64 arrays) and labels.
+        crf_image: the image the CRF's appearance kernel sees: ``"rgb"`` (the uint8 crop) or
+            ``"bgr_truncated"`` (as the released code builds it: un-normalised, x255 truncated,
+            BGR; SPEC section 7, R12; :func:`repro.evaluate.crf.released_crf_image`). The CRF's
+            unaries are the log-softmax of ``2 cos`` (cluster) and of the logits (linear), as in
+            the released ``eval_segmentation.py``.
 
     Returns:
         :class:`EvalResult` with accuracy and mIoU x100 for both probes.
 
     Raises:
-        ValueError: if a sample has no label, or from the metrics (no labelled pixel).
+        ValueError: if a sample has no label, an unknown ``crf_image``, or from the metrics (no
+            labelled pixel).
     """
+    if crf_image not in CRF_IMAGES:
+        raise ValueError(f"crf_image must be one of {CRF_IMAGES}, got {crf_image!r}")
     k = linear_probe.num_classes
     cluster_cm = ConfusionMatrix(k, cluster_probe.num_clusters)
     linear_cm = ConfusionMatrix(k)
@@ -128,17 +144,16 @@ def evaluate_segmentation(
         images = images_to_tensor([s["image"] for s in batch], device)
         cached = [s.get("features") for s in batch]
         features = torch.stack(cached).to(device) if all(c is not None for c in cached) else None
-        cluster_probs, linear_logits = predict_logits(
-            backbone, head, cluster_probe, linear_probe, images, tuple(label.shape[-2:]), flip=flip, features=features
-        )
+        cluster_log, linear_log = predict_logits(backbone, head, cluster_probe, linear_probe, images,
+                                                 tuple(label.shape[-2:]), flip=flip, features=features, log_probs=True)
         if crf:
-            raw = np.stack([s["image"] for s in batch])
-            # dense_crf applies a softmax: pass log-probabilities / logits.
-            cluster = dense_crf_batch(raw, torch.log(cluster_probs.clamp_min(1e-8)).cpu(), crf_params, crf_processes)
-            linear = dense_crf_batch(raw, linear_logits.cpu(), crf_params, crf_processes)
+            raw = crf_images(np.stack([s["image"] for s in batch]), images.cpu(), crf_image)
+            # dense_crf applies a softmax to what it is given: log-probabilities, as the released code passes.
+            cluster = dense_crf_batch(raw, cluster_log.cpu(), crf_params, crf_processes)
+            linear = dense_crf_batch(raw, linear_log.cpu(), crf_params, crf_processes)
             cluster_pred, linear_pred = torch.from_numpy(cluster.argmax(1)), torch.from_numpy(linear.argmax(1))
         else:
-            cluster_pred, linear_pred = cluster_probs.argmax(1).cpu(), linear_logits.argmax(1).cpu()
+            cluster_pred, linear_pred = cluster_log.argmax(1).cpu(), linear_log.argmax(1).cpu()
         cluster_cm.update(cluster_pred, label)
         linear_cm.update(linear_pred, label)
         if keep_predictions:

@@ -248,7 +248,7 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
     """
     from repro.data.registry import DATASETS
     from repro.env import collect_env
-    from repro.evaluate.report import evaluate_parts, result_summary, save_eval_figures, write_json
+    from repro.evaluate.report import evaluate_many, result_summary, save_eval_figures, write_json
     from repro.models.bundle import load_parts
     from repro.train import BEST, FINAL
 
@@ -257,25 +257,25 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
     backbone, val, device = context.backbone, context.val, context.device
     k = DATASETS[config.data.dataset].num_classes
     e = config.eval
-    metrics: dict = {"entry": config.name, "seed": config.train.seed, "dataset": config.data.dataset,
-                     "num_images": len(val), "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size}}
-    for label, filename in (("final", FINAL), ("best_on_val", BEST)):
-        if not (run_dir / filename).is_file():
-            continue
-        parts, meta = load_parts(run_dir / filename, config, backbone.feature_dim, k)
-        parts.to(device)
-        result = evaluate_parts(parts, backbone, val, crf=e.crf, flip=e.flip, crf_processes=e.crf_processes,
-                                batch_size=e.batch_size, device=device)
-        metrics[label] = {"step": meta.get("step"), "summary": result_summary(result),
+    metrics: dict = {"entry": config.name, "seed": config.train.seed, "fidelity": config.fidelity,
+                     "dataset": config.data.dataset, "num_images": len(val),
+                     "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size,
+                                  "crf_image": e.crf_image if e.crf else None, "resize": config.data.resize}}
+    loaded = {label: load_parts(run_dir / filename, config, backbone.feature_dim, k)
+              for label, filename in (("final", FINAL), ("best_on_val", BEST)) if (run_dir / filename).is_file()}
+    # final and best-on-val in one pass over the images: features computed once, CRF pool kept busy
+    results = evaluate_many({label: parts.to(device) for label, (parts, _) in loaded.items()}, backbone, val,
+                            crf=e.crf, flip=e.flip, crf_processes=e.crf_processes, batch_size=e.batch_size,
+                            device=device, keep_first=e.num_figures, crf_image=e.crf_image)
+    for label, result in results.items():
+        metrics[label] = {"step": loaded[label][1].get("step"), "summary": result_summary(result),
                           "cluster": result.cluster.to_dict(), "linear": result.linear.to_dict()}
         if label == "best_on_val":
             metrics[label]["selection"] = ("highest unsupervised mIoU on the validation set during training "
                                            "(no CRF); that set is also the test set, as in the papers")
         if e.num_figures > 0:
-            few = evaluate_parts(parts, backbone, val, crf=e.crf, flip=e.flip, crf_processes=e.crf_processes,
-                                 batch_size=e.batch_size, device=device, limit=e.num_figures, keep_predictions=True)
-            save_eval_figures(run_dir / "figures" / label, result, few, val, config.data.dataset,
-                              title=f"{config.name} seed {config.train.seed} ({label})")
+            save_eval_figures(run_dir / "figures" / label, result, result, val, config.data.dataset,
+                              title=f"{config.name} ({config.fidelity}) seed {config.train.seed} ({label})")
     metrics["summary"] = metrics["final"]["summary"]
     metrics["env"] = collect_env()
     write_json(run_dir / "metrics.json", metrics)

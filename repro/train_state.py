@@ -192,8 +192,8 @@ def _read(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values "
                               f"({str(exc).splitlines()[0]}); checkpoints are never unpickled with arbitrary code") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read {path} ({exc}); remove {path.parent} to resume from an older checkpoint "
+    except Exception as exc:  # truncated or garbled bytes fail in many ways inside the unpickler
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {exc}); remove {path.parent} to resume from an older checkpoint "
                               "or train from the start") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict")

@@ -19,10 +19,10 @@ from repro.data.pipeline import iter_crops
 from repro.data.registry import DATASETS
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRFParams
-from repro.evaluate.protocol import EvalResult, evaluate_segmentation
+from repro.evaluate.protocol import EvalResult, ScoredModel, evaluate_models
 from repro.models.bundle import TrainedParts
 
-__all__ = ["ValidationSet", "evaluate_parts", "result_summary", "write_json", "save_eval_figures"]
+__all__ = ["ValidationSet", "evaluate_many", "evaluate_parts", "result_summary", "write_json", "save_eval_figures"]
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -88,32 +88,45 @@ class ValidationSet:
         return np.load(path) if path is not None and path.is_file() else None
 
 
-def evaluate_parts(parts: TrainedParts, backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
-                   crf_processes: int = 0, batch_size: int = 16, device="cpu", limit: int | None = None,
-                   keep_predictions: bool = False) -> EvalResult:
-    """Score the cluster and linear probes over the validation crops (SPEC section 4).
+def evaluate_many(models: dict[str, TrainedParts], backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
+                  crf_processes: int = 0, batch_size: int = 16, device="cpu", keep_first: int = 0,
+                  crf_image: str = "rgb") -> dict[str, EvalResult]:
+    """Score several checkpoints over the validation crops in one pass (SPEC section 4).
 
     Args:
-        parts: trained head and probes; backbone: the frozen backbone.
+        models: label -> trained parts (e.g. ``{"final": ..., "best_on_val": ...}``).
+        backbone: the frozen backbone.
         val: validation crops (features cached on first use).
-        crf, flip, batch_size: see :func:`repro.evaluate.protocol.evaluate_segmentation`.
+        crf, flip, batch_size, crf_image: see :func:`repro.evaluate.protocol.evaluate_models`.
         crf_processes: DenseCRF worker processes; 0 = in-process, -1 = every CPU this process may use.
         device: where the networks run.
-        limit: only the first ``limit`` crops (figures).
-        keep_predictions: also return per-image predictions.
+        keep_first: keep the predictions of the first ``keep_first`` crops (figures).
 
     Returns:
-        :class:`~repro.evaluate.protocol.EvalResult`.
+        label -> :class:`~repro.evaluate.protocol.EvalResult`.
     """
     val.cache_features(backbone, device, batch_size)
     if crf_processes < 0:
         crf_processes = len(os.sched_getaffinity(0))
-    for module in parts.modules().values():
-        module.eval()
-    samples = val.samples if limit is None else val.samples[:limit]
-    return evaluate_segmentation(samples, backbone, parts.head, parts.cluster_probe, parts.linear_probe,
-                                 batch_size=batch_size, crf=crf, crf_params=CRFParams(), crf_processes=crf_processes,
-                                 flip=flip, device=device, keep_predictions=keep_predictions)
+    for parts in models.values():
+        for module in parts.modules().values():
+            module.eval()
+    scored = {name: ScoredModel(p.head, p.cluster_probe, p.linear_probe) for name, p in models.items()}
+    return evaluate_models(val.samples, backbone, scored, batch_size=batch_size, crf=crf, crf_params=CRFParams(),
+                           crf_processes=crf_processes, flip=flip, device=device, keep_first=keep_first,
+                           crf_image=crf_image)
+
+
+def evaluate_parts(parts: TrainedParts, backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
+                   crf_processes: int = 0, batch_size: int = 16, device="cpu", keep_predictions: bool = False,
+                   crf_image: str = "rgb") -> EvalResult:
+    """Score one checkpoint's probes over the validation crops: :func:`evaluate_many` with one model.
+
+    ``keep_predictions`` keeps every crop's predictions.
+    """
+    return evaluate_many({"model": parts}, backbone, val, crf=crf, flip=flip, crf_processes=crf_processes,
+                         batch_size=batch_size, device=device, keep_first=len(val) if keep_predictions else 0,
+                         crf_image=crf_image)["model"]
 
 
 def result_summary(result: EvalResult) -> dict[str, float]:

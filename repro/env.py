@@ -19,7 +19,7 @@ from typing import Any
 import repro
 from repro.atomic import atomic_path
 
-__all__ = ["PACKAGES", "collect_env", "git_info", "write_env"]
+__all__ = ["PACKAGES", "collect_env", "file_record", "git_info", "write_env"]
 
 #: Distributions whose versions are recorded (``faiss`` is whichever of faiss-cpu/-gpu is installed).
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "accelerate", "submitit", "faiss",
@@ -140,11 +140,28 @@ def collect_env() -> dict[str, Any]:
     return env
 
 
-def write_env(path: str | Path) -> Path:
-    """Write :func:`collect_env` as JSON to ``path`` atomically (temporary file + rename).
+def file_record(path: str | Path) -> dict[str, Any]:
+    """``{"path", "name", "bytes", "sha256"}`` of a file, e.g. the backbone checkpoint a run loaded (SPEC R1).
+
+    Raises:
+        OSError: if the file cannot be read.
+    """
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": str(path.resolve()), "name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_env(path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write :func:`collect_env` (plus ``extra``) as JSON to ``path`` atomically (temporary file + rename).
 
     Args:
         path: Output file, e.g. ``<run>/env.json``; parent folders are created.
+        extra: further JSON-serialisable entries, e.g. ``{"backbone_checkpoint": file_record(...)}``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -152,7 +169,7 @@ def write_env(path: str | Path) -> Path:
     Raises:
         OSError: If the folder cannot be created or written.
     """
-    data = collect_env()
+    data = {**collect_env(), **(extra or {})}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return Path(path)

@@ -12,6 +12,7 @@ is the released code's choice and differs from the sum only by the constant fact
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,8 @@ __all__ = [
     "depth_correlation_tensor",
     "depth_feature_correlation_loss",
     "derangement",
+    "super_perm",
+    "NEGATIVE_DRAWS",
     "stego_depthg_loss",
 ]
 
@@ -227,6 +230,38 @@ def derangement(n: int, *, generator: torch.Generator | None = None, device: tor
     return perm.to(device) if device is not None else perm
 
 
+def super_perm(n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
+    """STEGO's draw of the random negatives (SPEC R10): a permutation with fixed points bumped by one.
+
+    ``p = randperm(n); p[p == arange(n)] += 1; p %= n``. No image is paired with itself, but two images
+    can get the same partner (at B = 32 about 63 % of the draws are not permutations, and about one
+    image of the batch is then never used as a negative). Source: mhamilton723/STEGO ``src/modules.py``
+    ``super_perm``, called by ``ContrastiveCorrelationLoss.forward`` (and DepthG's copy of it).
+
+    Args:
+        n: batch size, at least 2.
+        generator: optional torch generator (CPU) for reproducibility.
+        device: device of the result.
+
+    Returns:
+        ``(n,)`` long tensor ``p`` with ``p[k] != k`` for all k.
+
+    Raises:
+        ValueError: if ``n < 2``.
+    """
+    if n < 2:
+        raise ValueError(f"random negatives need a batch of at least 2 images, got {n}")
+    perm = torch.randperm(n, generator=generator)
+    perm[perm == torch.arange(n)] += 1
+    perm = perm % n
+    return perm.to(device) if device is not None else perm
+
+
+NEGATIVE_DRAWS = {"derangement": derangement, "super_perm": super_perm}
+"""How the random negatives of a batch are drawn: ``loss.negative_perm`` (SPEC R10)."""
+_NEGATIVE_COORDS = ("own", "knn")
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """The lambda and b hyperparameters of STEGO eq. 5 and DepthG eq. 7 (supplement Table 2)."""
@@ -262,6 +297,9 @@ def stego_depthg_loss(
     depth: Tensor | None = None,
     depth_kernel: str = "product",
     neg_samples: int = 5,
+    negative_perm: str = "derangement",
+    negative_coords: str = "own",
+    negative_perms: Sequence[Tensor] | None = None,
     generator: torch.Generator | None = None,
     spatial_centering: bool = True,
     keep_global_mean: bool = True,
@@ -273,8 +311,10 @@ def stego_depthg_loss(
 
     Pairs: *self* (each image with itself at the same sample locations), *knn* (each image
     with its kNN partner, the partner at its own locations) and *random* (each image with
-    another image of the batch drawn by :func:`derangement`, ``neg_samples`` draws averaged;
-    the negative is read at its own sample locations). The depth term uses the self pair.
+    another image of the batch, ``neg_samples`` draws averaged). The paper reading draws the
+    negatives with :func:`derangement` and reads each at its own sample locations; the released
+    code (SPEC R10) draws them with :func:`super_perm` and reads image ``perm[i]`` at the sample
+    locations of image i's kNN partner. The depth term uses the self pair.
 
     Args:
         f: ``(B, C, H, W)`` backbone feature maps of the images (the correlation target).
@@ -291,6 +331,10 @@ def stego_depthg_loss(
             ``depth_kernel="released"`` pass the whole crop's depth map instead.
         depth_kernel: see :func:`depth_feature_correlation_loss`.
         neg_samples: number of random-negative draws (STEGO: 5).
+        negative_perm: ``"derangement"`` or ``"super_perm"`` (:data:`NEGATIVE_DRAWS`).
+        negative_coords: ``"own"`` (the negative's own samples) or ``"knn"`` (read at ``coords_knn``).
+        negative_perms: ``neg_samples`` given ``(B,)`` draws instead of drawing them (replaying a
+            recorded run); ``None`` draws them with ``generator``.
         generator: torch generator for the negative draws.
         spatial_centering, keep_global_mean, zero_clamp, reduction: see :func:`correlation_loss`.
         return_correlations: also return the code-correlation tensors (for histograms).
@@ -300,8 +344,14 @@ def stego_depthg_loss(
         ``random`` and (if depth is given and ``lambda_depthg != 0``) ``depthg``.
 
     Raises:
-        ValueError: on inconsistent shapes or coordinates given for one side only.
+        ValueError: on inconsistent shapes, coordinates given for one side only, an unknown negative
+            draw or coordinate choice, or a wrong number of given draws.
     """
+    if negative_perm not in NEGATIVE_DRAWS or negative_coords not in _NEGATIVE_COORDS:
+        raise ValueError(f"negative_perm must be one of {tuple(NEGATIVE_DRAWS)} and negative_coords one of "
+                         f"{_NEGATIVE_COORDS}, got {negative_perm!r}, {negative_coords!r}")
+    if negative_perms is not None and len(negative_perms) != neg_samples:
+        raise ValueError(f"{len(negative_perms)} negative draws given for neg_samples={neg_samples}")
     if (coords is None) != (coords_knn is None):
         raise ValueError("coords and coords_knn must both be given (sampling) or both be None (full map)")
     if f.shape[0] != f_knn.shape[0] or s.shape[0] != f.shape[0]:
@@ -317,10 +367,16 @@ def stego_depthg_loss(
         "knn": correlation_loss(f_a, f_k, s_a, s_k, weights.b_knn, **corr_opts),
     }
     random_terms = []
-    for _ in range(neg_samples):
-        perm = derangement(f.shape[0], generator=generator, device=f.device)
-        # each negative is read at its own sample locations, i.e. the anchors' samples permuted
-        random_terms.append(correlation_loss(f_a, f_a[perm], s_a, s_a[perm], weights.b_random, **corr_opts))
+    for k in range(neg_samples):
+        if negative_perms is not None:
+            perm = torch.as_tensor(negative_perms[k], dtype=torch.long, device=f.device)
+        else:
+            perm = NEGATIVE_DRAWS[negative_perm](f.shape[0], generator=generator, device=f.device)
+        if negative_coords == "own" or coords is None:  # the anchors' own samples, permuted
+            f_n, s_n = f_a[perm], s_a[perm]
+        else:  # released: image perm[i] read where image i's kNN partner was sampled
+            f_n, s_n = sample_at(f[perm], coords_knn), sample_at(s[perm], coords_knn)
+        random_terms.append(correlation_loss(f_a, f_n, s_a, s_n, weights.b_random, **corr_opts))
     terms["random"] = torch.stack(random_terms).mean() if random_terms else s.new_zeros(())
 
     total = weights.lambda_self * terms["self"] + weights.lambda_knn * terms["knn"] + weights.lambda_random * terms["random"]

@@ -332,7 +332,7 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         ConfigError, MissingFileError, ShardError, DatasetError: from the stages (``status.json``
             then says ``failed`` and names the log).
     """
-    from repro.env import write_env
+    from repro.env import file_record, write_env
     from repro.evaluate.report import write_json
     from repro.train import FINAL, train
 
@@ -349,12 +349,22 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
                                   "or remove that folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
-    write_env(run_dir / "env.json")
+    from repro.train import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(config)
+    # R1: which backbone file (the 300-epoch ViT-S/8 or another one given by path) this run used
+    write_env(run_dir / "env.json", {"fidelity": config.fidelity, "fidelity_deviations": config.fidelity_deviations,
+                                     "backbone_checkpoint": file_record(checkpoint) if checkpoint.is_file() else
+                                     {"path": str(checkpoint), "missing": True}})
+
     handler = _log_to(run_dir)
     stage, timings = "prepare", {}
     try:
         _status(run_dir, "running", stage)
-        log.info("run %s seed %d in %s", config.name, config.train.seed, run_dir)
+        log.info("run %s (%s) seed %d in %s", config.name, config.fidelity, config.train.seed, run_dir)
+        if config.fidelity_deviations:  # recorded in config.yaml and env.json too
+            log.warning("%s (%s) deviates from its fidelity profile: %s", config.name, config.fidelity,
+                        "; ".join(f"{k}: {v}" for k, v in config.fidelity_deviations.items()))
         paths = prepare_data(config, work_dir=work_dir, quiet=quiet, timings=timings)
         context = ValidationContext(config, paths)  # one backbone and one validation-feature cache per run
         if until in ("prepare", "depth", "shards", "knn"):

@@ -175,6 +175,16 @@ class _Step:
             config.sampling.mode == "fps" or config.loss.lambda_depthg != 0
             or (config.lhp.enabled and config.lhp.propagation == "depth"))
 
+    def fed_depth(self, depth01: Tensor) -> Tensor:
+        """Depth as the method sees it, ``(B, H, W)`` in [0, 1] -> ``(B, 1, H, W)``.
+
+        ``data.depth_encoding``: ``float`` feeds the [0, 1] map (DepthG eq. 4); ``uint8`` feeds the
+        0..255 integers the released loader returned (SPEC R4; the shards hold them exactly as k/255);
+        ``int_cast`` feeds the {0, 1} map of the released Potsdam loader (R5) as it is.
+        """
+        depth = depth01.to(self.device)[:, None]
+        return torch.round(depth * 255.0) if self.cfg.data.depth_encoding == "uint8" else depth
+
     def coords(self, depth: Tensor | None, batch: int, n_side: int) -> Tensor | None:
         mode, gen = self.cfg.sampling.mode, self.state.generator
         if mode == "full":
@@ -204,8 +214,8 @@ class _Step:
         if self.needs_depth:
             if "depth" not in batch:
                 raise ValueError("this run needs depth (FPS, DepthG loss or 3D-LHP) but the shards have none")
-            depth_full = batch["depth"].to(self.device)[:, None]
-            depth, depth_knn = pool_depth(depth_full, (h, w)), pool_depth(batch["partner_depth"].to(self.device)[:, None], (h, w))
+            depth_full = self.fed_depth(batch["depth"])
+            depth, depth_knn = pool_depth(depth_full, (h, w)), pool_depth(self.fed_depth(batch["partner_depth"]), (h, w))
         n_side = feature_samples_schedule(
             step, cfg.sampling.feature_samples, decrease_every=cfg.sampling.decrease_every, n_min=cfg.sampling.n_min,
             released_n_start=cfg.sampling.released_n_start, released_factor=cfg.sampling.released_factor,
@@ -215,9 +225,10 @@ class _Step:
                                        cfg.guidance.decay_factor, step_unit=cfg.train.step_unit)
         weights = LossWeights(cfg.loss.lambda_self, cfg.loss.lambda_knn, cfg.loss.lambda_random, cfg.loss.b_self,
                               cfg.loss.b_knn, cfg.loss.b_random, lam_d, b_d)
-        # SPEC 7.4: the released code feeds 8-bit depth (0..255 integers) to its depth kernel.
-        loss_depth = torch.round(depth_full * 255.0) if cfg.loss.depth_kernel == "released" and depth_full is not None else depth
+        # the product kernel reads depth at the samples (eq. 5); the released kernel takes the whole map (R7)
+        loss_depth = depth_full if cfg.loss.depth_kernel == "released" else depth
         loss_opts = dict(depth_kernel=cfg.loss.depth_kernel, neg_samples=cfg.loss.neg_samples, generator=self.state.generator,
+                         negative_perm=cfg.loss.negative_perm, negative_coords=cfg.loss.negative_coords,
                          spatial_centering=cfg.loss.spatial_centering, keep_global_mean=cfg.loss.keep_global_mean,
                          zero_clamp=cfg.loss.zero_clamp, reduction=cfg.loss.reduction)
         logs: dict[str, Tensor] = {"schedule/feature_samples": torch.tensor(float(n_side)),

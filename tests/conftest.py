@@ -27,3 +27,18 @@ def shared_data() -> Path:
             "nyuv2-mini/, cityscapes-sample/, potsdam-sample/ and cocostuff-curated/"
         )
     return root
+
+
+def shared_golden_root() -> Path:
+    """Return the golden-output root: ``$REPRO_SHARED_GOLDEN`` or ``<repo>/../shared/golden``."""
+    return Path(os.environ.get("REPRO_SHARED_GOLDEN", REPO_ROOT.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def shared_golden() -> Path:
+    """Outputs of the released STEGO/DepthG code (``released/``, ``released-checkpoints/``); never skipped."""
+    root = shared_golden_root()
+    if not (root / "README.md").is_file():
+        raise FileNotFoundError(f"golden outputs not found at {root}; set REPRO_SHARED_GOLDEN to the folder holding "
+                                "released/ and released-checkpoints/")
+    return root

@@ -65,7 +65,7 @@ def test_metrics_equal_a_hand_computation_from_saved_predictions(done):
     backbone = DinoBackbone(config.model.arch, config.model.checkpoint)
     parts, _ = load_parts(run_dir / "model.pt", config, backbone.feature_dim, 13)
     val = ValidationSet(paths.val_crops)
-    result = evaluate_parts(parts, backbone, val, crf=False, keep_predictions=True)
+    result = evaluate_parts(parts, backbone, val, crf=False, flip=config.eval.flip, keep_predictions=True)
     pred = np.concatenate([p.ravel() for p in result.predictions["cluster"]])
     label = np.concatenate([lab.ravel() for lab in result.predictions["label"]])
     keep = label >= 0

@@ -331,3 +331,21 @@ def test_knn_dropout_is_torch_dropout2d_seeded(nyu, tmp_path):
     assert p1.meta["params"]["dropout"] == 0.1 and p1.meta["params"]["dropout_seed"] == 7
     assert np.array_equal(p1.indices, again.indices) and np.array_equal(p1.similarities, again.similarities)
     assert not np.allclose(p1.similarities, p0.similarities, atol=1e-4)
+
+
+def test_cli_flags_build_the_released_sensor_data(sensor_chain, shared_data, tmp_path):
+    from repro.cli import main
+
+    _, crops, per_image, depth, _ = sensor_chain
+    root = str(shared_data / "nyuv2-mini")
+    assert main(["prepare", "nyuv2", "--root", root, "--split", "test", "--out", str(tmp_path / "crops"),
+                 "--resize", "nearest", "--codec", "jpeg", "--score-void", "--quiet"]) == 0
+    assert main(["depth", "--crops", str(tmp_path / "crops"), "--out", str(tmp_path / "depth"), "--source", "sensor",
+                 "--scope", "image", "--encoding", "uint8", "--resize", "nearest", "--image-depth",
+                 str(tmp_path / "image"), "--dataset", "nyuv2", "--root", root, "--split", "test", "--quiet"]) == 0
+    for key in json.loads((crops / "index.json").read_text())["keys"]:
+        assert (tmp_path / "crops" / f"{key}.img.png").read_bytes() == (crops / f"{key}.img.png").read_bytes()
+        assert np.array_equal(np.load(tmp_path / "depth" / f"{key}.npy"), np.load(depth / f"{key}.npy"))
+    with pytest.raises(SystemExit):
+        main(["depth", "--crops", str(tmp_path / "crops"), "--out", str(tmp_path / "d2"), "--source", "sensor",
+              "--scope", "image"])

@@ -221,7 +221,7 @@ def depth_stage(
     estimator = None
     if scope == "crop" and source != "sensor":
         estimator = get_estimator(source, weights, device=device, tta=tta)
-    kind = "sensor" if source == "sensor" else (estimator.kind if estimator is not None else recorded.get("kind"))
+    kind = "sensor" if source == "sensor" else (estimator.kind if estimator is not None else image_index.get("kind"))
     n_todo = len(json.loads((crops / INDEX).read_text())["keys"]) - len(ranges)
     bar = tqdm(total=n_todo, desc=f"depth ({source}, {scope})", unit="img", disable=not progress)
     cache: dict[str, np.ndarray] = {}

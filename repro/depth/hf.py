@@ -113,8 +113,8 @@ class _HFDepthEstimator(DepthEstimator):
 
     def _pass(self, imgs: list, height: int, width: int, *, flip: bool) -> Tensor:
         """One forward pass at the input size: ``(B, height, width)`` float32 (flipped back if ``flip``)."""
-        if flip:
-            imgs = [np.ascontiguousarray(img[:, ::-1]) for img in imgs]
+        # writable C-contiguous copies (the processor wraps them with torch.from_numpy)
+        imgs = [np.require(img[:, ::-1] if flip else img, requirements=["C", "W"]) for img in imgs]
         inputs = self.processor(images=imgs, return_tensors="pt", input_data_format="channels_last",
                                 device=str(self.device), **self._processor_kwargs())
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)

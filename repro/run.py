@@ -4,6 +4,7 @@ Layout under the work folder (``--work-dir``, ``$REPRO_WORK`` or ``./runs``)::
 
     data/<dataset>/crops-<split>-<size>-<five|single>/         shared by every entry of the dataset
     data/<dataset>/depth-<split>-<size>-<five|single>-<source>/
+    data/<dataset>/depth-image-<split>-<source>-<uint8|float>/   per-image maps (depth_scope: image)
     data/<dataset>/shards-<split>-224-<five|single>-<source>/
     data/<dataset>/knn-<split>-224-<five|single>-<source>-<arch>.npz
     <entry>/<fidelity>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
@@ -38,6 +39,7 @@ __all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data
 
 log = logging.getLogger("repro.run")
 STAGES = ("prepare", "depth", "shards", "knn", "train", "eval")
+KNN_DROPOUT_SEED = 0  # R11: seed of the kNN-feature dropout masks (the released precompute_knns.py seeded 0)
 
 
 def default_work_dir() -> Path:
@@ -80,6 +82,8 @@ class DataPaths:
     knn: Path
     val_crops: Path
     val_depth: Path | None
+    image_depth: Path | None = None  # per-image maps of the training split (data.depth_scope: image)
+    val_image_depth: Path | None = None
 
 
 def _uses_depth(config: ExperimentConfig) -> bool:
@@ -122,6 +126,14 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
     train, val = _crop_tag(config, train=True), _crop_tag(config, train=False)
     depth = _depth_tag(config) if _uses_depth(config) else None
     knn_drop = f"-drop{d.knn_dropout:g}" if d.knn_dropout else ""
+    image_depth = {}
+    if depth and d.depth_scope == "image":
+        from repro.data.image_depth import image_depth_store
+
+        tta = "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas") else "-notta"
+        tag = f"{d.depth_source}-{image_depth_store(d.depth_encoding)}{tta}"
+        image_depth = {"image_depth": base / f"depth-image-{d.train_split}-{tag}",
+                       "val_image_depth": base / f"depth-image-{d.val_split}-{tag}"}
     return DataPaths(
         crops=base / f"crops-{train}",
         depth=base / f"depth-{train}-{depth}" if depth else None,
@@ -129,6 +141,7 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
         knn=base / f"knn-{train}-{depth or 'nodepth'}-{config.model.arch}{knn_drop}.npz",
         val_crops=base / f"crops-{val}",
         val_depth=base / f"depth-{val}-{depth}" if depth else None,
+        **image_depth,
     )
 
 
@@ -165,6 +178,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
     Returns:
         :class:`DataPaths`.
     """
+    from repro.data.image_depth import image_depth_stage, image_depth_store
     from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
     from repro.train import resolve_checkpoint
 
@@ -182,18 +196,25 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
         return out
 
     with _locked(work_dir / "data" / f".{d.dataset}.lock"):
-        for split, crops, size, five in ((d.train_split, paths.crops, d.crop_size, d.five_crop),
-                                         (d.val_split, paths.val_crops, d.val_size, False)):
+        for split, crops, size, five, codec in ((d.train_split, paths.crops, d.crop_size, d.five_crop, d.train_crop_codec),
+                                                (d.val_split, paths.val_crops, d.val_size, False, "png")):
             if not (crops / "index.json").is_file():
-                timed("prepare", prepare_stage, _dataset(config, split), crops, five_crop=five, size=size, progress=not quiet)
+                timed("prepare", prepare_stage, _dataset(config, split), crops, five_crop=five, size=size,
+                      resize=d.resize, codec=codec, score_void=d.score_void, progress=not quiet)
         if paths.depth is not None:
-            timed("depth", depth_stage, paths.crops, paths.depth, source=d.depth_source, weights=weights, progress=not quiet)
-            timed("depth", depth_stage, paths.val_crops, paths.val_depth, source=d.depth_source, weights=weights,
-                  progress=not quiet)
+            store = image_depth_store(d.depth_encoding)
+            for split, crops, image_depth, out in ((d.train_split, paths.crops, paths.image_depth, paths.depth),
+                                                   (d.val_split, paths.val_crops, paths.val_image_depth, paths.val_depth)):
+                if d.depth_scope == "image":  # reused when its params match, an error when they do not
+                    timed("depth_image", image_depth_stage, _dataset(config, split), image_depth, source=d.depth_source,
+                          weights=weights, tta=d.depth_tta, store=store, progress=not quiet)
+                timed("depth", depth_stage, crops, out, source=d.depth_source, weights=weights, scope=d.depth_scope,
+                      encoding=d.depth_encoding, tta=d.depth_tta, image_depth=image_depth, resize=d.resize,
+                      progress=not quiet)
         timed("shards", shards_stage, paths.crops, paths.depth, paths.shards, shard_size=d.shard_size,
               depth_source=d.depth_source)
         timed("knn", knn_stage, paths.shards, paths.knn, arch=config.model.arch, checkpoint=resolve_checkpoint(config),
-              k=d.knn_k)
+              k=d.knn_k, dropout=d.knn_dropout, seed=KNN_DROPOUT_SEED)
     return paths
 
 

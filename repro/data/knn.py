@@ -26,22 +26,44 @@ __all__ = ["pooled_features", "search_knn", "KnnTable", "save_knn", "load_knn"]
 
 @torch.no_grad()
 def pooled_features(
-    backbone: nn.Module, batches: Iterable[Sequence[np.ndarray]], device: torch.device | str = "cpu"
+    backbone: nn.Module, batches: Iterable[Sequence[np.ndarray]], device: torch.device | str = "cpu",
+    *, dropout: float = 0.0, seed: int = 0,
 ) -> np.ndarray:
     """Global-average-pooled, L2-normalised backbone features (STEGO sec. 3.3: GAP(f)).
+
+    With ``dropout > 0`` the features are ``GAP(Dropout2d(dropout)(f))`` with the dropout ACTIVE
+    (SPEC 7, R11: the released ``precompute_knns.py`` never called ``.eval()``, and
+    ``DinoFeaturizer`` returns ``self.dropout(image_feat)``). The masks are drawn by
+    ``torch.nn.Dropout2d`` from the global generator seeded with ``seed`` inside
+    ``torch.random.fork_rng`` (the caller's random state is left untouched), one draw per batch
+    in order, so the same seed, batch size and device give the same features.
 
     Args:
         backbone: maps ``(B, 3, H, W)`` normalised images to ``(B, C, h, w)`` features.
         batches: iterable of lists of ``(224, 224, 3)`` uint8 images.
         device: where the backbone runs.
+        dropout: channel dropout probability p in [0, 1) (0.1 in the released code); 0 = off.
+        seed: seed of the dropout masks.
 
     Returns:
         ``(N, C)`` float32, unit L2 norm per row.
+
+    Raises:
+        ValueError: if ``dropout`` is not in [0, 1).
     """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"kNN feature dropout must be in [0, 1), got {dropout}")
+    drop = nn.Dropout2d(dropout).train() if dropout > 0 else None
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     out = []
-    for images in batches:
-        feats = backbone(images_to_tensor(images, device))
-        out.append(torch.nn.functional.normalize(feats.mean(dim=(2, 3)).float(), dim=1).cpu().numpy())
+    with torch.random.fork_rng(devices=cuda_devices, enabled=drop is not None):  # manual_seed reseeds them all
+        if drop is not None:
+            torch.manual_seed(seed)
+        for images in batches:
+            feats = backbone(images_to_tensor(images, device))
+            if drop is not None:
+                feats = drop(feats)
+            out.append(torch.nn.functional.normalize(feats.mean(dim=(2, 3)).float(), dim=1).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 

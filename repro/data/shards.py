@@ -5,7 +5,8 @@ under its key with the fields
 
 - ``img.png``: ``(H, W, 3)`` uint8 RGB, lossless PNG;
 - ``label.png``: ``(H, W)`` uint8 class ids, 255 = ignore (only when the dataset has labels);
-- ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1] (only with depth);
+- ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1], or uint8 8-bit depth k
+  (read back as ``k / 255``, lossless; SPEC 7 R4) (only with depth);
 - ``json``: metadata (dataset, split, crop box, raw depth range and source, ...).
 
 ``index.json`` records, per shard, the sample count, the sha256 and, per key, the byte
@@ -65,7 +66,8 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
 
     Args:
         sample: the crop; ``label`` int64 in ``[0, 255)`` or -1.
-        depth01: ``(H, W)`` depth normalised to [0, 1] or None.
+        depth01: ``(H, W)`` depth normalised to [0, 1] (stored as float16), uint8 8-bit depth
+            (stored as it is), or None.
 
     Returns:
         A dict with ``__key__`` and the byte fields described in the module docstring.
@@ -80,10 +82,11 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
             raise ValueError(f"{sample.key}: label values must be in [-1, 254] to store as PNG")
         fields["label.png"] = _png(np.where(label == IGNORE, LABEL_IGNORE_BYTE, label).astype(np.uint8))
     if depth01 is not None:
-        if not np.isfinite(depth01).all() or depth01.min() < 0 or depth01.max() > 1:
+        is_u8 = depth01.dtype == np.uint8
+        if not is_u8 and (not np.isfinite(depth01).all() or depth01.min() < 0 or depth01.max() > 1):
             raise ValueError(f"{sample.key}: normalised depth must be finite and in [0, 1]")
         buf = io.BytesIO()
-        np.save(buf, depth01.astype(np.float16))
+        np.save(buf, depth01 if is_u8 else depth01.astype(np.float16))
         fields["depth.npy"] = buf.getvalue()
     fields["json"] = json.dumps(sample.meta, sort_keys=True).encode()
     return fields
@@ -107,7 +110,8 @@ def decode_fields(key: str, fields: dict[str, bytes]) -> dict:
             label = np.where(raw == LABEL_IGNORE_BYTE, IGNORE, raw)
         depth = None
         if "depth.npy" in fields:
-            depth = np.load(io.BytesIO(fields["depth.npy"])).astype(np.float32)
+            depth = np.load(io.BytesIO(fields["depth.npy"]))
+            depth = depth.astype(np.float32) / np.float32(255) if depth.dtype == np.uint8 else depth.astype(np.float32)
         meta = json.loads(fields["json"]) if "json" in fields else {}
     except (KeyError, OSError, ValueError) as exc:
         raise ShardError(f"sample {key!r}: cannot decode fields {sorted(fields)}: {exc}") from exc

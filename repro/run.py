@@ -84,6 +84,7 @@ class DataPaths:
     val_depth: Path | None
     image_depth: Path | None = None  # per-image maps of the training split (data.depth_scope: image)
     val_image_depth: Path | None = None
+    features: Path | None = None  # frozen features of every training crop (train.feature_store)
 
 
 def _uses_depth(config: ExperimentConfig) -> bool:
@@ -95,7 +96,7 @@ def _crop_tag(config: ExperimentConfig, *, train: bool) -> str:
     d = config.data
     split, size, five = (d.train_split, d.crop_size, d.five_crop) if train else (d.val_split, d.val_size, False)
     tag = f"{split}-{size}-{'five' if five else 'single'}-{d.resize}"
-    if train and d.train_crop_codec != "png":
+    if train and five and d.train_crop_codec != "png":  # only five-crops were stored as JPEG
         tag += f"-{d.train_crop_codec}"
     return tag + ("-void" if d.score_void else "")
 
@@ -141,6 +142,7 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
         knn=base / f"knn-{train}-{depth or 'nodepth'}-{config.model.arch}{knn_drop}.npz",
         val_crops=base / f"crops-{val}",
         val_depth=base / f"depth-{val}-{depth}" if depth else None,
+        features=base / f"features-{train}-{config.model.arch}" if config.train.feature_store else None,
         **image_depth,
     )
 
@@ -215,7 +217,26 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
               depth_source=d.depth_source)
         timed("knn", knn_stage, paths.shards, paths.knn, arch=config.model.arch, checkpoint=resolve_checkpoint(config),
               k=d.knn_k, dropout=d.knn_dropout, seed=KNN_DROPOUT_SEED)
+        if paths.features is not None:
+            timed("features", _feature_store, config, paths, quiet)
     return paths
+
+
+def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> Path:
+    """The training crops' frozen features, once per (crops, backbone): :mod:`repro.data.features`."""
+    from repro.data.features import feature_store_stage
+    from repro.models.backbone import DinoBackbone
+    from repro.train import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(config)
+    params = {"crops": str(paths.crops.resolve()), "arch": config.model.arch, "checkpoint": str(checkpoint),
+              "pos_embed": config.model.pos_embed}
+    if (paths.features / "index.json").is_file():
+        return feature_store_stage(paths.crops, paths.features, None, params=params)  # checks params, reuses
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed).to(device)
+    return feature_store_stage(paths.crops, paths.features, backbone, params=params, device=device,
+                               progress=not quiet)
 
 
 def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
@@ -267,7 +288,7 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
     Returns:
         The metrics dictionary (also written to ``<run_dir>/metrics.json``).
     """
-    from repro.data.registry import DATASETS
+    from repro.data.registry import class_names_for, num_classes_for
     from repro.env import collect_env
     from repro.evaluate.report import evaluate_many, result_summary, save_eval_figures, write_json
     from repro.models.bundle import load_parts
@@ -276,7 +297,7 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
     run_dir = Path(run_dir)
     context = context or ValidationContext(config, paths, device)
     backbone, val, device = context.backbone, context.val, context.device
-    k = DATASETS[config.data.dataset].num_classes
+    k = num_classes_for(config)
     e = config.eval
     metrics: dict = {"entry": config.name, "seed": config.train.seed, "fidelity": config.fidelity,
                      "dataset": config.data.dataset, "num_images": len(val),
@@ -295,7 +316,7 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
             metrics[label]["selection"] = ("highest unsupervised mIoU on the validation set during training "
                                            "(no CRF); that set is also the test set, as in the papers")
         if e.num_figures > 0:
-            save_eval_figures(run_dir / "figures" / label, result, result, val, config.data.dataset,
+            save_eval_figures(run_dir / "figures" / label, result, val, class_names_for(config),
                               title=f"{config.name} ({config.fidelity}) seed {config.train.seed} ({label})")
     metrics["summary"] = metrics["final"]["summary"]
     metrics["env"] = collect_env()
@@ -375,7 +396,8 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         if not (run_dir / FINAL).is_file():
             start = time.perf_counter()
             validate = _validator(config, context) if config.train.val_every > 0 else None
-            out = train(config, run_dir, shards=paths.shards, knn=paths.knn, validate=validate, quiet=quiet)
+            out = train(config, run_dir, shards=paths.shards, knn=paths.knn, validate=validate, quiet=quiet,
+                        features=paths.features)
             timings["train"] = time.perf_counter() - start
             if out != run_dir / FINAL:
                 _status(run_dir, "running", stage, note="stopped before the last batch; rerun to resume")

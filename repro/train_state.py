@@ -70,7 +70,7 @@ class FeatureCache:
     """Frozen-backbone outputs by crop id, up to a memory budget (the backbone never changes).
 
     Args:
-        compute: ``images (B, 3, H, W) float -> tensor or tuple of tensors`` with batch first.
+        compute: ``(ids (B,), images (B, 3, H, W) uint8) -> tensor or tuple of tensors`` with batch first.
         budget_gb: memory for cached entries; entries beyond it are computed every time.
     """
 
@@ -86,13 +86,13 @@ class FeatureCache:
 
         Args:
             ids: ``(B,)`` crop ids.
-            images: ``(B, 3, H, W)`` normalised images (read only for the misses).
+            images: ``(B, 3, H, W)`` the loader's uint8 images (read only for the misses).
         """
         keys = ids.tolist()
         todo = [i for i, k in enumerate(keys) if k not in self.entries]
         fresh: dict[int, tuple[Tensor, ...]] = {}
         if todo:
-            out = self.compute(images[todo])
+            out = self.compute(ids[todo], images[todo])
             out = out if isinstance(out, tuple) else (out,)
             for row, i in enumerate(todo):
                 fresh[keys[i]] = tuple(t[row] for t in out)

@@ -7,7 +7,7 @@ reads them from there instead of running the ViT again:
 
 - ``features.npy``: ``(N, C, h, w)`` float16 (NumPy format, memory-mapped when read), rows in the
   order of ``index.json``'s ``keys``;
-- ``index.json``: keys, shape, the backbone file's sha256, the shard set it was made from, and the
+- ``index.json``: keys, shape, the crops folder and backbone file it was made from, and the
   sha256 of ``features.npy`` (checked once when a run first opens the store, then recorded).
 
 float16 rounds each feature to ~5e-4 relative, so runs with a store differ from runs without one in
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from repro.data.shards import ShardError, iter_shards
 from repro.data.transforms import images_to_tensor
 
 __all__ = ["FeatureStore", "feature_store_stage", "FeatureStoreError"]
@@ -49,12 +48,12 @@ def _sha256(path: Path) -> str:
 
 
 @torch.no_grad()
-def feature_store_stage(shards: str | Path, out: str | Path, backbone, *, params: dict, batch_size: int = 32,
+def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params: dict, batch_size: int = 32,
                         device: str | torch.device = "cpu", progress: bool = True) -> Path:
-    """Compute ``backbone(crop)`` for every crop of a shard set into a store (see module docstring).
+    """Compute ``backbone(crop)`` for every training crop into a store (see module docstring).
 
     Args:
-        shards: a training shard folder.
+        crops: a finished training crops folder (``repro prepare``).
         out: the store folder to create; an existing store made with the same ``params`` is reused.
         backbone: ``(B, 3, H, W) -> (B, C, h, w)``, the frozen DINO backbone.
         params: what identifies the store (shard folder, arch, backbone sha256); recorded and compared.
@@ -67,7 +66,7 @@ def feature_store_stage(shards: str | Path, out: str | Path, backbone, *, params
 
     Raises:
         FileExistsError: ``out`` holds a store made from other inputs.
-        ShardError: unreadable shards.
+        FileNotFoundError: an incomplete crops folder.
     """
     out = Path(out)
     if (out / INDEX).is_file():
@@ -75,9 +74,12 @@ def feature_store_stage(shards: str | Path, out: str | Path, backbone, *, params
         if recorded != params:
             raise FileExistsError(f"{out} holds features made from other inputs ({recorded}); remove it")
         return out
-    crops = [(s["key"], s["image"]) for s in iter_shards(shards)]
+    from repro.data.pipeline import iter_crops
+
+    folder = crops
+    crops = [(c.key, c.image) for c in iter_crops(folder)]
     if not crops:
-        raise ShardError(f"{shards} holds no crops")
+        raise FileNotFoundError(f"{folder} holds no crops")
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

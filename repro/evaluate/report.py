@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ import torch
 
 from repro.atomic import atomic_path
 from repro.data.pipeline import iter_crops
-from repro.data.registry import DATASETS
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRFParams
 from repro.evaluate.protocol import EvalResult, ScoredModel, evaluate_models
@@ -135,29 +135,29 @@ def result_summary(result: EvalResult) -> dict[str, float]:
             "linear_acc": result.linear.accuracy, "linear_miou": result.linear.miou}
 
 
-def save_eval_figures(out_dir: str | Path, result: EvalResult, figure_result: EvalResult, val: ValidationSet,
-                      dataset: str, title: str) -> list[Path]:
+def save_eval_figures(out_dir: str | Path, result: EvalResult, val: ValidationSet, class_names: Sequence[str],
+                      title: str) -> list[Path]:
     """The qualitative figure (image | ground truth | cluster prediction | depth) and the confusion PNG.
 
     Args:
         out_dir: folder for ``qualitative.png`` and ``confusion.png``.
-        result: the full evaluation (its Hungarian assignment maps clusters to classes).
-        figure_result: an evaluation of the first few crops with ``keep_predictions``.
+        result: the full evaluation (its Hungarian assignment maps clusters to classes) with the
+            predictions of the first few crops kept (``keep_first``).
         val: the validation crops (for images and depth).
-        dataset: dataset name (class names).
+        class_names: names in label order (:func:`repro.data.registry.class_names_for`).
         title: figure title.
     """
     from repro.evaluate.figures import save_confusion_figure, save_qualitative_figure
 
-    names = list(DATASETS[dataset].class_names)
+    names = list(class_names)
     assignment = np.asarray(result.cluster.assignment)
-    preds = [np.where(assignment[p] >= 0, assignment[p], -1) for p in figure_result.predictions["cluster"]]
+    preds = [np.where(assignment[p] >= 0, assignment[p], -1) for p in result.predictions["cluster"]]
     n = len(preds)
     depths = [val.depth_of(s["key"]) for s in val.samples[:n]]
     out_dir = Path(out_dir)
     return [
         save_qualitative_figure(out_dir / "qualitative.png", [s["image"] for s in val.samples[:n]],
-                                figure_result.predictions["label"], preds,
+                                result.predictions["label"], preds,
                                 depths if all(d is not None for d in depths) else None, names, title=title),
         save_confusion_figure(out_dir / "confusion.png", np.asarray(result.cluster.confusion), names,
                               title=f"{title}: cluster probe (Hungarian-matched)"),

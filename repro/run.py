@@ -7,11 +7,16 @@ Layout under the work folder (``--work-dir``, ``$REPRO_WORK`` or ``./runs``)::
     data/<dataset>/shards-<split>-224-<five|single>-<source>/
     data/<dataset>/knn-<split>-224-<five|single>-<source>-<arch>.npz
     <entry>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
-                       metrics.json figures/
+                       metrics.json figures/ .lock
 
 A stage whose valid output exists is skipped, so a rerun (or a requeued SLURM task) continues
 where the previous one stopped; the data stages of one dataset run under a file lock, so
-array tasks that share them compute them once.
+array tasks that share them compute them once. A run folder is locked too (``.lock``, an
+exclusive ``flock``): a second ``repro run``/``repro eval`` of the same folder while the first
+is alive fails at once with :class:`~repro.errors.RunBusyError` naming the holder, instead of
+waiting for hours or training the same folder twice. Whatever stops a run (any exception,
+a full disk included), ``status.json`` says ``failed`` with the error; a failed run that
+produced nothing (no checkpoint, model or metrics) may be rerun in place with a corrected config.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,9 +38,11 @@ import torch
 
 from repro.config.loader import ConfigError, config_to_dict, load_config, save_config
 from repro.config.schema import ExperimentConfig
+from repro.errors import RunBusyError
+from repro.identity import check_run_name, config_diff, config_hash
 
 __all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data", "run_dir_for", "run_entry",
-           "evaluate_run", "ValidationContext", "default_work_dir", "STAGES"]
+           "evaluate_run", "eval_entry", "ValidationContext", "default_work_dir", "STAGES"]
 
 log = logging.getLogger("repro.run")
 STAGES = ("prepare", "depth", "shards", "knn", "train", "eval")
@@ -51,7 +59,8 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
     ``data.root`` may use environment variables (``${REPRO_DATA}/cocostuff``); they are expanded here.
 
     Raises:
-        ConfigError: bad config, or ``data.root`` naming an unset variable.
+        ConfigError: bad config, an unsafe run name (:func:`repro.identity.check_run_name`), or
+            ``data.root`` naming an unset variable.
         KeyError: an unknown entry name.
     """
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
@@ -63,6 +72,7 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
         from repro.config.registry import load_entry
 
         config = load_entry(str(entry), overrides)
+    check_run_name(config.name or "unnamed", f"{entry}: config key 'name'")
     root = os.path.expandvars(config.data.root)
     if "$" in root:
         raise ConfigError(f"data.root {config.data.root!r} uses an unset environment variable; export it "
@@ -186,6 +196,82 @@ def _status(run_dir: Path, state: str, stage: str, **extra) -> None:
                                          "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
 
 
+def _status_failed(run_dir: Path, stage: str, exc: BaseException) -> None:
+    """Record a failure; never raises, so the original error is the one the caller sees.
+
+    When the atomic write fails too (full disk, read-only folder), the existing ``status.json``
+    is overwritten in place, which needs neither a new file nor, for a few hundred bytes, new space.
+    """
+    import json
+    import sys
+
+    data = {"state": "failed", "stage": stage, "log": str(run_dir / "logs" / "run.log"),
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        _status(run_dir, "failed", stage, error=data["error"])
+        return
+    except OSError as write_error:
+        first = write_error
+    path = run_dir / "status.json"
+    try:
+        with open(path, "r+" if path.exists() else "w") as fh:
+            fh.write(json.dumps(data))
+            fh.truncate()
+    except OSError as second:
+        print(f"repro: could not record the failure in {path} ({first}; {second}): {data['error']}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's exclusive lock (``<run_dir>/.lock``) or fail at once.
+
+    Raises:
+        RunBusyError: another live process holds it (names its pid and host from the lock file).
+    """
+    from repro.atomic import owner_tag
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunBusyError(f"{run_dir} is in use by {holder} (lock {path}); wait for it to finish, or stop it "
+                               "and rerun (the run resumes)") from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(owner_tag())
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_saved_config(config: ExperimentConfig, run_dir: Path) -> None:
+    """Refuse a run folder that holds results of another config; allow redoing one that produced nothing."""
+    from repro.train import BEST, CHECKPOINTS, FINAL
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        same = config_to_dict(load_config(saved, base=None)) == config_to_dict(config)
+    except (ConfigError, OSError):
+        same = False
+    if same:
+        return
+    ckpts = run_dir / "train" / CHECKPOINTS
+    produced = [p.name for p in (run_dir / FINAL, run_dir / BEST, run_dir / "metrics.json") if p.exists()]
+    produced += [f"train/{CHECKPOINTS}/{p.name}" for p in (ckpts.iterdir() if ckpts.is_dir() else ())]
+    if produced:
+        raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}; it produced "
+                              f"{', '.join(sorted(produced)[:3])}); use another --work-dir or name, or remove that folder")
+    log.warning("%s: replacing the config of an earlier attempt that produced nothing", run_dir)
+
+
 class ValidationContext:
     """The frozen backbone and the validation crops of one run, each built on first use.
 
@@ -214,10 +300,12 @@ class ValidationContext:
 
 
 def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths, *, quiet: bool = False,
-                 device: str | None = None, context: ValidationContext | None = None) -> dict:
+                 device: str | None = None, context: ValidationContext | None = None,
+                 variant: str | None = None) -> dict:
     """Evaluate ``model.pt`` (final) and ``best.pt`` (best on val) of a run; write ``metrics.json`` and figures.
 
     ``context`` reuses the backbone and validation features of training-time validation.
+    ``variant`` (see :func:`eval_entry`) writes ``metrics.<variant>.json`` and ``figures.<variant>/`` instead.
 
     Returns:
         The metrics dictionary (also written to ``<run_dir>/metrics.json``).
@@ -233,8 +321,12 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
     backbone, val, device = context.backbone, context.val, context.device
     k = DATASETS[config.data.dataset].num_classes
     e = config.eval
-    metrics: dict = {"entry": config.name, "seed": config.train.seed, "dataset": config.data.dataset,
-                     "num_images": len(val), "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size}}
+    metrics: dict = {"entry": config.name, "seed": config.train.seed, "fidelity": config.fidelity,
+                     "config_hash": config_hash(config), "dataset": config.data.dataset, "num_images": len(val),
+                     "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size}}
+    if variant is not None:
+        metrics["variant"] = variant
+    figures = run_dir / ("figures" if variant is None else f"figures.{variant}")
     for label, filename in (("final", FINAL), ("best_on_val", BEST)):
         if not (run_dir / filename).is_file():
             continue
@@ -250,11 +342,11 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
         if e.num_figures > 0:
             few = evaluate_parts(parts, backbone, val, crf=e.crf, flip=e.flip, crf_processes=e.crf_processes,
                                  batch_size=e.batch_size, device=device, limit=e.num_figures, keep_predictions=True)
-            save_eval_figures(run_dir / "figures" / label, result, few, val, config.data.dataset,
+            save_eval_figures(figures / label, result, few, val, config.data.dataset,
                               title=f"{config.name} seed {config.train.seed} ({label})")
     metrics["summary"] = metrics["final"]["summary"]
     metrics["env"] = collect_env()
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json"), metrics)
     return metrics
 
 
@@ -283,32 +375,36 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         The run folder ``<work_dir>/<entry>/seed<S>``.
 
     Raises:
-        FileExistsError: the run folder holds a run of a different config.
-        ConfigError, MissingFileError, ShardError, DatasetError: from the stages (``status.json``
-            then says ``failed`` and names the log).
+        RunBusyError: another live process runs or evaluates the same folder (this call changes nothing).
+        FileExistsError: the run folder holds results (checkpoints, model, metrics) of a different
+            config. A folder whose earlier attempt produced none of these is reused with the new config.
+        ConfigError: an unsafe run name (``--set name=../x``) or a bad config.
+        MissingFileError, ShardError, DatasetError, OSError, ...: from the stages (``status.json``
+            then says ``failed`` with the error and names the log).
     """
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+    config = entry if isinstance(entry, ExperimentConfig) else resolve_entry(entry, seed=seed, overrides=overrides)
+    check_run_name(config.name or "unnamed")
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    run_dir = run_dir_for(config, work_dir)
+    with _run_lock(run_dir):
+        _check_saved_config(config, run_dir)
+        return _run_locked(config, run_dir, work_dir, quiet=quiet, until=until)
+
+
+def _run_locked(config: ExperimentConfig, run_dir: Path, work_dir: Path, *, quiet: bool, until: str | None) -> Path:
     from repro.env import write_env
     from repro.evaluate.report import write_json
     from repro.train import FINAL, train
 
-    if until is not None and until not in STAGES:
-        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-    config = entry if isinstance(entry, ExperimentConfig) else resolve_entry(entry, seed=seed, overrides=overrides)
-    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
-    run_dir = run_dir_for(config, work_dir)
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        previous = load_config(saved, base=None)
-        if config_to_dict(previous) != config_to_dict(config):
-            raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}); use another --work-dir "
-                                  "or remove that folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
-    write_env(run_dir / "env.json")
-    handler = _log_to(run_dir)
+    handler = None
     stage, timings = "prepare", {}
     try:
         _status(run_dir, "running", stage)
+        save_config(config, run_dir / "config.yaml")
+        write_env(run_dir / "env.json")
+        handler = _log_to(run_dir)
         log.info("run %s seed %d in %s", config.name, config.train.seed, run_dir)
         paths = prepare_data(config, work_dir=work_dir, quiet=quiet, timings=timings)
         context = ValidationContext(config, paths)  # one backbone and one validation-feature cache per run
@@ -342,11 +438,53 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
     except BaseException as exc:
         if not isinstance(exc, SystemExit):
             log.exception("stage %s failed", stage)
-            _status(run_dir, "failed", stage, error=f"{type(exc).__name__}: {exc}")
+            _status_failed(run_dir, stage, exc)
         raise
     finally:
-        logging.getLogger("repro").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("repro").removeHandler(handler)
+            handler.close()
+
+
+def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, quiet: bool = False) -> tuple[dict, Path]:
+    """``repro eval``: evaluate a trained run folder with ``config``, never contradicting its ``config.yaml``.
+
+    The run folder's ``metrics.json`` always describes the config saved next to it. So:
+
+    - ``config`` equal to the saved one on every key that identifies a run
+      (:mod:`repro.identity`): the result goes to ``metrics.json``;
+    - different only in evaluation keys (``eval.crf``, ``eval.flip``, ...): the result goes to a
+      separate file labelled with them, ``metrics.<key>-<value>[_...].json`` (e.g.
+      ``metrics.crf-false.json``; figures under ``figures.<label>/``); ``metrics.json`` is untouched;
+    - different in anything else (what was trained): refused.
+
+    Returns:
+        ``(metrics, path written)``.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.yaml`` (nothing was run there).
+        ConfigError: ``config`` differs from the saved config outside ``eval.*`` (names the keys).
+        RunBusyError: another live process holds the run folder.
+    """
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    check_run_name(config.name or "unnamed")
+    run_dir = run_dir_for(config, work_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved} not found: {run_dir} holds no run of {config.name}; "
+                                "train it first (`repro run` or `repro train`)")
+    diff = config_diff(config, load_config(saved, base=None))
+    trained = {k: v for k, v in diff.items() if not k.startswith("eval.")}
+    if trained:
+        shown = ", ".join(f"{k}={v[0]!r} (run: {v[1]!r})" for k, v in trained.items())
+        raise ConfigError(f"command line: the evaluation config differs from the run's {saved} in what was trained: "
+                          f"{shown}; evaluate with the run's config (drop those --set) or train that config "
+                          "under another name (--set name=...)")
+    variant = "_".join(re.sub(r"[^A-Za-z0-9._-]", "-", f"{k[len('eval.'):]}-{str(v[0]).lower()}")
+                       for k, v in diff.items()) or None
+    with _run_lock(run_dir):
+        metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=quiet, variant=variant)
+    return metrics, run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json")
 
 
 def _validator(config: ExperimentConfig, context: ValidationContext):

@@ -8,7 +8,9 @@ images)::
     root/label13/NNNN.png   (480, 640) uint8: 0 unlabelled, 1..13 classes
     root/manifest.csv       optional, one row per sample (see below)
 
-Depth becomes float32 metres (``mm / 1000``); labels ``0 -> -1`` and ``1..13 -> 0..12``.
+Depth becomes float32 metres (``mm / 1000``) with its holes (0 mm) filled by the nearest reading on
+the full frame (:func:`repro.depth.sensor.sensor_depth_from_png_array`; an 8-bit or all-zero depth
+PNG is an error naming the file); labels ``0 -> -1`` and ``1..13 -> 0..12``.
 Split membership (official split: 795 train / 654 test, 1-based indices, ``splits.mat`` of the
 NYU toolbox) is taken, in this order, from ``split_file`` / ``root/splits.mat`` (``trainNdxs``,
 ``testNdxs``) / ``root/splits/<split>.txt``; else from a ``split`` column of ``manifest.csv``;
@@ -30,6 +32,7 @@ import numpy as np
 
 from repro.data.sample import (BaseDataset, DatasetError, Sample, make_key, read_png, read_rgb,
                                require_dir, require_file)
+from repro.depth.sensor import sensor_depth_from_png_array
 from repro.errors import MissingFileError
 
 __all__ = ["NYUv2", "nyu_label13_to_index", "nyu_depth_mm_to_m", "read_split_indices", "NYU13_CLASS_NAMES"]
@@ -119,6 +122,9 @@ class NYUv2(BaseDataset):
         if indices is not None:
             rows = [r for r in rows if r["index"] in indices]
         self._items = sorted(rows, key=lambda r: r["key"])
+        if not self._items:
+            source = self.root / "manifest.csv" if (self.root / "manifest.csv").is_file() else self.root / "rgb"
+            raise DatasetError(f"{source}: no NYUv2 image of split {split!r} listed; check the file (and the split files)")
 
     def _split_indices(self, split_file: str | Path | None) -> set[int] | None:
         if split_file is not None:
@@ -172,11 +178,11 @@ class NYUv2(BaseDataset):
         depth = None
         if depth_path.is_file() or self.require_depth:
             raw = read_png(depth_path, "NYUv2 sensor depth PNG (uint16 mm)", FIX)
-            if not np.issubdtype(raw.dtype, np.integer):
-                raise DatasetError(f"{depth_path}: depth PNG must hold integer millimetres, got {raw.dtype}")
-            depth = nyu_depth_mm_to_m(raw)
+            depth, holes = sensor_depth_from_png_array(raw, depth_path, scale=1000.0)
         meta = {"dataset": self.name, "split": self.split, "index_1based": item["index"],
                 "image": self._rel(rgb_path), "label": self._rel(label_path),
                 "depth": self._rel(depth_path) if depth is not None else None, "depth_units": "m"}
+        if depth is not None:
+            meta["depth_holes_filled"] = holes
         files = {"image": rgb_path, "label": label_path, "depth": depth_path}
         return Sample(item["key"], image, label, depth, meta), files

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from repro.data.crops import make_crops
-from repro.data.sample import Sample
-from repro.data.shards import ShardError, iter_shards, read_index, write_shards
+from repro.data.sample import DatasetError, Sample
+from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
 
 __all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
@@ -63,8 +63,14 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, progr
     Returns:
         The crops folder: ``<key>.img.png``, ``<key>.label.npy`` (int16), ``<key>.sensor.npy``
         (float32 metres), ``<key>.json`` per crop, and ``index.json``.
+
+    Raises:
+        DatasetError: if the dataset holds no image (an empty manifest or split file).
     """
     out = Path(out)
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset!r}: no image in split {dataset.split!r} (root {getattr(dataset, 'root', '?')}); "
+                           "check its manifest / split files")
     params = {"dataset": dataset.name, "split": dataset.split, "n_images": len(dataset), "five_crop": five_crop,
               "size": size}
     if _existing(out, params):
@@ -145,6 +151,9 @@ def depth_stage(
     Raises:
         repro.errors.MissingFileError: if a crop has no sensor depth for ``source="sensor"``
             or the estimator weights are missing.
+        DatasetError: a crop's sensor map with an invalid pixel (0, negative, NaN, inf: the
+            adapter fills holes before cropping, so the crops folder is damaged or stale), or an
+            estimator output with NaN/inf; names the crop file.
     """
     from repro.depth import get_estimator, normalize_depth
     from repro.depth.base import normalize_prediction
@@ -174,10 +183,21 @@ def depth_stage(
                 if missing:
                     raise MissingFileError("sensor depth of crop", crops / f"{missing[0]}.sensor.npy",
                                            "use a dataset with sensor depth, or --source zoedepth/midas")
+                for c in batch:
+                    bad = int((~(np.isfinite(c.depth) & (c.depth > 0))).sum())
+                    if bad:
+                        raise DatasetError(f"{crops / (c.key + '.sensor.npy')}: {bad} pixel(s) of sensor depth are 0, "
+                                           "negative or not finite; rebuild the crops folder with `repro prepare` (the "
+                                           "dataset adapter fills sensor holes before cropping)")
                 results = [normalize_depth(c.depth) for c in batch]
             else:
                 with torch.inference_mode():
-                    results = normalize_prediction(estimator, estimator.predict([c.image for c in batch]))
+                    raw = estimator.predict([c.image for c in batch])
+                    try:
+                        results = normalize_prediction(estimator, raw)
+                    except ValueError as exc:
+                        files = ", ".join(str(crops / f"{c.key}.img.png") for c in batch)
+                        raise DatasetError(f"depth source {source!r} on {files}: {exc}") from exc
             for crop, (norm, (lo, hi)) in zip(batch, results):
                 np.save(partial / f"{crop.key}.npy", np.asarray(norm, dtype=np.float32))
                 ranges[crop.key] = [float(lo), float(hi)]
@@ -200,13 +220,17 @@ def shards_stage(
 
     Raises:
         FileNotFoundError: if a crop's depth map is missing from the depth folder.
+        DatasetError: if a depth map is not ``(H, W)`` of its crop, or holds values outside [0, 1] / NaN / inf
+            (names the file).
         FileExistsError: if ``out`` holds shards made from other inputs.
+        ShardError: if reused shards no longer match their index (checksums, offsets; checked
+            fully once, then by file stats, see :func:`repro.data.shards.verify_once`).
     """
     crops, out = Path(crops), Path(out)
     params = {"crops": str(crops.resolve()), "depth": None if depth is None else str(Path(depth).resolve()),
               "shard_size": shard_size, "depth_source": depth_source}
     if _existing(out, params):
-        read_index(out)
+        verify_once(out)
         return out
     ranges = json.loads((Path(depth) / INDEX).read_text())["ranges"] if depth is not None else {}
 
@@ -218,6 +242,11 @@ def shards_stage(
                 if not path.is_file():
                     raise FileNotFoundError(f"depth map {path} is missing; rerun `repro depth`")
                 depth01 = np.load(path)
+                if depth01.shape != crop.image.shape[:2] or not np.isfinite(depth01).all() or (
+                        depth01.size and (depth01.min() < 0 or depth01.max() > 1)):
+                    raise DatasetError(f"{path}: depth map must be {crop.image.shape[:2]}, finite and in [0, 1]; got "
+                                       f"{depth01.shape}, {int((~np.isfinite(depth01)).sum())} non-finite value(s), "
+                                       f"range [{np.nanmin(depth01):.3g}, {np.nanmax(depth01):.3g}]; rerun `repro depth`")
                 crop.meta = {**crop.meta, "depth_range": ranges[crop.key], "depth_source": depth_source}
             yield crop, depth01
 

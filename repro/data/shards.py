@@ -166,17 +166,24 @@ def write_shards(
             path = partial / names[-1]
             shards.append({"name": names[-1], "sha256": _sha256(path), "members": _member_offsets(path)})
 
-    for sample, depth01 in items:
-        if sample.key in seen:
-            raise ValueError(f"duplicate sample key {sample.key!r}")
-        seen.add(sample.key)
-        if writer is None or writer_count == shard_size:
-            close()
-            names.append(f"shard-{len(names):06d}.tar")
-            writer, writer_count = wds.TarWriter(str(partial / names[-1])), 0
-        writer.write(encode_sample(sample, depth01))
-        writer_count += 1
-    close()
+    try:
+        for sample, depth01 in items:
+            if sample.key in seen:
+                raise ValueError(f"duplicate sample key {sample.key!r}")
+            seen.add(sample.key)
+            if writer is None or writer_count == shard_size:
+                close()
+                names.append(f"shard-{len(names):06d}.tar")
+                writer, writer_count = wds.TarWriter(str(partial / names[-1])), 0
+            writer.write(encode_sample(sample, depth01))
+            writer_count += 1
+        close()
+    except BaseException:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        raise
     index = {
         "format": FORMAT_VERSION,
         "params": params,

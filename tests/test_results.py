@@ -314,3 +314,24 @@ def test_environment_groups_ignore_per_run_keys(work, tmp_path):
     assert "| runs | 3 | 1 |" in text and "| hosts | node1, node2 | node1 |" in text
     assert "| `torch` | 2.4.1 | 2.5.0 |" in text and "slurm_job_id" not in text
     assert "- env 2: table3/depthg-vits8 paper seed1" in text
+
+
+def test_check_results_fails_on_a_nan_fresh_run(tmp_path, monkeypatch):
+    """Attack: `check-results` passed when the fresh run's metrics were NaN."""
+    import repro.run
+    from repro.regression import ENTRY, check_results
+
+    out = shutil.copy(REPO / "RESULTS.md", tmp_path / "RESULTS.md")
+    recorded = read_results(out)["entries"][ENTRY]["fidelities"]["paper"]["metrics"]
+
+    def fresh_run(entry, *, work_dir, quiet, overrides):  # what run_entry leaves, with a NaN metric
+        run = Path(work_dir) / entry / "paper" / "seed0"
+        run.mkdir(parents=True)
+        save_config(repro.run.resolve_entry(entry, overrides=overrides), run / "config.yaml")
+        summary = {m: s["mean"] for m, s in recorded.items()}
+        (run / "metrics.json").write_text(json.dumps({"summary": {**summary, "unsup_miou": float("nan")}}))
+        return run
+
+    monkeypatch.setattr(repro.run, "run_entry", fresh_run)
+    summary, failures = check_results(out, tmp_path / "data", work_dir=tmp_path / "w", checkpoint=tmp_path / "ckpt.pth")
+    assert failures == [f"{ENTRY}: unsup_miou = nan in the fresh run (recorded {recorded['unsup_miou']['mean']:.2f})"]

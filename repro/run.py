@@ -11,12 +11,10 @@ Layout under the work folder (``--work-dir``, ``$REPRO_WORK`` or ``./runs``)::
 
 A stage whose valid output exists is skipped, so a rerun (or a requeued SLURM task) continues
 where the previous one stopped; the data stages of one dataset run under a file lock, so
-array tasks that share them compute them once. A run folder is locked too (``.lock``, an
-exclusive ``flock``): a second ``repro run``/``repro eval`` of the same folder while the first
-is alive fails at once with :class:`~repro.errors.RunBusyError` naming the holder, instead of
-waiting for hours or training the same folder twice. Whatever stops a run (any exception,
-a full disk included), ``status.json`` says ``failed`` with the error; a failed run that
-produced nothing (no checkpoint, model or metrics) may be rerun in place with a corrected config.
+array tasks that share them compute them once. A run folder is locked too, without waiting
+(:mod:`repro.rundir`): a second ``repro run``/``repro eval`` of it fails at once. Whatever stops
+a run (any exception, a full disk included), ``status.json`` says ``failed`` with the error; a
+failed run that produced nothing may be rerun in place with a corrected config.
 """
 
 from __future__ import annotations
@@ -31,15 +29,17 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from repro.config.loader import ConfigError, config_to_dict, load_config, save_config
+from repro.config.loader import ConfigError, load_config, save_config
 from repro.config.schema import ExperimentConfig
-from repro.errors import RunBusyError
 from repro.identity import check_run_name, config_diff, config_hash
+from repro.rundir import check_saved_config as _check_saved_config
+from repro.rundir import record_failure as _status_failed
+from repro.rundir import run_lock as _run_lock
+from repro.rundir import write_status as _status
 
 __all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data", "run_dir_for", "run_entry",
            "evaluate_run", "eval_entry", "ValidationContext", "default_work_dir", "STAGES"]
@@ -187,89 +187,6 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
 def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
     """``<work_dir>/<entry name>/seed<S>``."""
     return Path(work_dir) / (config.name or "unnamed") / f"seed{config.train.seed}"
-
-
-def _status(run_dir: Path, state: str, stage: str, **extra) -> None:
-    from repro.evaluate.report import write_json
-
-    write_json(run_dir / "status.json", {"state": state, "stage": stage, "log": str(run_dir / "logs" / "run.log"),
-                                         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
-
-
-def _status_failed(run_dir: Path, stage: str, exc: BaseException) -> None:
-    """Record a failure; never raises, so the original error is the one the caller sees.
-
-    When the atomic write fails too (full disk, read-only folder), the existing ``status.json``
-    is overwritten in place, which needs neither a new file nor, for a few hundred bytes, new space.
-    """
-    import json
-    import sys
-
-    data = {"state": "failed", "stage": stage, "log": str(run_dir / "logs" / "run.log"),
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "error": f"{type(exc).__name__}: {exc}"}
-    try:
-        _status(run_dir, "failed", stage, error=data["error"])
-        return
-    except OSError as write_error:
-        first = write_error
-    path = run_dir / "status.json"
-    try:
-        with open(path, "r+" if path.exists() else "w") as fh:
-            fh.write(json.dumps(data))
-            fh.truncate()
-    except OSError as second:
-        print(f"repro: could not record the failure in {path} ({first}; {second}): {data['error']}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run folder's exclusive lock (``<run_dir>/.lock``) or fail at once.
-
-    Raises:
-        RunBusyError: another live process holds it (names its pid and host from the lock file).
-    """
-    from repro.atomic import owner_tag
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RunBusyError(f"{run_dir} is in use by {holder} (lock {path}); wait for it to finish, or stop it "
-                               "and rerun (the run resumes)") from None
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(owner_tag())
-            fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _check_saved_config(config: ExperimentConfig, run_dir: Path) -> None:
-    """Refuse a run folder that holds results of another config; allow redoing one that produced nothing."""
-    from repro.train import BEST, CHECKPOINTS, FINAL
-
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    try:
-        same = config_to_dict(load_config(saved, base=None)) == config_to_dict(config)
-    except (ConfigError, OSError):
-        same = False
-    if same:
-        return
-    ckpts = run_dir / "train" / CHECKPOINTS
-    produced = [p.name for p in (run_dir / FINAL, run_dir / BEST, run_dir / "metrics.json") if p.exists()]
-    produced += [f"train/{CHECKPOINTS}/{p.name}" for p in (ckpts.iterdir() if ckpts.is_dir() else ())]
-    if produced:
-        raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}; it produced "
-                              f"{', '.join(sorted(produced)[:3])}); use another --work-dir or name, or remove that folder")
-    log.warning("%s: replacing the config of an earlier attempt that produced nothing", run_dir)
 
 
 class ValidationContext:

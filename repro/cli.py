@@ -143,18 +143,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from repro.evaluate.report import format_metrics
-    from repro.evaluate.report import write_json
-    from repro.run import data_paths, evaluate_run, run_dir_for
+    from repro.run import eval_entry
 
     config, work_dir = _resolved(args)
     if args.crf is not None or args.flip is not None:
         ev = dataclasses.replace(config.eval, crf=config.eval.crf if args.crf is None else args.crf,
                                  flip=config.eval.flip if args.flip is None else args.flip)
         config = dataclasses.replace(config, eval=ev)
-    run_dir = run_dir_for(config, work_dir)
-    metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=args.quiet)
+    metrics, path = eval_entry(config, work_dir=work_dir, quiet=args.quiet)
     print(format_metrics(metrics))
-    print(f"metrics: {write_json(run_dir / 'metrics.json', metrics)}")
+    print(f"metrics: {path}")
     return 0
 
 
@@ -306,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="the data stages and training of one entry (resumes)")
     _entry_args(train)
     train.set_defaults(func=_cmd_train)
-    evaluate = commands.add_parser("eval", help="evaluate a trained run (final and best-on-val) -> metrics.json")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a trained run (final and best-on-val) -> metrics.json",
+        description="Evaluate a trained run folder. With the run's own config the result goes to metrics.json; "
+                    "with other evaluation settings (--crf/--flip, --set eval.*) to metrics.<setting>.json beside "
+                    "it; a config that differs in what was trained is refused.")
     _entry_args(evaluate)
     evaluate.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (config: eval.crf)")
     evaluate.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")

@@ -8,11 +8,14 @@ Layout under the work folder (``--work-dir``, ``$REPRO_WORK`` or ``./runs``)::
     data/<dataset>/shards-<split>-224-<five|single>-<source>/
     data/<dataset>/knn-<split>-224-<five|single>-<source>-<arch>.npz
     <entry>/<fidelity>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
-                                  metrics.json figures/        (fidelity: paper | released)
+                                  metrics.json figures/ .lock        (fidelity: paper | released)
 
 A stage whose valid output exists is skipped, so a rerun (or a requeued SLURM task) continues
 where the previous one stopped; the data stages of one dataset run under a file lock, so
-array tasks that share them compute them once.
+array tasks that share them compute them once. A run folder is locked too, without waiting
+(:mod:`repro.rundir`): a second ``repro run``/``repro eval`` of it fails at once. Whatever stops
+a run (any exception, a full disk included), ``status.json`` says ``failed`` with the error; a
+failed run that produced nothing may be rerun in place with a corrected config.
 """
 
 from __future__ import annotations
@@ -23,19 +26,24 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from repro.config.loader import ConfigError, config_to_dict, load_config, save_config
+from repro.config.loader import ConfigError, load_config, save_config
 from repro.config.schema import ExperimentConfig
+from repro.identity import check_run_name, config_diff, config_hash
+from repro.rundir import check_saved_config as _check_saved_config
+from repro.rundir import record_failure as _status_failed
+from repro.rundir import run_lock as _run_lock
+from repro.rundir import write_status as _status
 
 __all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data", "run_dir_for", "run_entry",
-           "evaluate_run", "ValidationContext", "default_work_dir", "STAGES"]
+           "evaluate_run", "eval_entry", "ValidationContext", "default_work_dir", "STAGES"]
 
 log = logging.getLogger("repro.run")
 STAGES = ("prepare", "depth", "shards", "knn", "train", "eval")
@@ -53,7 +61,8 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
     ``data.root`` may use environment variables (``${REPRO_DATA}/cocostuff``); they are expanded here.
 
     Raises:
-        ConfigError: bad config, or ``data.root`` naming an unset variable.
+        ConfigError: bad config, an unsafe run name (:func:`repro.identity.check_run_name`), or
+            ``data.root`` naming an unset variable.
         KeyError: an unknown entry name.
     """
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
@@ -65,6 +74,7 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
         from repro.config.registry import load_entry
 
         config = load_entry(str(entry), overrides)
+    check_run_name(config.name or "unnamed", f"{entry}: config key 'name'")
     root = os.path.expandvars(config.data.root)
     if "$" in root:
         raise ConfigError(f"data.root {config.data.root!r} uses an unset environment variable; export it "
@@ -244,13 +254,6 @@ def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
     return Path(work_dir) / (config.name or "unnamed") / config.fidelity / f"seed{config.train.seed}"
 
 
-def _status(run_dir: Path, state: str, stage: str, **extra) -> None:
-    from repro.evaluate.report import write_json
-
-    write_json(run_dir / "status.json", {"state": state, "stage": stage, "log": str(run_dir / "logs" / "run.log"),
-                                         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra})
-
-
 class ValidationContext:
     """The frozen backbone and the validation crops of one run, each built on first use.
 
@@ -280,10 +283,12 @@ class ValidationContext:
 
 
 def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths, *, quiet: bool = False,
-                 device: str | None = None, context: ValidationContext | None = None) -> dict:
+                 device: str | None = None, context: ValidationContext | None = None,
+                 variant: str | None = None) -> dict:
     """Evaluate ``model.pt`` (final) and ``best.pt`` (best on val) of a run; write ``metrics.json`` and figures.
 
     ``context`` reuses the backbone and validation features of training-time validation.
+    ``variant`` (see :func:`eval_entry`) writes ``metrics.<variant>.json`` and ``figures.<variant>/`` instead.
 
     Returns:
         The metrics dictionary (also written to ``<run_dir>/metrics.json``).
@@ -300,9 +305,12 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
     k = num_classes_for(config)
     e = config.eval
     metrics: dict = {"entry": config.name, "seed": config.train.seed, "fidelity": config.fidelity,
-                     "dataset": config.data.dataset, "num_images": len(val),
+                     "config_hash": config_hash(config), "dataset": config.data.dataset, "num_images": len(val),
                      "protocol": {"crf": e.crf, "flip": e.flip, "size": config.data.val_size,
                                   "crf_image": e.crf_image if e.crf else None, "resize": config.data.resize}}
+    if variant is not None:
+        metrics["variant"] = variant
+    figures = run_dir / ("figures" if variant is None else f"figures.{variant}")
     loaded = {label: load_parts(run_dir / filename, config, backbone.feature_dim, k)
               for label, filename in (("final", FINAL), ("best_on_val", BEST)) if (run_dir / filename).is_file()}
     # final and best-on-val in one pass over the images: features computed once, CRF pool kept busy
@@ -316,11 +324,11 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
             metrics[label]["selection"] = ("highest unsupervised mIoU on the validation set during training "
                                            "(no CRF); that set is also the test set, as in the papers")
         if e.num_figures > 0:
-            save_eval_figures(run_dir / "figures" / label, result, val, class_names_for(config),
+            save_eval_figures(figures / label, result, val, class_names_for(config),
                               title=f"{config.name} ({config.fidelity}) seed {config.train.seed} ({label})")
     metrics["summary"] = metrics["final"]["summary"]
     metrics["env"] = collect_env()
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json"), metrics)
     return metrics
 
 
@@ -349,39 +357,40 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         The run folder ``<work_dir>/<entry>/seed<S>``.
 
     Raises:
-        FileExistsError: the run folder holds a run of a different config.
-        ConfigError, MissingFileError, ShardError, DatasetError: from the stages (``status.json``
-            then says ``failed`` and names the log).
+        RunBusyError: another live process runs or evaluates the same folder (this call changes nothing).
+        FileExistsError: the run folder holds results (checkpoints, model, metrics) of a different
+            config. A folder whose earlier attempt produced none of these is reused with the new config.
+        ConfigError: an unsafe run name (``--set name=../x``) or a bad config.
+        MissingFileError, ShardError, DatasetError, OSError, ...: from the stages (``status.json``
+            then says ``failed`` with the error and names the log).
     """
-    from repro.env import file_record, write_env
-    from repro.evaluate.report import write_json
-    from repro.train import FINAL, train
-
     if until is not None and until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     config = entry if isinstance(entry, ExperimentConfig) else resolve_entry(entry, seed=seed, overrides=overrides)
+    check_run_name(config.name or "unnamed")
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
     run_dir = run_dir_for(config, work_dir)
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        previous = load_config(saved, base=None, resolve_fidelity=False)
-        if config_to_dict(previous) != config_to_dict(config):
-            raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}); use another --work-dir "
-                                  "or remove that folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
-    from repro.train import resolve_checkpoint
+    with _run_lock(run_dir):
+        _check_saved_config(config, run_dir)
+        return _run_locked(config, run_dir, work_dir, quiet=quiet, until=until)
 
-    checkpoint = resolve_checkpoint(config)
-    # R1: which backbone file (the 300-epoch ViT-S/8 or another one given by path) this run used
-    write_env(run_dir / "env.json", {"fidelity": config.fidelity, "fidelity_deviations": config.fidelity_deviations,
-                                     "backbone_checkpoint": file_record(checkpoint) if checkpoint.is_file() else
-                                     {"path": str(checkpoint), "missing": True}})
 
-    handler = _log_to(run_dir)
+def _run_locked(config: ExperimentConfig, run_dir: Path, work_dir: Path, *, quiet: bool, until: str | None) -> Path:
+    from repro.env import file_record, write_env
+    from repro.evaluate.report import write_json
+    from repro.train import FINAL, resolve_checkpoint, train
+
+    handler = None
     stage, timings = "prepare", {}
     try:
         _status(run_dir, "running", stage)
+        save_config(config, run_dir / "config.yaml")
+        checkpoint = resolve_checkpoint(config)
+        # R1: which backbone file (the 300-epoch ViT-S/8 or another one given by path) this run used
+        write_env(run_dir / "env.json", {"fidelity": config.fidelity, "fidelity_deviations": config.fidelity_deviations,
+                                         "backbone_checkpoint": file_record(checkpoint) if checkpoint.is_file() else
+                                         {"path": str(checkpoint), "missing": True}})
+        handler = _log_to(run_dir)
         log.info("run %s (%s) seed %d in %s", config.name, config.fidelity, config.train.seed, run_dir)
         if config.fidelity_deviations:  # recorded in config.yaml and env.json too
             log.warning("%s (%s) deviates from its fidelity profile: %s", config.name, config.fidelity,
@@ -419,11 +428,53 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
     except BaseException as exc:
         if not isinstance(exc, SystemExit):
             log.exception("stage %s failed", stage)
-            _status(run_dir, "failed", stage, error=f"{type(exc).__name__}: {exc}")
+            _status_failed(run_dir, stage, exc)
         raise
     finally:
-        logging.getLogger("repro").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("repro").removeHandler(handler)
+            handler.close()
+
+
+def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, quiet: bool = False) -> tuple[dict, Path]:
+    """``repro eval``: evaluate a trained run folder with ``config``, never contradicting its ``config.yaml``.
+
+    The run folder's ``metrics.json`` always describes the config saved next to it. So:
+
+    - ``config`` equal to the saved one on every key that identifies a run
+      (:mod:`repro.identity`): the result goes to ``metrics.json``;
+    - different only in evaluation keys (``eval.crf``, ``eval.flip``, ...): the result goes to a
+      separate file labelled with them, ``metrics.<key>-<value>[_...].json`` (e.g.
+      ``metrics.crf-false.json``; figures under ``figures.<label>/``); ``metrics.json`` is untouched;
+    - different in anything else (what was trained): refused.
+
+    Returns:
+        ``(metrics, path written)``.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.yaml`` (nothing was run there).
+        ConfigError: ``config`` differs from the saved config outside ``eval.*`` (names the keys).
+        RunBusyError: another live process holds the run folder.
+    """
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    check_run_name(config.name or "unnamed")
+    run_dir = run_dir_for(config, work_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved} not found: {run_dir} holds no run of {config.name}; "
+                                "train it first (`repro run` or `repro train`)")
+    diff = config_diff(config, load_config(saved, base=None))
+    trained = {k: v for k, v in diff.items() if not k.startswith("eval.")}
+    if trained:
+        shown = ", ".join(f"{k}={v[0]!r} (run: {v[1]!r})" for k, v in trained.items())
+        raise ConfigError(f"command line: the evaluation config differs from the run's {saved} in what was trained: "
+                          f"{shown}; evaluate with the run's config (drop those --set) or train that config "
+                          "under another name (--set name=...)")
+    variant = "_".join(re.sub(r"[^A-Za-z0-9._-]", "-", f"{k[len('eval.'):]}-{str(v[0]).lower()}")
+                       for k, v in diff.items()) or None
+    with _run_lock(run_dir):
+        metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=quiet, variant=variant)
+    return metrics, run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json")
 
 
 def _validator(config: ExperimentConfig, context: ValidationContext):

@@ -64,6 +64,8 @@ def pooled_features(
             if drop is not None:
                 feats = drop(feats)
             out.append(torch.nn.functional.normalize(feats.mean(dim=(2, 3)).float(), dim=1).cpu().numpy())
+    if not out:
+        raise ValueError("no images to compute kNN features from (the shard folder is empty)")
     return np.concatenate(out).astype(np.float32)
 
 
@@ -134,14 +136,34 @@ def save_knn(path: str | Path, table: KnnTable) -> None:
 
 
 def load_knn(path: str | Path) -> KnnTable:
-    """Read a table written by :func:`save_knn`.
+    """Read a table written by :func:`save_knn` and check it.
 
     Raises:
         FileNotFoundError: if the file is missing (run ``repro knn``).
+        ValueError: naming the file, if it cannot be read, misses an array, has duplicate keys,
+            ``indices``/``similarities`` are not ``(N, k)`` with ``N`` = number of keys, or an
+            index is outside ``[0, N)`` (a partner would point at no crop).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"kNN table {path} not found; build it with `repro knn`")
-    with np.load(path, allow_pickle=False) as data:
-        return KnnTable([str(k) for k in data["keys"]], data["indices"], data["similarities"],
-                        json.loads(str(data["meta"])))
+    fix = "remove it and rerun `repro knn` (or `repro run`)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, indices, sims = [str(k) for k in data["keys"]], data["indices"], data["similarities"]
+            meta = json.loads(str(data["meta"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"kNN table {path} is unreadable ({exc}); {fix}") from exc
+    n = len(keys)
+    if len(set(keys)) != n:
+        raise ValueError(f"kNN table {path} lists a key twice; {fix}")
+    if not np.issubdtype(indices.dtype, np.integer) or indices.ndim != 2 or indices.shape[0] != n:
+        raise ValueError(f"kNN table {path}: indices must be ({n}, k) integers, got {indices.dtype} {indices.shape}; {fix}")
+    if sims.shape != indices.shape:
+        raise ValueError(f"kNN table {path}: similarities {sims.shape} do not match indices {indices.shape}; {fix}")
+    bad = (indices < 0) | (indices >= n)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(f"kNN table {path}: {int(bad.sum())} neighbour index(es) outside [0, {n}), first at row {row} "
+                         f"({keys[row]}) rank {col}: {int(indices[row, col])}; {fix}")
+    return KnnTable(keys, indices, sims, meta)

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from repro.data.crops import make_crops
-from repro.data.sample import Sample
-from repro.data.shards import ShardError, iter_shards, read_index, write_shards
+from repro.data.sample import DatasetError, Sample
+from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
 
 __all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
@@ -77,8 +77,12 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, resiz
 
     Raises:
         FileExistsError: if ``out`` holds crops made with other parameters.
+        DatasetError: if the dataset holds no image (an empty manifest or split file).
     """
     out = Path(out)
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset!r}: no image in split {dataset.split!r} (root {getattr(dataset, 'root', '?')}); "
+                           "check its manifest / split files")
     params = {"dataset": dataset.name, "split": dataset.split, "n_images": len(dataset), "five_crop": five_crop,
               "size": size, "resize": resize, "codec": codec if five_crop else "png", "score_void": score_void}
     if _existing(out, params):
@@ -180,6 +184,9 @@ def depth_stage(
         FileNotFoundError: ``scope="image"`` without a finished ``image_depth`` folder or map.
         FileExistsError: if ``out`` (or ``image_depth``) was made with other parameters.
         ValueError: for an unknown scope or encoding.
+        DatasetError: a crop's sensor map with an invalid pixel (0, negative, NaN, inf: the
+            adapter fills holes before cropping, so the crops folder is damaged or stale), or an
+            estimator output with NaN/inf; names the crop file.
     """
     from repro.data.image_depth import crop_image_depth, encode_map, image_depth_store, load_image_depth
     from repro.depth import get_estimator
@@ -242,14 +249,23 @@ def depth_stage(
                     if missing:
                         raise MissingFileError("sensor depth of crop", crops / f"{missing[0]}.sensor.npy",
                                                "use a dataset with sensor depth, or --source zoedepth/midas")
-                    raws = [c.depth for c in batch]  # metres; zeros (no reading) count, as in the released min-max
+                    for c in batch:
+                        bad = int((~(np.isfinite(c.depth) & (c.depth > 0))).sum())
+                        if bad:
+                            raise DatasetError(f"{crops / (c.key + '.sensor.npy')}: {bad} pixel(s) of sensor depth are "
+                                               "0, negative or not finite; rebuild the crops folder with `repro prepare` "
+                                               "(the dataset adapter fills sensor holes before cropping)")
+                    raws = [c.depth for c in batch]  # metres
                 else:
                     with torch.inference_mode():
                         raws = [r.detach().cpu().numpy() for r in estimator.to_depth(
                             estimator.predict([c.image for c in batch]))]
                 results = []
-                for raw in raws:
-                    stored = encode_map(raw, kind=kind, store=store)
+                for c, raw in zip(batch, raws):
+                    try:
+                        stored = encode_map(raw, kind=kind, store=store)
+                    except ValueError as exc:
+                        raise DatasetError(f"depth source {source!r} on {crops / (c.key + '.img.png')}: {exc}") from exc
                     if encoding == "uint8":
                         stored = uint8_to_unit(stored)
                     elif encoding == "int_cast":
@@ -291,7 +307,11 @@ def shards_stage(
 
     Raises:
         FileNotFoundError: if a crop's depth map is missing from the depth folder.
+        DatasetError: if a depth map is not ``(H, W)`` of its crop, or holds values outside [0, 1] / NaN / inf
+            (names the file).
         FileExistsError: if ``out`` holds shards made from other inputs.
+        ShardError: if reused shards no longer match their index (checksums, offsets; checked
+            fully once, then by file stats, see :func:`repro.data.shards.verify_once`).
     """
     crops, out = Path(crops), Path(out)
     params = {"crops": str(crops.resolve()), "depth": None if depth is None else str(Path(depth).resolve()),
@@ -299,7 +319,7 @@ def shards_stage(
     if depth is not None:  # the depth folder's own params (scope, encoding, ...): another profile's never matches
         params["depth_params"] = json.loads((Path(depth) / INDEX).read_text()).get("params")
     if _existing(out, params):
-        read_index(out)
+        verify_once(out)
         return out
     from repro.depth.encoding import unit_to_uint8
 
@@ -314,6 +334,11 @@ def shards_stage(
                 if not path.is_file():
                     raise FileNotFoundError(f"depth map {path} is missing; rerun `repro depth`")
                 depth01 = np.load(path)
+                if depth01.shape != crop.image.shape[:2] or not np.isfinite(depth01).all() or (
+                        depth01.size and (depth01.min() < 0 or depth01.max() > 1)):
+                    raise DatasetError(f"{path}: depth map must be {crop.image.shape[:2]}, finite and in [0, 1]; got "
+                                       f"{depth01.shape}, {int((~np.isfinite(depth01)).sum())} non-finite value(s), "
+                                       f"range [{np.nanmin(depth01):.3g}, {np.nanmax(depth01):.3g}]; rerun `repro depth`")
                 if encoding == "uint8":
                     depth01 = unit_to_uint8(depth01)
                 crop.meta = {**crop.meta, "depth_range": ranges[crop.key], "depth_source": depth_source,

@@ -340,10 +340,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the input (config, files, data, locks): shown without a traceback."""
+    from repro.config.loader import ConfigError
+    from repro.config.registry import UnknownEntryError
+    from repro.data.features import FeatureStoreError
+    from repro.data.sample import DatasetError
+    from repro.data.shards import ShardError
+    from repro.errors import MissingFileError, RunBusyError
+    from repro.launch import LaunchError
+    from repro.models.lightning import CheckpointLayoutError
+    from repro.models.safe_load import CheckpointFormatError, UnsafeCheckpointError
+    from repro.train_state import CheckpointError
+
+    return (ConfigError, UnknownEntryError, DatasetError, ShardError, MissingFileError, RunBusyError, LaunchError,
+            CheckpointError, CheckpointFormatError, CheckpointLayoutError, UnsafeCheckpointError, FeatureStoreError,
+            FileExistsError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``repro`` console script."""
+    """Entry point of the ``repro`` console script.
+
+    Input errors (a bad config value, a missing file, a corrupt shard, a busy run folder, ...) print
+    ``repro: error: <message>`` and exit with status 2; ``REPRO_DEBUG=1`` shows the traceback too.
+    """
+    import os
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        if os.environ.get("REPRO_DEBUG"):
+            raise
+        print(f"repro: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

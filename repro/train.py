@@ -319,8 +319,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                 return latest_checkpoint(ckpt_dir)
     bar.close()
     elapsed = time.perf_counter() - started
-    accelerator.end_training()
     if state.step < total_batches:
+        accelerator.end_training()
         return latest_checkpoint(ckpt_dir)
     meta = {"step": state.step, "arch": cfg.model.arch, "method": cfg.method, "processes": world,
             "steps_per_s": (state.step - first) / elapsed if elapsed > 0 else None,
@@ -329,4 +329,5 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
         save_parts(run_dir / FINAL, parts, meta)
         (run_dir / "train" / "summary.json").write_text(json.dumps({**meta, "best": state.best}, indent=2))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group
     return run_dir / FINAL

@@ -207,8 +207,14 @@ def aggregate(values: Sequence[float]) -> dict:
 def _env_id(env: dict) -> tuple[str, dict, str]:
     flat = _flatten(env)
     kept = {k: v for k, v in flat.items() if k not in _PER_RUN_ENV}
+    if "platform" in kept:  # OS and architecture; the kernel build names the machine, env.json keeps it
+        parts = kept["platform"].split("-")
+        kept["platform"] = "-".join(p for p in (parts[0], next((p for p in parts if p in ("x86_64", "aarch64",
+                                                                                       "arm64")), "")) if p)
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
-    return digest, kept, flat.get("hostname", "?")
+    # hosts are told apart, never named: RESULTS.md is shared, the run's env.json keeps the name
+    host = hashlib.sha256(flat.get("hostname", "?").encode()).hexdigest()[:8]
+    return digest, kept, host
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
@@ -256,7 +262,8 @@ def _group(previous: dict | None, runs: list[SeedRun], config: str | None, envs:
             "best_on_val": stats("best_on_val"), "seeds": dict(sorted(seeds.items(), key=lambda kv: kv[0]))}
 
 
-def _entry_record(name: str, table: str, previous: dict, work_dir: Path, tolerance: float, envs: dict) -> dict:
+def _entry_record(name: str, table: str, previous: dict, work_dir: Path, tolerance: float, envs: dict,
+                  drop_stale: bool = False) -> dict:
     paper = dict(load_entry(name).paper)
     old_groups = dict(previous.get("fidelities") or {})
     old_variants = {(v.get("fidelity"), v.get("config"), v.get("label")): v for v in previous.get("variants") or []}
@@ -268,7 +275,8 @@ def _entry_record(name: str, table: str, previous: dict, work_dir: Path, toleran
         old = old_groups.get(fid) or {}
         if old and old.get("config") not in (None, ref_hash):  # the registered config changed since
             label = f"recorded with config {old['config']} (the registered entry changed since)"
-            old_variants.setdefault((fid, old["config"], label), {**old, "fidelity": fid, "label": label})
+            if not drop_stale:
+                old_variants.setdefault((fid, old["config"], label), {**old, "fidelity": fid, "label": label})
             old = {}
         main = [r for r in runs if ref_hash is not None and r.config == ref_hash]
         fidelities[fid] = _group(old, main, ref_hash, envs)
@@ -279,8 +287,9 @@ def _entry_record(name: str, table: str, previous: dict, work_dir: Path, toleran
         for key, group_runs in by_config.items():
             variants[key] = {**_group(old_variants.pop(key, None), group_runs, key[1], envs), "fidelity": fid,
                              "label": key[2]}
-    for key, old in old_variants.items():  # recorded variants without runs here: kept
-        variants[key] = old
+    for key, old in old_variants.items():  # recorded variants without runs here: kept (unless stale and dropped)
+        if not (drop_stale and str(key[2]).startswith("recorded with config")):
+            variants[key] = old
     tol = previous.get("tolerance", tolerance)
     return {"table": table, "tolerance": tolerance if tol is None else tol, "paper": paper,
             "fidelities": fidelities, "variants": [variants[k] for k in sorted(variants, key=str)],
@@ -288,7 +297,7 @@ def _entry_record(name: str, table: str, previous: dict, work_dir: Path, toleran
 
 
 def render_results(work_dir: str | Path, out: str | Path = "RESULTS.md", tables: Sequence[str] | None = None,
-                   tolerance: float = 1.0) -> Path:
+                   tolerance: float = 1.0, drop_stale: bool = False) -> Path:
     """Regenerate the marked blocks of RESULTS.md from its record and the runs under ``work_dir``.
 
     Args:
@@ -299,6 +308,8 @@ def render_results(work_dir: str | Path, out: str | Path = "RESULTS.md", tables:
             other tables are left as they are, and their entries stay in the record.
         tolerance: tolerance (points) recorded for entries that have none yet; a recorded
             tolerance (also one edited by hand) is kept.
+        drop_stale: forget recorded numbers of configs the registered entry no longer has (after a
+            deliberate change of an entry or of the method); by default they stay, labelled.
 
     Returns:
         The path written (atomically: temporary file, then rename).
@@ -320,7 +331,7 @@ def render_results(work_dir: str | Path, out: str | Path = "RESULTS.md", tables:
         names = list_entries(key)
         for name in names:
             record["entries"][name] = _entry_record(name, key, record["entries"].get(name) or {}, Path(work_dir),
-                                                    tolerance, record["envs"])
+                                                    tolerance, record["envs"], drop_stale)
         blocks[key] = table_block(key, TABLES[key], names, record)
     used = {s.get("env") for rec in record["entries"].values() for g in [*rec.get("fidelities", {}).values(),
                                                                          *rec.get("variants", [])]
@@ -336,7 +347,7 @@ def render_results(work_dir: str | Path, out: str | Path = "RESULTS.md", tables:
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Handler of ``repro compare``."""
     work = Path(args.work_dir or os.environ.get("REPRO_WORK") or "runs")
-    path = render_results(work, args.out, tables=args.tables, tolerance=args.tolerance)
+    path = render_results(work, args.out, tables=args.tables, tolerance=args.tolerance, drop_stale=args.drop_stale)
     print(f"wrote {path} from runs in {work}" + ("" if work.is_dir() else " (no such directory: recorded numbers kept)"))
     return 0
 
@@ -360,5 +371,7 @@ def add_compare_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help=f"regenerate these tables only ({', '.join(TABLES)})")
     parser.add_argument("--tolerance", type=float, default=1.0,
                         help="absolute tolerance (points) recorded for entries without one (default 1.0)")
+    parser.add_argument("--drop-stale", action="store_true",
+                        help="forget recorded numbers of configs the registered entries no longer have")
     parser.set_defaults(func=_cmd_compare)
     return parser

@@ -259,7 +259,7 @@ def env_block(record: dict) -> str:
     keys = sorted({k for env in envs for k in env})
     lines += ["| | " + " | ".join(f"env {i}" for i in range(1, len(cols) + 1)) + " |", "|---" * (len(cols) + 1) + "|",
               "| runs | " + " | ".join(str(len(groups[c][0])) for c in cols) + " |",
-              "| hosts | " + " | ".join(_cell(", ".join(sorted(groups[c][1]))) for c in cols) + " |"]
+              "| distinct hosts | " + " | ".join(str(len(groups[c][1])) for c in cols) + " |"]
     lines += [f"| `{k}` | " + " | ".join(_cell(env.get(k, "–")) for env in envs) + " |" for k in keys]
     lines += [""] + [f"- env {i}: {', '.join(groups[c][0])}" for i, c in enumerate(cols, 1)]
     return "\n".join(lines) + "\n"

@@ -166,8 +166,10 @@ def save_eval_figures(out_dir: str | Path, result: EvalResult, val: ValidationSe
 
 def format_metrics(metrics: dict) -> str:
     """A plain-text table of a ``metrics.json``: final and best-on-val, cluster and linear probe."""
-    lines = [f"{metrics.get('entry', '')} seed {metrics.get('seed', '')}: {metrics.get('num_images', '?')} val images, "
-             f"CRF {'on' if metrics.get('protocol', {}).get('crf') else 'off'}",
+    protocol = metrics.get("protocol", {})
+    lines = [f"{metrics.get('entry', '')} ({metrics.get('fidelity', 'paper')} fidelity) seed {metrics.get('seed', '')}: "
+             f"{metrics.get('num_images', '?')} val images, CRF {'on' if protocol.get('crf') else 'off'}, "
+             f"flip {'on' if protocol.get('flip') else 'off'}",
              f"{'checkpoint':<26}{'unsup Acc':>10}{'unsup mIoU':>12}{'linear Acc':>12}{'linear mIoU':>13}"]
     for label, name in (("final", "final"), ("best_on_val", "best on val (val = test)")):
         if label in metrics:

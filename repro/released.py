@@ -157,19 +157,6 @@ def check_against_entry(model, config) -> list[str]:
     return notes
 
 
-def _val_crops(config, work_dir: Path, quiet: bool) -> Path:
-    """Only the validation crops of an entry (no training data, depth, shards or kNN), under the dataset lock."""
-    from repro.data.pipeline import prepare_stage
-    from repro.run import _dataset, _locked, data_paths
-
-    paths, d = data_paths(config, work_dir), config.data
-    with _locked(work_dir / "data" / f".{d.dataset}.lock"):
-        if not (paths.val_crops / "index.json").is_file():
-            prepare_stage(_dataset(config, d.val_split), paths.val_crops, five_crop=False, size=d.val_size,
-                          progress=not quiet)
-    return paths.val_crops
-
-
 def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_dir: str | Path | None = None,
                       overrides: Sequence[str] = (), crf: bool | None = None, crf_image: str | None = None,
                       crf_processes: int | None = None, device: str | None = None, quiet: bool = False,
@@ -206,7 +193,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     from repro.evaluate.protocol import evaluate_segmentation
     from repro.evaluate.report import ValidationSet, result_summary, write_json
     from repro.models.lightning import load_released
-    from repro.run import default_work_dir, resolve_entry
+    from repro.workdir import default_work_dir, prepare_val_crops, resolve_entry
 
     config = resolve_entry(entry, overrides=["fidelity=released", *overrides])
     registry = load_registry()
@@ -236,7 +223,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
             return old
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    samples = ValidationSet(_val_crops(config, work, quiet)).samples
+    samples = ValidationSet(prepare_val_crops(config, work, quiet=quiet)).samples
     timings["prepare_val"] = time.perf_counter() - start
     processes = config.eval.crf_processes if crf_processes is None else crf_processes
     processes = len(os.sched_getaffinity(0)) if processes < 0 else processes

@@ -300,8 +300,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                         tracker.add_histogram(f"correlation/{k[5:]}", v.float().cpu().flatten(), step)
             bar.update(1)
             bar.set_postfix(loss=f"{float(logs['loss/total']):.3f}", refresh=False)
-            if validate is not None and cfg.train.val_every > 0 and state.step % cfg.train.val_every == 0:
-                if accelerator.is_main_process:  # evaluation on the main process only; the others wait
+            if cfg.train.val_every > 0 and state.step % cfg.train.val_every == 0:
+                if validate is not None and accelerator.is_main_process:  # main process only; the others wait
                     miou = float(validate(parts))
                     model.train()
                     accelerator.log({"val/unsup_miou": miou}, step=step)

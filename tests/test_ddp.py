@@ -86,3 +86,27 @@ def test_two_processes_train_like_one_with_the_whole_batch(data, tmp_path):
         diff = float((two["linear_probe"][key] - value).abs().max())
         print(f"linear_probe.{key}: max |2 x B - 1 x 2B| = {diff:.2e} (|w| <= {float(value.abs().max()):.2e})")
         assert diff <= 0.2 * float(value.abs().max()), f"linear_probe.{key}"  # measured: 1.3e-2 of 1.4e-1
+
+
+def test_repro_run_under_accelerate_launch(data, tmp_path):
+    """`accelerate launch ... -m repro run ENTRY`: process 0 owns the run folder and evaluates, both train."""
+    import json
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    work, overrides, _ = data
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29534", "-m", "repro", "run", str(DEMO),
+           "--work-dir", str(work), "--quiet"]
+    cmd += [a for o in [*overrides, "name=ddp/demo", "eval.crf=false", "train.val_every=2", "train.max_steps=4"]
+            for a in ("--set", o)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = work / "ddp" / "demo" / "paper" / "seed0"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    assert torch.load(run_dir / "model.pt", weights_only=True)["meta"]["processes"] == 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"final", "best_on_val"} <= set(metrics) and 0 <= metrics["summary"]["unsup_miou"] <= 100
+    assert sorted(p.name for p in (run_dir / "train" / "checkpoints").iterdir())[-1] == "step_0000004"
+    assert {p.name for p in (run_dir / "train" / "checkpoints" / "step_0000004").iterdir()} == {
+        "state.pt", "rng_rank0.pt", "rng_rank1.pt"}

@@ -157,3 +157,17 @@ def test_missing_depth_map_names_the_file(chain, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{first}.npy"):
         shards_stage(crops, partial_depth, tmp_path / "shards")
     assert not (tmp_path / "shards").exists()  # nothing half-written left behind
+
+
+def test_blocked_knn_search_equals_one_search_and_brute_force():
+    from repro.data.knn import search_knn
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((300, 64)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    blocked, whole = search_knn(feats, k=10, block=7), search_knn(feats, k=10, block=100_000)
+    assert np.array_equal(blocked[0], whole[0]) and np.array_equal(blocked[1], whole[1])
+    brute = np.argsort(-(feats.astype(np.float64) @ feats.T.astype(np.float64)), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(blocked[0], brute)
+    with pytest.raises(ValueError, match="block"):
+        search_knn(feats, k=10, block=0)

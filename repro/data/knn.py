@@ -16,6 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from tqdm import tqdm
 from torch import nn
 
 from repro.atomic import atomic_path
@@ -69,18 +70,26 @@ def pooled_features(
     return np.concatenate(out).astype(np.float32)
 
 
-def search_knn(features: np.ndarray, k: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of every row among all rows (faiss).
+def search_knn(features: np.ndarray, k: int = 30, *, block: int = 16384, progress: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k of every row among all rows (faiss ``IndexFlatIP``, on a GPU when faiss has one).
+
+    The search is exact, as the released ``precompute_knns.py`` (a full similarity matrix, top-k);
+    queries go in blocks of ``block`` rows, so memory beyond the index itself stays bounded
+    (``block x k`` results and faiss's tiles): 248k COCO crops x 768 channels fit a normal node.
+    Blocking cannot change the result: each query's top-k is computed against all rows.
 
     Args:
         features: ``(N, C)`` float32, L2-normalised rows.
         k: neighbours kept per row, including the row itself (30).
+        block: queries per search call.
+        progress: show a progress bar over the blocks.
 
     Returns:
         ``(indices (N, k) int64, similarities (N, k) float32)``, most similar first.
 
     Raises:
-        ValueError: if ``features`` is not 2-D or has fewer than ``k`` rows.
+        ValueError: if ``features`` is not 2-D, has fewer than ``k`` rows, or ``block < 1``.
     """
     if features.ndim != 2:
         raise ValueError(f"features must be (N, C), got {features.shape}")
@@ -91,9 +100,14 @@ def search_knn(features: np.ndarray, k: int = 30) -> tuple[np.ndarray, np.ndarra
     index = faiss.IndexFlatIP(features.shape[1])
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:  # faiss-gpu on a cluster
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     index.add(features)
-    sims, idx = index.search(features, k)
-    return idx.astype(np.int64), sims.astype(np.float32)
+    idx, sims = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)
+    for start in tqdm(range(0, n, block), desc="knn search", unit="block", disable=not progress):
+        s, i = index.search(features[start:start + block], k)
+        sims[start:start + block], idx[start:start + block] = s, i
+    return idx, sims
 
 
 @dataclass

@@ -101,7 +101,8 @@ def test_render_mean_std_delta_status_and_fidelity_rows(work, tmp_path):
     mean_std, delta, _ = expected("unsup_acc", BEST)
     assert f"| 56.3 | {mean_std} | {delta} |" in best and "| 38.9 | – | – |" in best
     assert "## Environment" in text and "| `torch` | 2.4.1 |" in text and "| `gpu.name` | NVIDIA H100 |" in text
-    assert "| `git_sha` | 0123abcd |" in text and "| runs | 2 |" in text and "| hosts | node1 |" in text
+    assert "| `git_sha` | 0123abcd |" in text and "| runs | 2 |" in text and "| distinct hosts | 1 |" in text
+    assert "node1" not in text  # hosts are told apart, never named
     assert "- env 1: table1/depthg-vits8 paper seed0, table1/depthg-vits8 paper seed1" in text
     assert "<!-- repro:begin table1 -->" in text and "<!-- repro:begin table2 -->" not in text
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
@@ -311,7 +312,7 @@ def test_environment_groups_ignore_per_run_keys(work, tmp_path):
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "env.json").write_text(json.dumps({**ENV, "torch": "2.5.0"}))  # env.json when metrics has no env
     text = render_results(work, tmp_path / "RESULTS.md", tables=["table1", "table3"]).read_text()
-    assert "| runs | 3 | 1 |" in text and "| hosts | node1, node2 | node1 |" in text
+    assert "| runs | 3 | 1 |" in text and "| distinct hosts | 2 | 1 |" in text
     assert "| `torch` | 2.4.1 | 2.5.0 |" in text and "slurm_job_id" not in text
     assert "- env 2: table3/depthg-vits8 paper seed1" in text
 

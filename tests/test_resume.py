@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,12 @@ RUN_SCRIPT = """
 import os, signal, sys
 import repro.train, repro.train_state
 kill = os.environ.get("KILL_AT", "")
-if kill.startswith("batch:"):
-    at = int(kill.split(":")[1])
+if kill.startswith(("batch:", "term:")):  # SIGKILL, or SIGTERM as SLURM sends it, while batch N is computed
+    at, sig = int(kill.split(":")[1]), signal.SIGKILL if kill.startswith("batch:") else signal.SIGTERM
     forward = repro.train.TrainModule.forward
     def dying(self, f, fk, batch, step, *a, **k):
         if step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
         return forward(self, f, fk, batch, step, *a, **k)
     repro.train.TrainModule.forward = dying
 elif kill.startswith("save:"):
@@ -108,15 +107,12 @@ def test_interrupted_runs_resume_exactly_with_validation_on(demo):
         assert "resumed from" in (run_dir / "logs" / "run.log").read_text()
         _assert_same(_outputs(run_dir), reference, name)
 
-    proc = _run(work, "sigterm", overrides)
-    seen, deadline = "", time.time() + 600
-    while "11/20" not in seen and time.time() < deadline and proc.poll() is None:
-        seen += proc.stderr.read(1)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == -signal.SIGTERM
+    proc = _run(work, "sigterm", overrides, "term:13")  # the batch finishes, a checkpoint is written, then exit
+    assert proc.wait(timeout=900) == -signal.SIGTERM, proc.stderr.read()
+    run_dir = run_dir_for(resolve_entry(DEMO, overrides=[*overrides, "name=resume/sigterm"]), work)
+    assert latest_checkpoint(run_dir / "train" / "checkpoints").name == "step_0000014"
     resumed = _run(work, "sigterm", overrides)
     assert resumed.wait(timeout=900) == 0, resumed.stderr.read()
-    run_dir = run_dir_for(resolve_entry(DEMO, overrides=[*overrides, "name=resume/sigterm"]), work)
     _assert_same(_outputs(run_dir), reference, "sigterm")
 
 

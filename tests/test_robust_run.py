@@ -109,7 +109,7 @@ def test_disk_full_during_training_is_recorded_as_failed(done, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(repro.train, "_save_checkpoint", no_space)
+    monkeypatch.setattr(repro.train, "save_checkpoint", no_space)
     monkeypatch.setattr(repro.atomic.tempfile, "mkstemp", mkstemp)
     with pytest.raises(OSError, match="No space left on device"):
         run_entry(ENTRY, work_dir=work, overrides=overrides + [name], quiet=True)

@@ -169,3 +169,20 @@ def test_metrics_match_stegos_unsupervised_metrics(shared_golden, preds, matchin
     result = compute_metrics(cm, matching=matching)
     acc, miou = g[key]
     assert abs(result.accuracy - acc) <= 1e-5 and abs(result.miou - miou) <= 1e-5
+
+
+def test_dense_crf_matches_the_released_crf_given_the_released_image(shared_golden):
+    from repro.data.transforms import images_to_tensor
+    from repro.evaluate.crf import dense_crf, released_crf_image
+
+    g = _load(shared_golden, "item6_eval")
+    rgb = g["crf_image_uint8_rgb"]
+    logits = torch.nn.functional.interpolate(torch.from_numpy(g["crf_logits_20x20"]), size=rgb.shape[:2],
+                                             mode="bilinear", align_corners=False)
+    log_probs = torch.log_softmax(logits, dim=1)[0]
+    image = released_crf_image(images_to_tensor(rgb[None])[0])  # un-normalised, truncated, BGR (R12)
+    q = dense_crf(image, log_probs)
+    assert np.array_equal(q.argmax(0), g["crf_argmax_released"])
+    assert float(np.abs(q - g["crf_Q_released"]).max()) <= 1e-5
+    agree = (dense_crf(rgb, log_probs).argmax(0) == g["crf_argmax_released"]).mean()  # the paper profile's RGB image
+    assert 0.9 < agree < 1.0

@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from repro.config.registry import add_list_command
     from repro.launch import add_launch_command
+    from repro.plan import add_plan_command
     from repro.results import add_compare_command
 
     from repro.regression import add_check_command
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_command(commands)
     add_compare_command(commands)
     add_launch_command(commands)
+    add_plan_command(commands)
     return parser
 
 

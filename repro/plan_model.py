@@ -1,0 +1,424 @@
+"""The cost model behind ``repro plan``: work per stage from a resolved config, seconds from a profile.
+
+Per run (one entry, one fidelity, one seed), with ``B`` = ``train.batch_size``, ``T`` =
+:func:`repro.schedules.training_batches` (``max_steps``, ``step_unit``), ``n`` training crops
+(images x 5 when five-cropped), ``n_val`` validation images and ``C`` the backbone width:
+
+* ``train-step``: ``T`` steps of the measured training step on cached features (the profile entry
+  whose method, backbone, fidelity, LHP and sampling match best), scaled by ``B / batch measured``.
+* ``train-backbone``: the backbone at 224 px for every feature-cache miss. Each step looks up
+  ``2B`` crops (anchors and kNN partners); the in-memory cache (``train.feature_cache_gb``, fp32
+  ``28 x 28 x C`` per crop) keeps the first ``c = budget / bytes`` crops it computes; with ``L = 2BT``
+  lookups spread uniformly, :func:`cache_misses` gives the expected misses. With a
+  ``train.feature_store`` configured there are none: the features are a shared data stage.
+* ``train-loader``: ``B T`` anchor+partner reads from the shards (CPU).
+* ``validation``: ``T // val_every`` passes over the validation set without CRF (head, upsampling,
+  probes, metrics) plus the backbone at 320 px for the images beyond the validation-feature cache;
+  ``val-features``: filling that cache once.
+* ``eval-*``: the final evaluation of ``model.pt`` and (when ``val_every > 0``) ``best.pt``, each over
+  ``n_val`` images plus ``eval.num_figures`` again for the figures: the backbone at 320 px twice per
+  image with flip averaging (the cached features are not used then), else for uncached images only;
+  the head once or twice; upsampling and both probes; DenseCRF for both probes when ``eval.crf``.
+
+Shared data stages, one per :func:`repro.run.data_paths` folder: ``prepare`` (train and val crops;
+cost scaled by source-image pixels relative to the measured 640 x 480), ``depth`` (one network
+forward per crop, or per full image for ``data.depth_scope: image``, twice with ``data.depth_tta``,
+for train and val), ``shards``, ``knn`` (backbone at 224 px over every crop, then the exact search
+``a n^b`` fitted by the benchmark), and ``feature-store`` when configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "RunPlan", "Plan", "cache_misses",
+           "dataset_sizes", "train_signature", "run_costs", "data_stages", "match_train_step", "make_plan"]
+
+PROFILE_SCHEMA = "repro-stage-profile/1"
+NET_DEPTH = ("zoedepth", "midas")
+CHEAP_DEPTH = {"sensor": "perspective_plane", "image_plane": "image_plane", "perspective_plane": "perspective_plane"}
+SOURCE_PIXELS = {"cocostuff27": 640 * 480, "cityscapes27": 2048 * 1024, "potsdam3": 200 * 200, "nyuv2": 640 * 480}
+"""Nominal source-image pixels per dataset (COCO images vary around 640 x 480); prepare cost scales with them."""
+MEASURED_PIXELS = 640 * 480
+RELAX_ORDER = ("sampling", "lhp", "arch", "fidelity", "method")
+WORK = Path("WORK")
+
+
+class PlanError(ValueError):
+    """A profile or target the plan cannot use; the message names the file or key and the fix."""
+
+
+@dataclass
+class Profile:
+    """A stage profile (``benchmarks/bench_stages.py --out``): ``data["stages"][key] = {"rate", "kind", ...}``."""
+
+    path: Path
+    data: dict
+    is_default: bool = False
+
+    @property
+    def device(self) -> str:
+        """``"cuda"`` or ``"cpu"``: where the GPU stages were measured."""
+        return str(self.data.get("device", "cpu"))
+
+    def has(self, key: str) -> bool:
+        return key in self.data["stages"]
+
+    def stage(self, key: str) -> dict:
+        """The record of one stage.
+
+        Raises:
+            PlanError: the profile lacks it (rerun the benchmark without ``--quick``/``--archs`` limits).
+        """
+        try:
+            return self.data["stages"][key]
+        except KeyError:
+            raise PlanError(f"stage profile {self.path} has no stage {key!r}; rerun benchmarks/bench_stages.py "
+                            "without limits (all archs, no --tiny) to measure it") from None
+
+
+class Costs:
+    """Seconds per stage name: wall seconds on the device (GPU stages) and CPU core-seconds."""
+
+    def __init__(self) -> None:
+        self.gpu: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    def add_seconds(self, stage: str, kind: str, seconds: float, cores: int = 1) -> None:
+        if kind == "gpu":
+            self.gpu[stage] += seconds
+        else:
+            self.cpu[stage] += seconds * cores
+
+    def add(self, stage: str, profile: Profile, key: str, items: float, scale: float = 1.0) -> None:
+        """``items / rate(key) * scale`` seconds, booked by the stage's kind (``gpu`` or ``cpu``)."""
+        if items <= 0:
+            return
+        rec = profile.stage(key)
+        rate = float(rec.get("rate") or 0.0)
+        if not rate > 0 or not math.isfinite(rate):
+            raise PlanError(f"stage profile {profile.path}: stage {key!r} has no positive rate ({rec.get('rate')!r})")
+        self.add_seconds(stage, rec.get("kind", "gpu"), items / rate * scale, int(rec.get("cores", 1)))
+
+
+def _hours(seconds: dict[str, float], factor: float = 1.0) -> dict[str, float]:
+    return {k: v * factor / 3600.0 for k, v in seconds.items() if v > 0}
+
+
+@dataclass
+class DataStage:
+    """One shared data folder: which stage made it and its cost (hours)."""
+
+    stage: str
+    label: str
+    gpu_by_stage: dict[str, float]
+    cpu_by_stage: dict[str, float]
+
+    @property
+    def gpu_h(self) -> float:
+        return sum(self.gpu_by_stage.values())
+
+    @property
+    def cpu_h(self) -> float:
+        return sum(self.cpu_by_stage.values())
+
+
+@dataclass
+class RunPlan:
+    """One entry in one fidelity, all seeds: its settings and hours per stage (seeds included)."""
+
+    entry: str
+    fidelity: str
+    table: str
+    batches: int
+    batch_size: int
+    val_every: int
+    crf: bool
+    flip: bool
+    n_train: int
+    n_val: int
+    step_profile: str
+    data: list[str]
+    gpu_by_stage: dict[str, float]
+    cpu_by_stage: dict[str, float]
+
+    @property
+    def gpu_h(self) -> float:
+        return sum(self.gpu_by_stage.values())
+
+    @property
+    def cpu_h(self) -> float:
+        return sum(self.cpu_by_stage.values())
+
+
+@dataclass
+class Plan:
+    """Runs grouped by table, the shared data folders (counted once), storage and notes."""
+
+    profile: Profile
+    seeds: int
+    fidelities: tuple[str, ...]
+    runs: list[RunPlan] = field(default_factory=list)
+    tables: dict[str, list[RunPlan]] = field(default_factory=dict)
+    data: dict[str, DataStage] = field(default_factory=dict)
+    table_data: dict[str, set[str]] = field(default_factory=dict)
+    storage: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def data_hours(self, table: str | None) -> tuple[float, float]:
+        idents = self.table_data[table] if table is not None else set(self.data)
+        return (sum(self.data[i].gpu_h for i in idents), sum(self.data[i].cpu_h for i in idents))
+
+    def totals(self, table: str | None) -> tuple[float, float, dict[str, float], dict[str, float]]:
+        """GPU-h, CPU-h and hours by stage of one table (or of everything), shared data counted once."""
+        runs = self.tables[table] if table is not None else self.runs
+        idents = self.table_data[table] if table is not None else set(self.data)
+        gpu: dict[str, float] = defaultdict(float)
+        cpu: dict[str, float] = defaultdict(float)
+        for item in [*runs, *(self.data[i] for i in idents)]:
+            for k, v in item.gpu_by_stage.items():
+                gpu[k] += v
+            for k, v in item.cpu_by_stage.items():
+                cpu[k] += v
+        return sum(gpu.values()), sum(cpu.values()), dict(gpu), dict(cpu)
+
+    def to_dict(self) -> dict:
+        gpu, cpu, g_st, c_st = self.totals(None)
+        return {"profile": str(self.profile.path), "profile_is_default": self.profile.is_default,
+                "profile_device": self.profile.device, "seeds": self.seeds, "fidelities": list(self.fidelities),
+                "projection": True, "total": {"gpu_h": gpu, "cpu_h": cpu, "gpu_by_stage": g_st, "cpu_by_stage": c_st},
+                "tables": {t: dict(zip(("gpu_h", "cpu_h", "gpu_by_stage", "cpu_by_stage"), self.totals(t)))
+                           for t in self.tables},
+                "runs": [dataclasses.asdict(r) for r in self.runs],
+                "data": {k: {**dataclasses.asdict(v), "gpu_h": v.gpu_h, "cpu_h": v.cpu_h} for k, v in self.data.items()},
+                "feature_store_bytes": {f"{c}|{a}": b for (c, a), (_, b) in self.storage.items()},
+                "warnings": self.warnings}
+
+
+def cache_misses(lookups: float, n: int, capacity: int) -> float:
+    """Expected misses of the trainer's feature cache under ``lookups`` uniform lookups of ``n`` items.
+
+    The cache (:class:`repro.train_state.FeatureCache`) keeps every item it computes until it holds
+    ``c = capacity`` items. With ``q = 1 - 1/n``, ``D(t) = n (1 - q^t)`` distinct items have been seen
+    after ``t`` lookups and the cache is full at ``t* = ln(1 - c/n) / ln q``; a lookup hits with
+    probability (items cached) / ``n``, so the hits are ``t* - c`` before ``t*`` and ``(L - t*) c / n``
+    after it. When the cache never fills (``c >= n`` or ``L <= t*``) the misses are ``D(L)``.
+    """
+    if lookups <= 0 or n <= 0:
+        return 0.0
+    c = min(max(capacity, 0), n)
+    q = 1.0 - 1.0 / n
+    distinct = n * (1.0 - q**lookups)
+    if c == 0:
+        return float(lookups)
+    if c >= n:
+        return distinct
+    t_full = math.log(1.0 - c / n) / math.log(q)
+    if lookups <= t_full:
+        return distinct
+    return lookups - (t_full - c) - (lookups - t_full) * c / n
+
+
+def _capacity(budget_gb: float, nbytes: int) -> int:
+    return int(budget_gb * 2**30) // nbytes
+
+
+def _split_count(dataset: str, split: str) -> int:
+    from repro.data.manifest import load_manifest
+
+    manifest = load_manifest(dataset)
+    for name, spec in manifest.get("splits", {}).items():
+        if (name == split or spec.get("alias") == split) and spec.get("count"):
+            return int(spec["count"])
+    raise PlanError(f"data_manifests/{dataset}.yaml has no image count for split {split!r}; add it under 'splits'")
+
+
+def dataset_sizes(config) -> tuple[int, int, str]:
+    """``(train images, val images, source)``: a local copy at ``data.root`` if present, else the manifest."""
+    from repro.data import get_dataset
+
+    d = config.data
+    root = Path(os.path.expandvars(d.root)) if d.root else None
+    if root is not None and "$" not in str(root) and root.is_dir():
+        try:
+            return len(get_dataset(d.dataset, root, d.train_split)), len(get_dataset(d.dataset, root, d.val_split)), \
+                f"local copy {root}"
+        except Exception:  # noqa: BLE001 - an unreadable copy falls back to the manifest, said in the source
+            pass
+    return _split_count(d.dataset, d.train_split), _split_count(d.dataset, d.val_split), "data_manifests"
+
+
+def train_signature(config) -> dict[str, str]:
+    """What makes training steps differ in cost: method, backbone, fidelity, LHP propagation, sampling mode."""
+    lhp = config.lhp.propagation if config.lhp.enabled and config.method != "dino" else "none"
+    return {"method": config.method, "arch": config.model.arch, "fidelity": config.fidelity, "lhp": lhp,
+            "sampling": config.sampling.mode if config.method != "dino" else "none"}
+
+
+def match_train_step(profile: Profile, config) -> tuple[str, list[str]]:
+    """The measured cached training step closest to ``config``: ``(stage key, fields that differ)``.
+
+    Fields are relaxed in the order sampling, LHP, backbone, fidelity, method.
+
+    Raises:
+        PlanError: the profile holds no cached training step.
+    """
+    want = train_signature(config)
+    measured = {k: v.get("signature", {}) for k, v in profile.data["stages"].items()
+                if k.startswith("train/") and k.endswith("/cached")}
+    if not measured:
+        raise PlanError(f"stage profile {profile.path} has no cached training step (train/.../cached)")
+    for n in range(len(RELAX_ORDER) + 1):
+        fixed = [f for f in want if f not in RELAX_ORDER[:n]]
+        hits = sorted(k for k, sig in measured.items() if all(sig.get(f) == want[f] for f in fixed))
+        if hits:
+            return hits[0], [f for f in RELAX_ORDER[:n] if measured[hits[0]].get(f) != want[f]]
+    raise AssertionError("unreachable: every field relaxed")
+
+
+def _feature_dim(arch: str) -> int:
+    from repro.models.backbone import get_arch
+
+    return get_arch(arch).feature_dim
+
+
+def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs, str, list[str]]:
+    """Seconds of one run (one seed) per stage; ``(costs, training-step key, differing fields)``."""
+    from repro.schedules import training_batches
+
+    d, t, e, arch = config.data, config.train, config.eval, config.model.arch
+    c = _feature_dim(arch)
+    crops = n_train * (5 if d.five_crop else 1)
+    batches = training_batches(t.max_steps, t.step_unit)
+    costs = Costs()
+    key, relaxed = match_train_step(profile, config)
+    rec = profile.stage(key)
+    costs.add_seconds("train-step", rec.get("kind", "gpu"), batches * t.batch_size / float(rec["batch"]) / float(rec["rate"]))
+    lookups = 2 * t.batch_size * batches
+    store = bool(getattr(t, "feature_store", None))
+    misses = 0.0 if store else cache_misses(lookups, crops, _capacity(t.feature_cache_gb, 28 * 28 * c * 4))
+    costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
+    costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
+    kind = "dino" if config.method == "dino" else "segment"
+    cached_val = min(n_val, _capacity(t.feature_cache_gb, 40 * 40 * c * 4))
+    validations = batches // t.val_every if t.val_every > 0 else 0
+    costs.add("validation", profile, f"val/{arch}/{kind}", validations * n_val)
+    costs.add("validation", profile, f"backbone/{arch}/320/fp32", validations * (n_val - cached_val))
+    costs.add("val-features", profile, f"backbone/{arch}/320/fp32", cached_val)
+    checkpoints = 2 if validations > 0 else 1
+    images = checkpoints * (n_val + min(e.num_figures, n_val))
+    uncached = checkpoints * ((n_val - cached_val) + max(0, min(e.num_figures, n_val) - cached_val))
+    costs.add("eval-backbone", profile, f"backbone/{arch}/320/fp32", 2 * images if e.flip else uncached)
+    costs.add("eval-head", profile, f"eval/{arch}/{kind}/head", (2 if e.flip else 1) * images)
+    costs.add("eval-upsample", profile, f"eval/{arch}/{kind}/upsample_probes", images)
+    if e.crf:
+        costs.add("eval-crf", profile, "eval/crf/serial", 2 * images)  # both probes
+    return costs, key, relaxed
+
+
+def _depth_key(profile: Profile, source: str, scope: str, notes: list[str]) -> str:
+    if source in CHEAP_DEPTH:
+        return f"depth/{CHEAP_DEPTH[source]}/stage"
+    net = source if source in NET_DEPTH else "zoedepth"
+    if net != source:
+        notes.append(f"depth source {source!r} has no estimator in repro.depth: costed as ZoeDepth")
+    full = f"depth/{net}/full/{scope}"
+    if profile.has(full):
+        return full
+    notes.append(f"depth {net}: the profile measured only the tiny random model (bench_stages.py --depth-full "
+                 f"measures the full-size one); depth hours are underestimated")
+    return f"depth/{net}/tiny/{scope}"
+
+
+def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[str]) -> dict[str, DataStage]:
+    """The shared data folders of a config and their cost (hours), keyed by folder identity."""
+    from repro.run import data_paths
+
+    d, arch = config.data, config.model.arch
+    paths = data_paths(config, WORK)
+    crops = n_train * (5 if d.five_crop else 1)
+    scale = SOURCE_PIXELS.get(d.dataset, MEASURED_PIXELS) / MEASURED_PIXELS
+    out: dict[str, DataStage] = {}
+
+    def stage(name: str, path: Path, *items: tuple[str, str, float, float]) -> None:
+        costs = Costs()
+        for sub, key, count, factor in items:
+            costs.add(sub, profile, key, count, factor)
+        out[f"{name}:{path}"] = DataStage(name, str(path.relative_to(WORK / "data")), _hours(costs.gpu),
+                                          _hours(costs.cpu))
+
+    train_prep = "prepare/train224-five" if d.five_crop else "prepare/val320"
+    stage("prepare", paths.crops, ("prepare", train_prep, n_train, scale))
+    stage("prepare", paths.val_crops, ("prepare", "prepare/val320", n_val, scale))
+    if d.depth_source != "none":
+        tta = 2.0 if d.depth_tta and d.depth_source not in CHEAP_DEPTH else 1.0
+        scope = "image" if d.depth_scope == "image" else "crop"
+        key = _depth_key(profile, d.depth_source, scope, notes)
+        stage("depth", paths.depth, ("depth", key, n_train if scope == "image" else crops, tta))
+        stage("depth", paths.val_depth, ("depth", key, n_val, tta))
+    stage("shards", paths.shards, ("shards", "shards/train224", crops, 1.0))
+    knn = Costs()
+    knn.add("knn-features", profile, f"backbone/{arch}/224/fp32", crops)
+    fit = profile.data.get("knn_fit", {}).get(str(_feature_dim(arch)))
+    if fit is None:
+        raise PlanError(f"stage profile {profile.path} has no kNN fit for C={_feature_dim(arch)} (knn_fit)")
+    knn.add_seconds("knn-search", fit.get("kind", "cpu"), float(fit["a"]) * crops ** float(fit["b"]),
+                    int(fit.get("cores", 1)))
+    out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), _hours(knn.gpu),
+                                        _hours(knn.cpu))
+    if getattr(config.train, "feature_store", None):
+        stage("features", paths.crops.with_name(paths.crops.name + f"-{arch}"),
+              ("feature-store", f"backbone/{arch}/224/fp32", crops, 1.0))
+    return out
+
+
+def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
+              fidelities: tuple[str, ...] = ("paper", "released"), overrides=()) -> Plan:
+    """The plan of the entries in ``groups`` (``{table: [entry, ...]}``) in every fidelity, ``seeds`` each.
+
+    Raises:
+        PlanError: bad seeds, a profile missing a needed stage, or a split without a count.
+        UnknownEntryError / ConfigError: from loading the entries.
+    """
+    from repro.config.registry import load_entry
+    from repro.run import data_paths
+    from repro.schedules import training_batches
+
+    if seeds < 1:
+        raise PlanError(f"--seeds must be >= 1, got {seeds}")
+    plan = Plan(profile, seeds, tuple(fidelities))
+    notes: list[str] = []
+    for table, names in groups.items():
+        plan.tables[table], plan.table_data[table] = [], set()
+        for name in names:
+            for fid in fidelities:
+                cfg = load_entry(name, [f"fidelity={fid}", *overrides])
+                n_train, n_val, source = dataset_sizes(cfg)
+                costs, key, relaxed = run_costs(cfg, profile, n_train, n_val)
+                if relaxed:
+                    notes.append(f"{name} ({fid}): training step costed with the measured {key} (differs in "
+                                 f"{', '.join(relaxed)})")
+                if source != "data_manifests":
+                    notes.append(f"{name}: dataset sizes from the {source}")
+                stages = data_stages(cfg, profile, n_train, n_val, notes)
+                plan.data.update(stages)
+                plan.table_data[table] |= set(stages)
+                t = cfg.train
+                run = RunPlan(name, fid, table, training_batches(t.max_steps, t.step_unit), t.batch_size, t.val_every,
+                              cfg.eval.crf, cfg.eval.flip, n_train, n_val, key, sorted(stages),
+                              _hours(costs.gpu, seeds), _hours(costs.cpu, seeds))
+                plan.runs.append(run)
+                plan.tables[table].append(run)
+                c = _feature_dim(cfg.model.arch)
+                crops = n_train * (5 if cfg.data.five_crop else 1)
+                label = str(data_paths(cfg, WORK).crops.relative_to(WORK / "data"))
+                plan.storage[(label, cfg.model.arch)] = (crops, crops * 28 * 28 * c * 2)
+    plan.warnings = list(dict.fromkeys(notes))
+    if not math.isfinite(plan.totals(None)[0] + plan.totals(None)[1]):
+        raise PlanError(f"stage profile {profile.path} holds a zero or invalid rate")
+    return plan

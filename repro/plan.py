@@ -21,21 +21,145 @@ Without ``--profile`` (or ``$REPRO_PROFILE``) the plan uses the default profile 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from repro.plan_model import PROFILE_SCHEMA, Plan, PlanError, Profile, make_plan
+from repro.plan_model import (PROFILE_SCHEMA, WORK, DataStage, PlanError, Profile, data_stages, dataset_sizes,
+                               feature_dim, hours_by_stage, run_costs)
 
-__all__ = ["PROFILE_SCHEMA", "DEFAULT_PROFILE", "PlanError", "Profile", "load_profile", "default_profile_path",
-           "make_plan", "format_plan", "plan_targets", "add_plan_command"]
+__all__ = ["PROFILE_SCHEMA", "DEFAULT_PROFILE", "PlanError", "Profile", "RunPlan", "Plan", "load_profile",
+           "default_profile_path", "make_plan", "format_plan", "print_plan", "plan_targets", "add_plan_command"]
 
 DEFAULT_PROFILE = "cpu-2core.json"
 """File name of the default profile in ``benchmarks/profiles/`` (measured on the project's 2-core CPU)."""
 
 PRODUCE = ("produce one on the target hardware: `python benchmarks/bench_stages.py --out PROFILE.json` "
            "(on a GPU node), then `repro plan all --profile PROFILE.json`")
+
+
+@dataclass
+class RunPlan:
+    """One entry in one fidelity, all seeds: its settings and hours per stage (seeds included)."""
+
+    entry: str
+    fidelity: str
+    table: str
+    batches: int
+    batch_size: int
+    val_every: int
+    crf: bool
+    flip: bool
+    n_train: int
+    n_val: int
+    step_profile: str
+    data: list[str]
+    gpu_by_stage: dict[str, float]
+    cpu_by_stage: dict[str, float]
+
+    @property
+    def gpu_h(self) -> float:
+        return sum(self.gpu_by_stage.values())
+
+    @property
+    def cpu_h(self) -> float:
+        return sum(self.cpu_by_stage.values())
+
+
+@dataclass
+class Plan:
+    """Runs grouped by table, the shared data folders (counted once), storage and notes."""
+
+    profile: Profile
+    seeds: int
+    fidelities: tuple[str, ...]
+    runs: list[RunPlan] = field(default_factory=list)
+    tables: dict[str, list[RunPlan]] = field(default_factory=dict)
+    data: dict[str, DataStage] = field(default_factory=dict)
+    table_data: dict[str, set[str]] = field(default_factory=dict)
+    storage: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def data_hours(self, table: str | None) -> tuple[float, float]:
+        idents = self.table_data[table] if table is not None else set(self.data)
+        return (sum(self.data[i].gpu_h for i in idents), sum(self.data[i].cpu_h for i in idents))
+
+    def totals(self, table: str | None) -> tuple[float, float, dict[str, float], dict[str, float]]:
+        """GPU-h, CPU-h and hours by stage of one table (or of everything), shared data counted once."""
+        runs = self.tables[table] if table is not None else self.runs
+        idents = self.table_data[table] if table is not None else set(self.data)
+        gpu: dict[str, float] = defaultdict(float)
+        cpu: dict[str, float] = defaultdict(float)
+        for item in [*runs, *(self.data[i] for i in idents)]:
+            for k, v in item.gpu_by_stage.items():
+                gpu[k] += v
+            for k, v in item.cpu_by_stage.items():
+                cpu[k] += v
+        return sum(gpu.values()), sum(cpu.values()), dict(gpu), dict(cpu)
+
+    def to_dict(self) -> dict:
+        gpu, cpu, g_st, c_st = self.totals(None)
+        return {"profile": str(self.profile.path), "profile_is_default": self.profile.is_default,
+                "profile_device": self.profile.device, "seeds": self.seeds, "fidelities": list(self.fidelities),
+                "projection": True, "total": {"gpu_h": gpu, "cpu_h": cpu, "gpu_by_stage": g_st, "cpu_by_stage": c_st},
+                "tables": {t: dict(zip(("gpu_h", "cpu_h", "gpu_by_stage", "cpu_by_stage"), self.totals(t)))
+                           for t in self.tables},
+                "runs": [dataclasses.asdict(r) for r in self.runs],
+                "data": {k: {**dataclasses.asdict(v), "gpu_h": v.gpu_h, "cpu_h": v.cpu_h} for k, v in self.data.items()},
+                "feature_store_bytes": {f"{c}|{a}": b for (c, a), (_, b) in self.storage.items()},
+                "warnings": self.warnings}
+
+
+def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
+              fidelities: tuple[str, ...] = ("paper", "released"), overrides=()) -> Plan:
+    """The plan of the entries in ``groups`` (``{table: [entry, ...]}``) in every fidelity, ``seeds`` each.
+
+    Raises:
+        PlanError: bad seeds, a profile missing a needed stage, or a split without a count.
+        UnknownEntryError / ConfigError: from loading the entries.
+    """
+    from repro.config.registry import load_entry
+    from repro.run import data_paths
+    from repro.schedules import training_batches
+
+    if seeds < 1:
+        raise PlanError(f"--seeds must be >= 1, got {seeds}")
+    plan = Plan(profile, seeds, tuple(fidelities))
+    notes: list[str] = []
+    for table, names in groups.items():
+        plan.tables[table], plan.table_data[table] = [], set()
+        for name in names:
+            for fid in fidelities:
+                cfg = load_entry(name, [f"fidelity={fid}", *overrides])
+                n_train, n_val, source = dataset_sizes(cfg)
+                costs, key, relaxed = run_costs(cfg, profile, n_train, n_val)
+                if relaxed:
+                    notes.append(f"{name} ({fid}): training step costed with the measured {key} (differs in "
+                                 f"{', '.join(relaxed)})")
+                if source != "data_manifests":
+                    notes.append(f"{name}: dataset sizes from the {source}")
+                stages = data_stages(cfg, profile, n_train, n_val, notes)
+                plan.data.update(stages)
+                plan.table_data[table] |= set(stages)
+                t = cfg.train
+                run = RunPlan(name, fid, table, training_batches(t.max_steps, t.step_unit), t.batch_size, t.val_every,
+                              cfg.eval.crf, cfg.eval.flip, n_train, n_val, key, sorted(stages),
+                              hours_by_stage(costs.gpu, seeds), hours_by_stage(costs.cpu, seeds))
+                plan.runs.append(run)
+                plan.tables[table].append(run)
+                c = feature_dim(cfg.model.arch)
+                crops = n_train * (5 if cfg.data.five_crop else 1)
+                label = str(data_paths(cfg, WORK).crops.relative_to(WORK / "data"))
+                plan.storage[(label, cfg.model.arch)] = (crops, crops * 28 * 28 * c * 2)
+    plan.warnings = list(dict.fromkeys(notes))
+    if not math.isfinite(plan.totals(None)[0] + plan.totals(None)[1]):
+        raise PlanError(f"stage profile {profile.path} holds a zero or invalid rate")
+    return plan
 
 
 def default_profile_path() -> Path:

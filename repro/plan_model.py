@@ -8,8 +8,9 @@ Per run (one entry, one fidelity, one seed), with ``B`` = ``train.batch_size``, 
   whose method, backbone, fidelity, LHP and sampling match best), scaled by ``B / batch measured``.
 * ``train-backbone``: the backbone at 224 px for every feature-cache miss. Each step looks up
   ``2B`` crops (anchors and kNN partners); the in-memory cache (``train.feature_cache_gb``, fp32
-  ``28 x 28 x C`` per crop) keeps the first ``c = budget / bytes`` crops it computes; with ``L = 2BT``
-  lookups spread uniformly, :func:`cache_misses` gives the expected misses. With a
+  ``28 x 28 x C`` per crop, plus the ``784 x 784`` attention for attention LHP) keeps the first
+  ``c = budget / bytes`` crops it computes; with ``L = 2BT`` lookups spread uniformly,
+  :func:`cache_misses` gives the expected misses. With a
   ``train.feature_store`` configured there are none: the features are a shared data stage.
 * ``train-loader``: ``B T`` anchor+partner reads from the shards (CPU).
 * ``validation``: ``T // val_every`` passes over the validation set without CRF (head, upsampling,
@@ -29,15 +30,14 @@ for train and val), ``shards``, ``knn`` (backbone at 224 px over every crop, the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "RunPlan", "Plan", "cache_misses",
-           "dataset_sizes", "train_signature", "run_costs", "data_stages", "match_train_step", "make_plan"]
+__all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "cache_misses", "dataset_sizes",
+           "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK"]
 
 PROFILE_SCHEMA = "repro-stage-profile/1"
 NET_DEPTH = ("zoedepth", "midas")
@@ -45,7 +45,7 @@ CHEAP_DEPTH = {"sensor": "perspective_plane", "image_plane": "image_plane", "per
 SOURCE_PIXELS = {"cocostuff27": 640 * 480, "cityscapes27": 2048 * 1024, "potsdam3": 200 * 200, "nyuv2": 640 * 480}
 """Nominal source-image pixels per dataset (COCO images vary around 640 x 480); prepare cost scales with them."""
 MEASURED_PIXELS = 640 * 480
-RELAX_ORDER = ("sampling", "lhp", "arch", "fidelity", "method")
+RELAX_ORDER = ("sampling", "lhp", "fidelity", "arch", "method")
 WORK = Path("WORK")
 
 
@@ -106,7 +106,7 @@ class Costs:
         self.add_seconds(stage, rec.get("kind", "gpu"), items / rate * scale, int(rec.get("cores", 1)))
 
 
-def _hours(seconds: dict[str, float], factor: float = 1.0) -> dict[str, float]:
+def hours_by_stage(seconds: dict[str, float], factor: float = 1.0) -> dict[str, float]:
     return {k: v * factor / 3600.0 for k, v in seconds.items() if v > 0}
 
 
@@ -126,78 +126,6 @@ class DataStage:
     @property
     def cpu_h(self) -> float:
         return sum(self.cpu_by_stage.values())
-
-
-@dataclass
-class RunPlan:
-    """One entry in one fidelity, all seeds: its settings and hours per stage (seeds included)."""
-
-    entry: str
-    fidelity: str
-    table: str
-    batches: int
-    batch_size: int
-    val_every: int
-    crf: bool
-    flip: bool
-    n_train: int
-    n_val: int
-    step_profile: str
-    data: list[str]
-    gpu_by_stage: dict[str, float]
-    cpu_by_stage: dict[str, float]
-
-    @property
-    def gpu_h(self) -> float:
-        return sum(self.gpu_by_stage.values())
-
-    @property
-    def cpu_h(self) -> float:
-        return sum(self.cpu_by_stage.values())
-
-
-@dataclass
-class Plan:
-    """Runs grouped by table, the shared data folders (counted once), storage and notes."""
-
-    profile: Profile
-    seeds: int
-    fidelities: tuple[str, ...]
-    runs: list[RunPlan] = field(default_factory=list)
-    tables: dict[str, list[RunPlan]] = field(default_factory=dict)
-    data: dict[str, DataStage] = field(default_factory=dict)
-    table_data: dict[str, set[str]] = field(default_factory=dict)
-    storage: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def data_hours(self, table: str | None) -> tuple[float, float]:
-        idents = self.table_data[table] if table is not None else set(self.data)
-        return (sum(self.data[i].gpu_h for i in idents), sum(self.data[i].cpu_h for i in idents))
-
-    def totals(self, table: str | None) -> tuple[float, float, dict[str, float], dict[str, float]]:
-        """GPU-h, CPU-h and hours by stage of one table (or of everything), shared data counted once."""
-        runs = self.tables[table] if table is not None else self.runs
-        idents = self.table_data[table] if table is not None else set(self.data)
-        gpu: dict[str, float] = defaultdict(float)
-        cpu: dict[str, float] = defaultdict(float)
-        for item in [*runs, *(self.data[i] for i in idents)]:
-            for k, v in item.gpu_by_stage.items():
-                gpu[k] += v
-            for k, v in item.cpu_by_stage.items():
-                cpu[k] += v
-        return sum(gpu.values()), sum(cpu.values()), dict(gpu), dict(cpu)
-
-    def to_dict(self) -> dict:
-        gpu, cpu, g_st, c_st = self.totals(None)
-        return {"profile": str(self.profile.path), "profile_is_default": self.profile.is_default,
-                "profile_device": self.profile.device, "seeds": self.seeds, "fidelities": list(self.fidelities),
-                "projection": True, "total": {"gpu_h": gpu, "cpu_h": cpu, "gpu_by_stage": g_st, "cpu_by_stage": c_st},
-                "tables": {t: dict(zip(("gpu_h", "cpu_h", "gpu_by_stage", "cpu_by_stage"), self.totals(t)))
-                           for t in self.tables},
-                "runs": [dataclasses.asdict(r) for r in self.runs],
-                "data": {k: {**dataclasses.asdict(v), "gpu_h": v.gpu_h, "cpu_h": v.cpu_h} for k, v in self.data.items()},
-                "feature_store_bytes": {f"{c}|{a}": b for (c, a), (_, b) in self.storage.items()},
-                "warnings": self.warnings}
 
 
 def cache_misses(lookups: float, n: int, capacity: int) -> float:
@@ -263,7 +191,7 @@ def train_signature(config) -> dict[str, str]:
 def match_train_step(profile: Profile, config) -> tuple[str, list[str]]:
     """The measured cached training step closest to ``config``: ``(stage key, fields that differ)``.
 
-    Fields are relaxed in the order sampling, LHP, backbone, fidelity, method.
+    Fields are relaxed in the order sampling, LHP, fidelity, backbone, method (least to most cost).
 
     Raises:
         PlanError: the profile holds no cached training step.
@@ -281,7 +209,7 @@ def match_train_step(profile: Profile, config) -> tuple[str, list[str]]:
     raise AssertionError("unreachable: every field relaxed")
 
 
-def _feature_dim(arch: str) -> int:
+def feature_dim(arch: str) -> int:
     from repro.models.backbone import get_arch
 
     return get_arch(arch).feature_dim
@@ -292,7 +220,7 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     from repro.schedules import training_batches
 
     d, t, e, arch = config.data, config.train, config.eval, config.model.arch
-    c = _feature_dim(arch)
+    c = feature_dim(arch)
     crops = n_train * (5 if d.five_crop else 1)
     batches = training_batches(t.max_steps, t.step_unit)
     costs = Costs()
@@ -301,7 +229,8 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     costs.add_seconds("train-step", rec.get("kind", "gpu"), batches * t.batch_size / float(rec["batch"]) / float(rec["rate"]))
     lookups = 2 * t.batch_size * batches
     store = bool(getattr(t, "feature_store", None))
-    misses = 0.0 if store else cache_misses(lookups, crops, _capacity(t.feature_cache_gb, 28 * 28 * c * 4))
+    per_crop = 28 * 28 * c * 4 + (784 * 784 * 4 if config.lhp.enabled and config.lhp.propagation == "attention" else 0)
+    misses = 0.0 if store else cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
     costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
     costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
     kind = "dino" if config.method == "dino" else "segment"
@@ -349,8 +278,8 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
         costs = Costs()
         for sub, key, count, factor in items:
             costs.add(sub, profile, key, count, factor)
-        out[f"{name}:{path}"] = DataStage(name, str(path.relative_to(WORK / "data")), _hours(costs.gpu),
-                                          _hours(costs.cpu))
+        out[f"{name}:{path}"] = DataStage(name, str(path.relative_to(WORK / "data")), hours_by_stage(costs.gpu),
+                                          hours_by_stage(costs.cpu))
 
     train_prep = "prepare/train224-five" if d.five_crop else "prepare/val320"
     stage("prepare", paths.crops, ("prepare", train_prep, n_train, scale))
@@ -364,61 +293,14 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
     stage("shards", paths.shards, ("shards", "shards/train224", crops, 1.0))
     knn = Costs()
     knn.add("knn-features", profile, f"backbone/{arch}/224/fp32", crops)
-    fit = profile.data.get("knn_fit", {}).get(str(_feature_dim(arch)))
+    fit = profile.data.get("knn_fit", {}).get(str(feature_dim(arch)))
     if fit is None:
-        raise PlanError(f"stage profile {profile.path} has no kNN fit for C={_feature_dim(arch)} (knn_fit)")
+        raise PlanError(f"stage profile {profile.path} has no kNN fit for C={feature_dim(arch)} (knn_fit)")
     knn.add_seconds("knn-search", fit.get("kind", "cpu"), float(fit["a"]) * crops ** float(fit["b"]),
                     int(fit.get("cores", 1)))
-    out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), _hours(knn.gpu),
-                                        _hours(knn.cpu))
+    out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), hours_by_stage(knn.gpu),
+                                        hours_by_stage(knn.cpu))
     if getattr(config.train, "feature_store", None):
         stage("features", paths.crops.with_name(paths.crops.name + f"-{arch}"),
               ("feature-store", f"backbone/{arch}/224/fp32", crops, 1.0))
     return out
-
-
-def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
-              fidelities: tuple[str, ...] = ("paper", "released"), overrides=()) -> Plan:
-    """The plan of the entries in ``groups`` (``{table: [entry, ...]}``) in every fidelity, ``seeds`` each.
-
-    Raises:
-        PlanError: bad seeds, a profile missing a needed stage, or a split without a count.
-        UnknownEntryError / ConfigError: from loading the entries.
-    """
-    from repro.config.registry import load_entry
-    from repro.run import data_paths
-    from repro.schedules import training_batches
-
-    if seeds < 1:
-        raise PlanError(f"--seeds must be >= 1, got {seeds}")
-    plan = Plan(profile, seeds, tuple(fidelities))
-    notes: list[str] = []
-    for table, names in groups.items():
-        plan.tables[table], plan.table_data[table] = [], set()
-        for name in names:
-            for fid in fidelities:
-                cfg = load_entry(name, [f"fidelity={fid}", *overrides])
-                n_train, n_val, source = dataset_sizes(cfg)
-                costs, key, relaxed = run_costs(cfg, profile, n_train, n_val)
-                if relaxed:
-                    notes.append(f"{name} ({fid}): training step costed with the measured {key} (differs in "
-                                 f"{', '.join(relaxed)})")
-                if source != "data_manifests":
-                    notes.append(f"{name}: dataset sizes from the {source}")
-                stages = data_stages(cfg, profile, n_train, n_val, notes)
-                plan.data.update(stages)
-                plan.table_data[table] |= set(stages)
-                t = cfg.train
-                run = RunPlan(name, fid, table, training_batches(t.max_steps, t.step_unit), t.batch_size, t.val_every,
-                              cfg.eval.crf, cfg.eval.flip, n_train, n_val, key, sorted(stages),
-                              _hours(costs.gpu, seeds), _hours(costs.cpu, seeds))
-                plan.runs.append(run)
-                plan.tables[table].append(run)
-                c = _feature_dim(cfg.model.arch)
-                crops = n_train * (5 if cfg.data.five_crop else 1)
-                label = str(data_paths(cfg, WORK).crops.relative_to(WORK / "data"))
-                plan.storage[(label, cfg.model.arch)] = (crops, crops * 28 * 28 * c * 2)
-    plan.warnings = list(dict.fromkeys(notes))
-    if not math.isfinite(plan.totals(None)[0] + plan.totals(None)[1]):
-        raise PlanError(f"stage profile {profile.path} holds a zero or invalid rate")
-    return plan

@@ -12,8 +12,8 @@ import torch
 
 from repro.cli import main
 from repro.config.registry import list_entries
-from repro.plan import PROFILE_SCHEMA, PlanError, format_plan, load_profile, plan_targets
-from repro.plan_model import cache_misses, make_plan
+from repro.plan import PROFILE_SCHEMA, PlanError, format_plan, load_profile, make_plan, plan_targets
+from repro.plan_model import cache_misses
 from repro.train_state import FeatureCache
 
 # A small fake profile with round rates (items per second); CPU stages say how many cores they used.

@@ -216,17 +216,26 @@ def _dominant(by_stage: dict[str, float]) -> str:
     return f"{stage} {100 * by_stage[stage] / total:.0f}%"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _banner(profile: Profile) -> list[str]:
-    meta = profile.data
+    meta, shown = profile.data, _shown(profile.path)
     where = (f"{meta.get('device', '?')} ({meta.get('device_name', '?')}, {meta.get('threads', '?')} threads, "
              f"load average {meta.get('load_avg', '?')}) on {meta.get('created', '?')}")
-    lines = [f"profile: {profile.path} -- measured on {where}"]
+    lines = [f"profile: {shown} -- measured on {where}"]
     if profile.is_default:
         bar = "!" * 100
         lines = [bar, "  NO BENCHMARK PROFILE FOR THE TARGET HARDWARE (--profile FILE or $REPRO_PROFILE): using the",
-                 f"  default profile {profile.path}, measured on this project's 2-core build CPU.",
-                 f"  Every number below is a PROJECTION from CPU measurements; {PRODUCE}.", bar] + lines[1:] + [
-                 f"profile: {profile.path} -- measured on {where}"]
+                 f"  default profile {shown}, measured on this project's 2-core build CPU.",
+                 "  Every number below is a PROJECTION from CPU measurements. For the target hardware run",
+                 "  `python benchmarks/bench_stages.py --out PROFILE.json` there (a GPU node), then",
+                 "  `repro plan all --profile PROFILE.json`.", bar, *lines]
     if meta.get("tiny") or meta.get("quick"):
         lines.append(f"WARNING: this profile was measured with {'--tiny (toy image sizes)' if meta.get('tiny') else '--quick'}"
                      f"; {'its hours mean nothing' if meta.get('tiny') else 'its rates are single, noisy repetitions'}")

@@ -182,4 +182,4 @@ def test_launch_dry_run_prints_the_plan(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "w"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "seeds 2, fidelities paper+released" in out and "dominant stage:" in out
-    assert f"profile: {tmp_path / 'p.json'}" in out and "NO BENCHMARK PROFILE" not in out
+    assert "profile: " in out and "p.json -- measured on cuda" in out and "NO BENCHMARK PROFILE" not in out

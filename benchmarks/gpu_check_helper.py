@@ -56,6 +56,13 @@ def _losses(run: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith("loss/")}
 
 
+def _write(path: Path, data: dict) -> None:
+    from repro.atomic import atomic_path
+
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def _compare_params(a: dict, b: dict) -> dict:
     out = {}
     for part in sorted(k for k in a if k != "meta"):
@@ -103,7 +110,7 @@ def precision(args: argparse.Namespace) -> dict:
     report.update({"wall_s": {p: runs[p]["wall_s"] for p in runs}, "losses": curves, "params": params,
                    "params_worst_rel_l2": max(v["rel_l2"] for v in params.values()),
                    "params_min_cosine": min(v["cosine"] for v in params.values())})
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    _write(args.out, report)
     total = curves.get("loss/total", {})
     print(f"bf16 vs fp32, {args.steps} steps: loss/total max |diff| {total.get('max_abs_diff')}, final relative "
           f"diff {total.get('final_rel_diff')}; parameters worst relative L2 {report['params_worst_rel_l2']:.3g}, "
@@ -123,7 +130,7 @@ def merge(args: argparse.Namespace) -> None:
     out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "profile": read(args.profile), "demo": demo, "precision": read(args.precision)}
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    _write(args.out, out)
     print(f"gpu check written to {args.out}")
 
 

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo lock clean container sif results check-results reproduce-supplement reproduce-all \
-	reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table5 reproduce-table6
+	reproduce-checkpoints reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 reproduce-table5 reproduce-table6
 
 setup: $(SETUP_STAMP)
 
@@ -74,6 +74,15 @@ reproduce-supplement: setup
 reproduce-all: setup
 	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
 	$(LAUNCH) $(TABLES) supp3 supp4 supp5 supp6
+
+# The published STEGO/DepthG checkpoints present in $(REPRO_WEIGHTS)/released (or RELEASED_DIR), scored on
+# their entries' validation sets in the released protocol: one array task per file, n = 1
+# (`repro released list` shows the seven files and where they are published).
+RELEASED_DIR ?=
+reproduce-checkpoints: setup
+	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
+	$(BIN)/repro released launch --executor $(EXECUTOR) --work-dir $(REPRO_WORK) $(if $(RELEASED_DIR),--dir $(RELEASED_DIR)) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(REPRO_SIF),--sif $(REPRO_SIF))
 
 # RESULTS.md from the runs in REPRO_WORK (paper vs reproduced; hand-written text is kept).
 results: setup

@@ -68,7 +68,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from repro.data.pipeline import prepare_stage
 
     dataset = get_dataset(args.dataset, args.root, args.split)
-    out = prepare_stage(dataset, args.out, five_crop=not args.no_five_crop, size=args.size, progress=not args.quiet)
+    out = prepare_stage(dataset, args.out, five_crop=not args.no_five_crop, size=args.size, resize=args.resize,
+                        codec=args.codec, score_void=args.score_void, progress=not args.quiet)
     print(f"crops: {out}")
     return 0
 
@@ -76,8 +77,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_depth(args: argparse.Namespace) -> int:
     from repro.data.pipeline import depth_stage
 
-    out = depth_stage(args.crops, args.out, source=args.source, weights=args.weights, batch_size=args.batch_size,
-                      device=args.device, progress=not args.quiet)
+    if args.scope == "image":
+        from repro.data import get_dataset
+        from repro.data.image_depth import image_depth_stage, image_depth_store
+
+        if not (args.image_depth and args.dataset and args.root and args.split):
+            raise SystemExit("--scope image needs --image-depth DIR and --dataset/--root/--split of the full images")
+        kwargs = {"require_depth": True} if args.source == "sensor" else {}
+        image_depth_stage(get_dataset(args.dataset, args.root, args.split, **kwargs), args.image_depth,
+                          source=args.source, weights=args.weights, tta=args.tta, store=image_depth_store(args.encoding),
+                          batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+    out = depth_stage(args.crops, args.out, source=args.source, weights=args.weights, scope=args.scope,
+                      encoding=args.encoding, tta=args.tta, image_depth=args.image_depth, resize=args.resize,
+                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
     print(f"depth: {out}")
     return 0
 
@@ -94,7 +106,7 @@ def _cmd_knn(args: argparse.Namespace) -> int:
     from repro.data.pipeline import knn_stage
 
     out = knn_stage(args.shards, args.out, arch=args.arch, checkpoint=args.checkpoint, k=args.k,
-                    batch_size=args.batch_size, device=args.device)
+                    batch_size=args.batch_size, device=args.device, dropout=args.dropout, seed=args.dropout_seed)
     print(f"knn table: {out}")
     return 0
 
@@ -131,18 +143,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from repro.evaluate.report import format_metrics
-    from repro.evaluate.report import write_json
-    from repro.run import data_paths, evaluate_run, run_dir_for
+    from repro.run import eval_entry
 
     config, work_dir = _resolved(args)
     if args.crf is not None or args.flip is not None:
         ev = dataclasses.replace(config.eval, crf=config.eval.crf if args.crf is None else args.crf,
                                  flip=config.eval.flip if args.flip is None else args.flip)
         config = dataclasses.replace(config, eval=ev)
-    run_dir = run_dir_for(config, work_dir)
-    metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=args.quiet)
+    metrics, path = eval_entry(config, work_dir=work_dir, quiet=args.quiet)
     print(format_metrics(metrics))
-    print(f"metrics: {write_json(run_dir / 'metrics.json', metrics)}")
+    print(f"metrics: {path}")
     return 0
 
 
@@ -233,15 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--size", type=int, default=224, help="224 for training, 320 for validation")
     prepare.add_argument("--no-five-crop", action="store_true", help="one centre crop per image (validation, Potsdam)")
+    prepare.add_argument("--resize", choices=["bilinear", "nearest"], default="bilinear",
+                         help="image resizing (data.resize; released: nearest, R3)")
+    prepare.add_argument("--codec", choices=["png", "jpeg"], default="png",
+                         help="jpeg: five-crops round-trip through JPEG before resizing (data.train_crop_codec, R3)")
+    prepare.add_argument("--score-void", action="store_true", help="void becomes class 0 (data.score_void, R13)")
     prepare.add_argument("--quiet", action="store_true")
     prepare.set_defaults(func=_cmd_prepare)
 
-    depth = commands.add_parser("depth", help="a normalised [0, 1] depth map per crop")
+    depth = commands.add_parser("depth", help="a [0, 1] depth map per crop (per crop or cut from the full image)")
     depth.add_argument("--crops", required=True)
     depth.add_argument("--out", required=True)
     depth.add_argument("--source", required=True,
                        choices=["sensor", "zoedepth", "midas", "image_plane", "perspective_plane"])
     depth.add_argument("--weights", help="local weights folder of the depth estimator")
+    depth.add_argument("--scope", choices=["crop", "image"], default="crop",
+                       help="crop: per crop (eq. 4); image: per full image, cut into the crops (data.depth_scope, R4)")
+    depth.add_argument("--encoding", choices=["float", "uint8", "int_cast"], default="float",
+                       help="data.depth_encoding (R4 uint8, R5 int_cast)")
+    depth.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                       help="estimator test-time augmentation (ZoeDepth infer: flip + reflect padding)")
+    depth.add_argument("--resize", choices=["bilinear", "nearest"], default="bilinear",
+                       help="--scope image: how each cut map is resized (the crops' data.resize)")
+    depth.add_argument("--image-depth", help="--scope image: per-image depth folder (created if absent)")
+    depth.add_argument("--dataset", choices=["cocostuff27", "cityscapes27", "potsdam3", "nyuv2"],
+                       help="--scope image: the dataset of the full images")
+    depth.add_argument("--root", help="--scope image: dataset root")
+    depth.add_argument("--split", help="--scope image: dataset split")
     depth.add_argument("--batch-size", type=int, default=8)
     depth.add_argument("--device")
     depth.add_argument("--quiet", action="store_true")
@@ -262,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--checkpoint", required=True)
     knn.add_argument("--k", type=int, default=30)
     knn.add_argument("--batch-size", type=int, default=32)
+    knn.add_argument("--dropout", type=float, default=0.0,
+                     help="Dropout2d on the features before pooling (data.knn_dropout; released: 0.1, R11)")
+    knn.add_argument("--dropout-seed", type=int, default=0, help="seed of the dropout masks")
     knn.add_argument("--device")
     knn.set_defaults(func=_cmd_knn)
 
@@ -273,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="the data stages and training of one entry (resumes)")
     _entry_args(train)
     train.set_defaults(func=_cmd_train)
-    evaluate = commands.add_parser("eval", help="evaluate a trained run (final and best-on-val) -> metrics.json")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a trained run (final and best-on-val) -> metrics.json",
+        description="Evaluate a trained run folder. With the run's own config the result goes to metrics.json; "
+                    "with other evaluation settings (--crf/--flip, --set eval.*) to metrics.<setting>.json beside "
+                    "it; a config that differs in what was trained is refused.")
     _entry_args(evaluate)
     evaluate.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (config: eval.crf)")
     evaluate.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
@@ -301,14 +336,46 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_command(commands)
     add_compare_command(commands)
     add_launch_command(commands)
+    from repro.released_cli import add_released_commands  # released list/import/launch, eval-released
+    add_released_commands(commands)
     add_plan_command(commands)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the input (config, files, data, locks): shown without a traceback."""
+    from repro.config.loader import ConfigError
+    from repro.config.registry import UnknownEntryError
+    from repro.data.features import FeatureStoreError
+    from repro.data.sample import DatasetError
+    from repro.data.shards import ShardError
+    from repro.errors import MissingFileError, RunBusyError
+    from repro.launch import LaunchError
+    from repro.models.lightning import CheckpointLayoutError
+    from repro.models.safe_load import CheckpointFormatError, UnsafeCheckpointError
+    from repro.train_state import CheckpointError
+
+    return (ConfigError, UnknownEntryError, DatasetError, ShardError, MissingFileError, RunBusyError, LaunchError,
+            CheckpointError, CheckpointFormatError, CheckpointLayoutError, UnsafeCheckpointError, FeatureStoreError,
+            FileExistsError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``repro`` console script."""
+    """Entry point of the ``repro`` console script.
+
+    Input errors (a bad config value, a missing file, a corrupt shard, a busy run folder, ...) print
+    ``repro: error: <message>`` and exit with status 2; ``REPRO_DEBUG=1`` shows the traceback too.
+    """
+    import os
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        if os.environ.get("REPRO_DEBUG"):
+            raise
+        print(f"repro: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def run_demo(data_root: str | Path, work_dir: str | Path, *, checkpoint: str | N
     ckpt, random_weights = _checkpoint(checkpoint, work_dir)
     sub = work_dir / ("random-weights" if random_weights else "dino-weights")
     print("NOTE: nyuv2-mini has 10 images; the demo trains and evaluates on the SAME 10 images.", flush=True)
+    print("Fidelity: paper (the method as the papers write it; `repro run demo/nyuv2-mini --fidelity released` "
+          "runs it as the released code did, `repro fidelity` lists the differences).", flush=True)
     start = time.perf_counter()
     run_dir = run_entry(ENTRY, work_dir=sub, quiet=quiet,
                         overrides=[f"data.root={Path(data_root) / 'nyuv2-mini'}", f"model.checkpoint={ckpt.resolve()}"])

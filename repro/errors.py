@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["MissingFileError"]
+__all__ = ["MissingFileError", "RunBusyError"]
 
 
 class MissingFileError(FileNotFoundError):
@@ -19,3 +19,10 @@ class MissingFileError(FileNotFoundError):
     def __init__(self, what: str, path: str | Path, fix: str) -> None:
         self.what, self.path, self.fix = what, Path(path), fix
         super().__init__(f"{what} not found: {self.path}\n  fix: {fix}")
+
+
+class RunBusyError(RuntimeError):
+    """A run folder is locked by another live process (``repro run``/``repro eval`` of the same run).
+
+    The message names the folder, the holder (``<pid>@<host>``) and what to do.
+    """

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PREEMPT_SIGNAL", "SIGNAL_DELAY_S", "JobError", "Resources", "resources_for", "EntryJob", "DataJob"]
+__all__ = ["PREEMPT_SIGNAL", "SIGNAL_DELAY_S", "JobError", "Resources", "resources_for", "EntryJob", "DataJob",
+           "ReleasedJob", "RELEASED_RESOURCES"]
 
 PREEMPT_SIGNAL = "USR1"
 """The signal SLURM sends before the time limit; the trainer checkpoints on it (``repro.train``)."""
@@ -291,6 +292,72 @@ class DataJob:
 
         Returns:
             ``submitit.helpers.DelayedSubmission`` of a fresh :class:`DataJob`.
+        """
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(replace(self))
+
+
+RELEASED_RESOURCES = Resources(gpus=1, cpus=8, mem_gb=32, time_min=120)
+"""Request of one published-checkpoint evaluation (validation crops, 2 passes per image, DenseCRF on 8 CPUs)."""
+
+
+@dataclass
+class ReleasedJob:
+    """One published checkpoint scored on its entry's validation set (:func:`repro.released.evaluate_released`).
+
+    Requeueable like :class:`EntryJob`; a rerun skips a checkpoint whose ``metrics.json`` already
+    holds its result. With an Apptainer image it runs ``repro eval-released`` inside it (the
+    checkpoint's folder is bound too).
+
+    Attributes:
+        entry: the table entry. ckpt_file: the ``.ckpt`` file. work_dir: the work folder.
+        overrides: ``key=value`` config overrides. sif: Apptainer image or ``None``. quiet: no progress bars.
+        runner: replaces :func:`repro.released.evaluate_released` (same signature); for tests and tools.
+    """
+
+    entry: str
+    ckpt_file: str
+    work_dir: str
+    overrides: tuple[str, ...] = ()
+    sif: str | None = None
+    quiet: bool = False
+    runner: Callable[..., Any] | None = None
+
+    def command(self) -> list[str]:
+        """The container command line (only meaningful with ``sif``)."""
+        prefix = _apptainer_prefix(self.sif, Path(self.work_dir))
+        prefix[2:2] = ["--bind", str(Path(self.ckpt_file).absolute().parent)]
+        cmd = ["repro", "eval-released", self.entry, "--checkpoint", str(self.ckpt_file), "--work-dir",
+               str(self.work_dir), *_set_args(self.overrides)]
+        return [*prefix, *cmd] + (["--quiet"] if self.quiet else [])
+
+    def __call__(self) -> str:
+        """Evaluate (or skip a finished evaluation); return the ``metrics.json`` path.
+
+        Raises:
+            JobError: no ``metrics.json`` after the run. Exception: whatever the evaluation raises.
+        """
+        from repro.released import released_metrics_path
+
+        if self.sif:
+            _run_forwarding(self.command())
+        else:
+            if self.runner is None:
+                from repro.released import evaluate_released as runner
+            else:
+                runner = self.runner
+            runner(self.entry, self.ckpt_file, work_dir=self.work_dir, overrides=list(self.overrides), quiet=self.quiet)
+        out = released_metrics_path(self.work_dir, self.entry)
+        if not out.is_file():
+            raise JobError(f"{self.entry} ({self.ckpt_file}): no {out} after the evaluation; resubmit it")
+        return str(out)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same job again.
+
+        Returns:
+            ``submitit.helpers.DelayedSubmission`` of a fresh :class:`ReleasedJob`.
         """
         import submitit
 

@@ -31,14 +31,18 @@ def check_results(results: str | Path, data_root: str | Path, *, work_dir: str |
         quiet: no progress bars.
 
     Returns:
-        ``(summary, failures)``: the fresh numbers and one message per metric out of tolerance.
+        ``(summary, failures)``: the fresh numbers and one message per failure: a metric out of
+        tolerance, missing or not finite, or a record made with another config or fidelity
+        (:func:`repro.resultsfile.check_against`; only the machine-readable block is read).
 
     Raises:
         ValueError/FileNotFoundError: if RESULTS.md has no machine-readable block.
         FileExistsError: if ``work_dir`` already holds a run (the check must not reuse one).
     """
+    from repro.config.loader import load_config
+    from repro.identity import config_hash
     from repro.models.backbone import init_random_checkpoint
-    from repro.results import check_against, read_results
+    from repro.resultsfile import check_against, read_results
     from repro.run import run_entry
 
     recorded = read_results(results)
@@ -50,13 +54,14 @@ def check_results(results: str | Path, data_root: str | Path, *, work_dir: str |
         run_dir = run_entry(ENTRY, work_dir=work, quiet=quiet,
                             overrides=[f"data.root={Path(data_root) / 'nyuv2-mini'}", f"model.checkpoint={ckpt.resolve()}"])
         summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
-    return summary, check_against(recorded, ENTRY, summary)
+        config = load_config(run_dir / "config.yaml", base=None)
+    return summary, check_against(recorded, ENTRY, summary, fidelity=config.fidelity, config_hash=config_hash(config))
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     summary, failures = check_results(args.results, args.data, work_dir=args.work_dir, checkpoint=args.checkpoint,
                                       quiet=not args.progress)
-    print(f"{ENTRY} (fresh run): " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    print(f"{ENTRY} (fresh run): " + ", ".join(f"{k} {float(v):.2f}" for k, v in summary.items()))
     for failure in failures:
         print(f"REGRESSION {failure}")
     print("check-results: " + ("FAILED" if failures else f"all metrics within the tolerance recorded in {args.results}"))

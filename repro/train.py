@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from repro.config.schema import ExperimentConfig
+from repro.data.features import FeatureStore
 from repro.data.knn import load_knn
-from repro.data.registry import DATASETS
+from repro.data.registry import num_classes_for
 from repro.data.training import TrainingCrops
 from repro.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from repro.lhp import lhp_mix, lhp_weights_3d, lhp_weights_attention
@@ -200,7 +201,8 @@ def _optimizers(config: ExperimentConfig, parts: TrainedParts) -> list[torch.opt
 
 
 def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, knn: str | Path,
-          validate=None, quiet: bool = False, stop_after: int | None = None) -> Path:
+          validate=None, quiet: bool = False, stop_after: int | None = None,
+          features: str | Path | None = None) -> Path:
     """Train one run; resume from its newest checkpoint if there is one.
 
     Args:
@@ -211,6 +213,9 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
             ``train.val_every`` batches for the paper-style best-on-val pick.
         quiet: no progress bar.
         stop_after: end (with a checkpoint) after this many batches in total; for tests.
+        features: a feature store of the training crops (:mod:`repro.data.features`): the backbone's
+            features are read from it instead of computed (not with attention LHP, which needs the
+            backbone's attention as well).
 
     Returns:
         The path of ``model.pt`` (the final parts), or of the last checkpoint when stopped early.
@@ -228,7 +233,7 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.train.seed)  # the initial parameters; nothing in the loop uses the global RNG
     backbone = DinoBackbone(cfg.model.arch, resolve_checkpoint(cfg), pos_embed=cfg.model.pos_embed).to(device)
-    parts = build_parts(cfg, backbone.feature_dim, DATASETS[cfg.data.dataset].num_classes).to(device)
+    parts = build_parts(cfg, backbone.feature_dim, num_classes_for(cfg)).to(device)
     optimizers = _optimizers(cfg, parts)
     state = TrainState(cfg.train.seed + 7919 * rank)
     ckpt_dir = run_dir / "train" / CHECKPOINTS
@@ -249,8 +254,16 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                         generator=torch.Generator().manual_seed(cfg.train.seed),
                         persistent_workers=False, pin_memory=cuda)
     attention = cfg.lhp.enabled and cfg.lhp.propagation == "attention"
-    features = FeatureCache(torch.no_grad()((lambda x: last_block_attention(backbone, x)) if attention else backbone),
-                            cfg.train.feature_cache_gb)
+    if features is not None and attention:
+        log.info("feature store %s not used: attention LHP needs the backbone's attention too", features)
+    store = FeatureStore(features) if features is not None and not attention else None
+
+    def backbone_outputs(ids: Tensor, images: Tensor):
+        if store is not None:
+            return store.get([crops.keys[i] for i in ids.tolist()]).to(device)
+        return last_block_attention(backbone, _normalise(images.to(device))) if attention else backbone(_normalise(images.to(device)))
+
+    features = FeatureCache(torch.no_grad()(backbone_outputs), cfg.train.feature_cache_gb)
     accelerator.init_trackers("tb")
     tracker = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
     bar = tqdm(total=end, initial=state.step, unit="step", disable=quiet or not accelerator.is_main_process,
@@ -266,8 +279,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
         for batch in loader:
             step = state.step
             want_hist = cfg.train.hist_every > 0 and step % cfg.train.hist_every == 0
-            out_a = features(batch["index"], _normalise(batch["image"].to(device)))
-            out_k = features(batch["partner_index"], _normalise(batch["partner_image"].to(device)))
+            out_a = features(batch["index"], batch["image"])
+            out_k = features(batch["partner_index"], batch["partner_image"])
             with accelerator.autocast():
                 logs = model(out_a[0].float(), out_k[0].float(), batch, step, want_hist,
                              out_a[-1] if attention else None, out_k[-1] if attention else None)
@@ -287,8 +300,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                         tracker.add_histogram(f"correlation/{k[5:]}", v.float().cpu().flatten(), step)
             bar.update(1)
             bar.set_postfix(loss=f"{float(logs['loss/total']):.3f}", refresh=False)
-            if validate is not None and cfg.train.val_every > 0 and state.step % cfg.train.val_every == 0:
-                if accelerator.is_main_process:  # evaluation on the main process only; the others wait
+            if cfg.train.val_every > 0 and state.step % cfg.train.val_every == 0:
+                if validate is not None and accelerator.is_main_process:  # main process only; the others wait
                     miou = float(validate(parts))
                     model.train()
                     accelerator.log({"val/unsup_miou": miou}, step=step)
@@ -306,8 +319,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                 return latest_checkpoint(ckpt_dir)
     bar.close()
     elapsed = time.perf_counter() - started
-    accelerator.end_training()
     if state.step < total_batches:
+        accelerator.end_training()
         return latest_checkpoint(ckpt_dir)
     meta = {"step": state.step, "arch": cfg.model.arch, "method": cfg.method, "processes": world,
             "steps_per_s": (state.step - first) / elapsed if elapsed > 0 else None,
@@ -316,4 +329,5 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
         save_parts(run_dir / FINAL, parts, meta)
         (run_dir / "train" / "summary.json").write_text(json.dumps({**meta, "best": state.best}, indent=2))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group
     return run_dir / FINAL

@@ -70,7 +70,7 @@ class FeatureCache:
     """Frozen-backbone outputs by crop id, up to a memory budget (the backbone never changes).
 
     Args:
-        compute: ``images (B, 3, H, W) float -> tensor or tuple of tensors`` with batch first.
+        compute: ``(ids (B,), images (B, 3, H, W) uint8) -> tensor or tuple of tensors`` with batch first.
         budget_gb: memory for cached entries; entries beyond it are computed every time.
     """
 
@@ -86,13 +86,13 @@ class FeatureCache:
 
         Args:
             ids: ``(B,)`` crop ids.
-            images: ``(B, 3, H, W)`` normalised images (read only for the misses).
+            images: ``(B, 3, H, W)`` the loader's uint8 images (read only for the misses).
         """
         keys = ids.tolist()
         todo = [i for i, k in enumerate(keys) if k not in self.entries]
         fresh: dict[int, tuple[Tensor, ...]] = {}
         if todo:
-            out = self.compute(images[todo])
+            out = self.compute(ids[todo], images[todo])
             out = out if isinstance(out, tuple) else (out,)
             for row, i in enumerate(todo):
                 fresh[keys[i]] = tuple(t[row] for t in out)
@@ -192,8 +192,8 @@ def _read(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values "
                               f"({str(exc).splitlines()[0]}); checkpoints are never unpickled with arbitrary code") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read {path} ({exc}); remove {path.parent} to resume from an older checkpoint "
+    except Exception as exc:  # truncated or garbled bytes fail in many ways inside the unpickler
+        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {exc}); remove {path.parent} to resume from an older checkpoint "
                               "or train from the start") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict")

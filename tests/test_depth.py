@@ -106,29 +106,61 @@ def test_zoedepth_random_model_predicts_metric_depth_at_input_size(zoe_dir, rgb)
         assert lo == pytest.approx(float(r.min()), rel=1e-5) and hi == pytest.approx(float(r.max()), rel=1e-5)
 
 
-def test_zoedepth_flip_tta_is_the_mean_of_plain_and_mirrored_pass(zoe_dir, rgb):
-    plain = get_estimator("zoedepth", zoe_dir, device="cpu")
-    tta = get_estimator("zoedepth", zoe_dir, device="cpu", flip_tta=True)
+def _zoedepth_infer(est, img: np.ndarray) -> torch.Tensor:
+    """ZoeDepth's ``DepthModel.infer(x)`` (pad_input=True, with_flip_aug=True) re-computed step by step.
+
+    isl-org/ZoeDepth ``zoedepth/models/depth_model.py``: ``x = ToTensor(img)``; per pass reflect-pad by
+    ``int(sqrt(h / 2) * 3)`` / ``int(sqrt(w / 2) * 3)``, run the model (its own resize + normalisation,
+    here the processor without padding or rescaling), upsample bicubic to the padded size, cut the
+    padding; the flipped pass is flipped back; the two are averaged.
+    """
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)  # torchvision ToTensor
+    ph, pw = int(np.sqrt(x.shape[2] / 2) * 3), int(np.sqrt(x.shape[3] / 2) * 3)
+
+    def one(t):
+        padded = F.pad(t, [pw, pw, ph, ph], mode="reflect")
+        inputs = est.processor(images=padded, do_rescale=False, do_pad=False, return_tensors="pt",
+                               input_data_format="channels_first")
+        with torch.inference_mode():
+            out = est.model(pixel_values=inputs["pixel_values"]).predicted_depth[:, None]
+        out = F.interpolate(out, size=padded.shape[-2:], mode="bicubic", align_corners=False)
+        return out[:, :, ph:-ph, pw:-pw]
+
+    return ((one(x) + torch.flip(one(torch.flip(x, dims=[3])), dims=[3])) / 2)[0, 0]
+
+
+def test_zoedepth_tta_is_zoedepths_infer(zoe_dir, rgb):
+    """``tta=True`` = ZoeDepth ``infer``'s reflect padding + flip averaging, re-computed from its definition."""
+    tta = get_estimator("zoedepth", zoe_dir, device="cpu", tta=True)
     both = tta.predict(rgb)
-    a = plain.predict(rgb)
-    b = plain.predict([np.ascontiguousarray(img[:, ::-1]) for img in rgb]).flip(-1)
-    assert both.shape == a.shape == (2, 120, 160)
-    torch.testing.assert_close(both, (a + b) / 2, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # the random model is not mirror-symmetric
+    assert both.shape == (2, 120, 160)
+    for img, ours in zip(rgb, both):
+        ref = _zoedepth_infer(tta, img)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)  # ToTensor x/255 vs rescale x*(1/255)
+    plain = get_estimator("zoedepth", zoe_dir, device="cpu").predict(rgb)
+    assert (plain - both).abs().max() > 1e-3  # padding and flipping change the map
 
 
-
-def test_zoedepth_geometry_matches_transformers_post_processing(zoe_dir, rgb):
-    """Our bilinear resize + padding crop lands where ``post_process_depth_estimation`` (bicubic) does."""
+def test_zoedepth_matches_transformers_post_processing(zoe_dir, rgb):
+    """Same maps as transformers' ``post_process_depth_estimation``: plain (no padding) and with flip TTA."""
     est = get_estimator("zoedepth", zoe_dir, device="cpu")
-    ours = est.predict(rgb)
-    inputs = est.processor(images=rgb, return_tensors="pt")
+    inputs = est.processor(images=rgb, do_pad=False, return_tensors="pt")
     with torch.inference_mode():
         out = est.model(**inputs)
-    ref = est.processor.post_process_depth_estimation(out, source_sizes=[(120, 160)] * 2)
-    ref = torch.stack([r["predicted_depth"] for r in ref])
-    assert ref.shape == ours.shape
-    assert (ours - ref).abs().mean() < 0.05 * ours.std()  # not cropping the padding gives ~0.7 std
+    ref = est.processor.post_process_depth_estimation(out, source_sizes=[(120, 160)] * 2, do_remove_padding=False)
+    torch.testing.assert_close(est.predict(rgb), torch.stack([r["predicted_depth"] for r in ref]))
+
+    tta = get_estimator("zoedepth", zoe_dir, device="cpu", tta=True)
+    padded = tta.processor(images=rgb, return_tensors="pt")
+    mirrored = tta.processor(images=[np.ascontiguousarray(i[:, ::-1]) for i in rgb], return_tensors="pt")
+    with torch.inference_mode():
+        out, out_flip = tta.model(**padded), tta.model(**mirrored)
+    ref = tta.processor.post_process_depth_estimation(out, source_sizes=[(120, 160)] * 2, outputs_flipped=out_flip)
+    # transformers averages before upsampling, ZoeDepth after: equal up to float rounding
+    torch.testing.assert_close(tta.predict(rgb), torch.stack([r["predicted_depth"] for r in ref]), rtol=1e-5, atol=1e-6)
+
 
 def test_batches_of_mixed_sizes_and_progress_bar(zoe_dir, rgb, capsys):
     est = get_estimator("zoedepth", zoe_dir, device="cpu")
@@ -174,7 +206,7 @@ def test_relative_inverse_floor_keeps_zero_disparity_finite(midas_dir):
 # ---------------------------------------------------------------- missing weights
 
 
-@pytest.mark.parametrize("name,repo", [("zoedepth", "Intel/zoedepth-nyu-kitti"), ("midas", "Intel/dpt-hybrid-midas")])
+@pytest.mark.parametrize("name,repo", [("zoedepth", "Intel/zoedepth-nyu"), ("midas", "Intel/dpt-hybrid-midas")])
 def test_missing_weights_name_the_folder_and_the_download(tmp_path, name, repo):
     missing = tmp_path / f"{name}-weights"
     with pytest.raises(MissingFileError) as err:
@@ -189,9 +221,11 @@ def test_incomplete_weights_folder_names_the_missing_file(zoe_dir, tmp_path, mon
     (partial / "config.json").write_bytes((zoe_dir / "config.json").read_bytes())
     with pytest.raises(MissingFileError, match="preprocessor_config.json"):
         get_estimator("zoedepth", partial, device="cpu")
-    monkeypatch.chdir(tmp_path)  # weights=None -> ./weights/zoedepth-nyu-kitti, absent here
-    with pytest.raises(MissingFileError, match="zoedepth-nyu-kitti"):
+    monkeypatch.chdir(tmp_path)  # weights=None -> ./weights/zoedepth-nyu (ZoeD_N), absent here
+    monkeypatch.delenv("REPRO_WEIGHTS", raising=False)
+    with pytest.raises(MissingFileError, match=r"weights/zoedepth-nyu\b") as err:
         get_estimator("zoedepth", None, device="cpu")
+    assert "kitti" not in str(err.value) and "huggingface-cli download Intel/zoedepth-nyu " in str(err.value)
 
 
 def test_unknown_estimator_lists_the_names():

@@ -62,3 +62,22 @@ def test_crf_and_flip_paths_run(parts, val_samples):
 def test_unlabelled_sample_is_an_error(parts, val_samples):
     with pytest.raises(ValueError, match="no label"):
         evaluate_segmentation([{**val_samples[0], "label": None}], *parts)
+
+
+def test_one_pass_over_two_checkpoints_with_the_crf_pool_equals_each_scored_alone(parts, val_samples):
+    """Final and best-on-val in one pass, CRF in a 2-process pool overlapped with the networks (issue 12)."""
+    from repro.evaluate.protocol import ScoredModel, evaluate_models
+
+    backbone, head, cluster, linear = parts
+    torch.manual_seed(1)
+    other = ScoredModel(SegmentationHead(384, 16), ClusterProbe(16, 13), LinearProbe(16, 13))
+    models = {"final": ScoredModel(head, cluster, linear), "best_on_val": other}
+    common = dict(batch_size=2, crf=True, flip=True, crf_image="bgr_truncated")
+    pooled = evaluate_models(val_samples, backbone, models, crf_processes=2, keep_first=1, **common)
+    for name, model in models.items():
+        alone = evaluate_segmentation(val_samples, backbone, model.head, model.cluster_probe, model.linear_probe,
+                                      crf_processes=0, **common)
+        assert torch.equal(pooled[name].cluster_matrix.matrix, alone.cluster_matrix.matrix), name
+        assert torch.equal(pooled[name].linear_matrix.matrix, alone.linear_matrix.matrix), name
+        assert len(pooled[name].predictions["cluster"]) == 1
+    assert not torch.equal(pooled["final"].cluster_matrix.matrix, pooled["best_on_val"].cluster_matrix.matrix)

@@ -60,11 +60,12 @@ def test_crops_keep_image_label_and_depth_aligned(nyu):
         assert c.image.shape == (224, 224, 3) and c.label.shape == (224, 224) and c.depth.shape == (224, 224)
         assert c.depth.dtype == np.float32 and c.label.dtype == np.int64
         assert set(np.unique(c.label)) <= set(range(-1, 13))  # nearest neighbour: no new label values
-    # top-left crop: the 240x320 window resized to 224x299 (nearest for labels), centre-cropped at
-    # column offset 37; each label pixel comes from source pixel floor((x + 0.5) * in / out)
+    # top-left crop: the 240x320 window resized to 224x298 (torchvision: int(224 * 320 / 240); nearest
+    # for labels), centre-cropped at column offset 37; each label pixel comes from source pixel
+    # floor((x + 0.5) * in / out)
     tl = crops[0]
     for r, c in [(0, 0), (10, 10), (100, 200), (223, 223), (150, 5)]:
-        src_r, src_c = int((r + 0.5) * 240 / 224), int((c + 37 + 0.5) * 320 / 299)
+        src_r, src_c = int((r + 0.5) * 240 / 224), int((c + 37 + 0.5) * 320 / 298)
         assert tl.label[r, c] == sample.label[src_r, src_c]
 
 
@@ -156,3 +157,17 @@ def test_missing_depth_map_names_the_file(chain, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{first}.npy"):
         shards_stage(crops, partial_depth, tmp_path / "shards")
     assert not (tmp_path / "shards").exists()  # nothing half-written left behind
+
+
+def test_blocked_knn_search_equals_one_search_and_brute_force():
+    from repro.data.knn import search_knn
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((300, 64)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    blocked, whole = search_knn(feats, k=10, block=7), search_knn(feats, k=10, block=100_000)
+    assert np.array_equal(blocked[0], whole[0]) and np.array_equal(blocked[1], whole[1])
+    brute = np.argsort(-(feats.astype(np.float64) @ feats.T.astype(np.float64)), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(blocked[0], brute)
+    with pytest.raises(ValueError, match="block"):
+        search_knn(feats, k=10, block=0)

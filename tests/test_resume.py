@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,12 @@ RUN_SCRIPT = """
 import os, signal, sys
 import repro.train, repro.train_state
 kill = os.environ.get("KILL_AT", "")
-if kill.startswith("batch:"):
-    at = int(kill.split(":")[1])
+if kill.startswith(("batch:", "term:")):  # SIGKILL, or SIGTERM as SLURM sends it, while batch N is computed
+    at, sig = int(kill.split(":")[1]), signal.SIGKILL if kill.startswith("batch:") else signal.SIGTERM
     forward = repro.train.TrainModule.forward
     def dying(self, f, fk, batch, step, *a, **k):
         if step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
         return forward(self, f, fk, batch, step, *a, **k)
     repro.train.TrainModule.forward = dying
 elif kill.startswith("save:"):
@@ -108,15 +107,12 @@ def test_interrupted_runs_resume_exactly_with_validation_on(demo):
         assert "resumed from" in (run_dir / "logs" / "run.log").read_text()
         _assert_same(_outputs(run_dir), reference, name)
 
-    proc = _run(work, "sigterm", overrides)
-    seen, deadline = "", time.time() + 600
-    while "11/20" not in seen and time.time() < deadline and proc.poll() is None:
-        seen += proc.stderr.read(1)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == -signal.SIGTERM
+    proc = _run(work, "sigterm", overrides, "term:13")  # the batch finishes, a checkpoint is written, then exit
+    assert proc.wait(timeout=900) == -signal.SIGTERM, proc.stderr.read()
+    run_dir = run_dir_for(resolve_entry(DEMO, overrides=[*overrides, "name=resume/sigterm"]), work)
+    assert latest_checkpoint(run_dir / "train" / "checkpoints").name == "step_0000014"
     resumed = _run(work, "sigterm", overrides)
     assert resumed.wait(timeout=900) == 0, resumed.stderr.read()
-    run_dir = run_dir_for(resolve_entry(DEMO, overrides=[*overrides, "name=resume/sigterm"]), work)
     _assert_same(_outputs(run_dir), reference, "sigterm")
 
 
@@ -144,14 +140,14 @@ def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(demo, tmp_pat
     run_dir = tmp_path / "run"
     train(config, run_dir, shards=paths.shards, knn=paths.knn, quiet=True, stop_after=2)
     ckpt = latest_checkpoint(run_dir / "train" / "checkpoints")
+    crafted = tmp_path / "run2" / "train" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, crafted)
     marker = tmp_path / "pwned"
     # 1. an extra file such as Accelerate's custom_checkpoint_0.pkl is never read
     (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     assert train(config, run_dir, shards=paths.shards, knn=paths.knn, quiet=True) == run_dir / "model.pt"
     assert not marker.exists()
     # 2. a crafted state file is refused with a clear error, and nothing runs
-    crafted = tmp_path / "run2" / "train" / "checkpoints" / ckpt.name
-    shutil.copytree(ckpt, crafted)
     torch.save({"step": 2, "modules": _Payload(marker)}, crafted / "state.pt")
     with pytest.raises(CheckpointError, match="refusing to load .*state.pt"):
         train(config, tmp_path / "run2", shards=paths.shards, knn=paths.knn, quiet=True)

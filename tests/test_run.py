@@ -88,11 +88,12 @@ def test_metrics_equal_a_hand_computation_from_saved_predictions(done):
 def test_eval_command_with_crf_on_and_off(done, capsys):
     work, overrides, run_dir = done
     args = ["eval", ENTRY, "--work-dir", str(work), "--quiet"] + [a for o in overrides for a in ("--set", o)]
-    assert main(args + ["--crf"]) == 0
-    with_crf = json.loads((run_dir / "metrics.json").read_text())
-    assert main(args + ["--no-crf"]) == 0
+    assert main(args + ["--crf"]) == 0  # the run was configured without CRF: a separate, labelled file
+    with_crf = json.loads((run_dir / "metrics.crf-true.json").read_text())
+    assert main(args + ["--no-crf"]) == 0  # the run's own config: metrics.json
     without = json.loads((run_dir / "metrics.json").read_text())
     assert with_crf["protocol"]["crf"] is True and without["protocol"]["crf"] is False
+    assert with_crf["variant"] == "crf-true" and "variant" not in without
     for m in (with_crf, without):
         assert all(0 <= v <= 100 for v in m["final"]["summary"].values())
     assert with_crf["final"]["cluster"]["confusion"] != without["final"]["cluster"]["confusion"]

@@ -126,7 +126,7 @@ def test_sbatch_script_runs_the_demo_entry(slurm_cluster, demo, tmp_path):
     from repro.results import read_results, render_results
 
     results = render_results(work, tmp_path / "RESULTS.md", tables=["demo"])
-    recorded = read_results(results)["entries"]["demo/nyuv2-mini"]
+    recorded = read_results(results)["entries"]["demo/nyuv2-mini"]["fidelities"]["paper"]
     assert recorded["metrics"]["unsup_miou"]["mean"] == pytest.approx(metrics["summary"]["unsup_miou"], abs=1e-3)
     assert recorded["metrics"]["unsup_miou"]["n"] == 1 and "1 done" in recorded["status"]
     print(f"sbatch slurm/nyuv2.sh demo task: {time.monotonic() - start:.0f} s")

@@ -195,7 +195,7 @@ def _build(cls: type, data: dict) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
-                base: str | Path | None = BASE_CONFIG, resolve_fidelity: bool = True) -> ExperimentConfig:
+                base: str | Path | None = BASE_CONFIG, resolve_fidelity: bool | None = None) -> ExperimentConfig:
     """Load an experiment config and resolve its fidelity profile.
 
     Args:
@@ -203,7 +203,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         overrides: ``key.sub=value`` strings (values parsed as YAML scalars).
         base: the base YAML (None to skip).
         resolve_fidelity: apply the ``fidelity`` profile (:mod:`repro.config.fidelity`); ``False``
-            reads an already resolved config (a run's ``config.yaml``) as it is.
+            reads an already resolved config (a run's ``config.yaml``) as it is. Default: resolve
+            unless ``base`` is None (a saved, complete config is read with ``base=None``).
 
     Returns:
         The validated :class:`ExperimentConfig`; ``fidelity_deviations`` lists every key whose
@@ -225,7 +226,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     entry: dict = {}
     for _, data in base_layers + file_layers + cli:
         entry = _merge(entry, data)
-    if not resolve_fidelity:
+    if resolve_fidelity is False or (resolve_fidelity is None and base is None):
         return _build(ExperimentConfig, entry)
     fidelity, items = entry.get("fidelity", "paper"), entry.get("fidelity_items", {})
     unconditional, conditional = profile_layers(fidelity, entry, items)

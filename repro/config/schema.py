@@ -132,6 +132,7 @@ class TrainConfig:
     log_every: int = 10  # batches between TensorBoard scalars
     hist_every: int = 100  # batches between correlation histograms (STEGO A.11)
     feature_cache_gb: float = 4.0  # frozen-backbone features kept in memory (never computed twice)
+    feature_store: bool = False  # features of all training crops computed once into <work>/data (fp16, shared)
     num_workers: int = 4
     precision: str = "bf16"  # bf16 on GPU, fp32 on CPU | fp32
 

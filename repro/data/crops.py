@@ -2,26 +2,47 @@
 
 Training: each image is five-cropped at (0.5 h, 0.5 w) before kNN mining (STEGO A.12), then
 every crop is resized so its minor side is 224 and centre-cropped to 224 x 224. Validation:
-minor side 320, centre crop 320. Images and depth are resized bilinearly, labels with
-nearest neighbour, all with PIL.
+minor side 320, centre crop 320. Resizing is torchvision's ``transforms.functional.resize`` on
+PIL images, the call both released code bases made (``T.Resize(size, ...)`` in
+``src/utils.py get_transform``): the long side becomes ``int(size * long / short)`` (426, not
+427, for 640x480 at 320 px), then ``center_crop``.
+
+Two settings vary what the released code did (SPEC section 7, R3):
+
+- ``resize``: ``"bilinear"`` (STEGO A.10, the paper) or ``"nearest"`` (the released
+  ``get_transform`` used ``Image.NEAREST`` for images AND labels). Labels are always nearest;
+  sensor depth follows the image.
+- ``codec``: ``"png"`` (lossless) or ``"jpeg"``: the released ``src/crop_datasets.py`` saved every
+  full-resolution training five-crop as ``.jpg`` at PIL's default quality, and training re-read
+  and resized it (``src/data.py CroppedDataset``), so each five-crop makes one JPEG round trip
+  BEFORE it is resized. Single crops (validation, Potsdam) never do.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
+import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from repro.data.sample import IGNORE, Sample
 
-__all__ = ["five_crop_boxes", "crop_sample", "resize_center_crop", "make_crops"]
+__all__ = ["five_crop_boxes", "crop_sample", "resize_center_crop", "resize_center_crop_array", "jpeg_round_trip",
+           "make_crops", "RESIZE_MODES", "CODECS"]
 
 CROP_NAMES = ("tl", "tr", "bl", "br", "c")
+RESIZE_MODES = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+CODECS = ("png", "jpeg")
 
 
 def five_crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[int, int, int, int]]:
     """Boxes ``(top, left, crop_h, crop_w)`` of the four corner crops and the centre crop.
+
+    The geometry of torchvision's ``five_crop(img, [int(h * ratio), int(w * ratio)])`` (released
+    ``src/crop_datasets.py``).
 
     Args:
         height: image height H in pixels.
@@ -45,7 +66,11 @@ def five_crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[i
 
 
 def crop_sample(sample: Sample, box: tuple[int, int, int, int], suffix: str) -> Sample:
-    """Cut the same box out of image, label and depth; the key gets ``_<suffix>``."""
+    """Cut the same box out of image, label and depth; the key gets ``_<suffix>``.
+
+    ``meta`` records ``crop`` (the suffix), ``crop_box`` ``[top, left, h, w]`` and ``image_key`` (the
+    full image's key), so that a per-image depth map can later be cut with the same box.
+    """
     top, left, h, w = box
     window = (slice(top, top + h), slice(left, left + w))
     return replace(
@@ -54,48 +79,64 @@ def crop_sample(sample: Sample, box: tuple[int, int, int, int], suffix: str) -> 
         image=np.ascontiguousarray(sample.image[window]),
         label=None if sample.label is None else np.ascontiguousarray(sample.label[window]),
         depth=None if sample.depth is None else np.ascontiguousarray(sample.depth[window]),
-        meta={**sample.meta, "crop": suffix, "crop_box": [top, left, h, w]},
+        meta={**sample.meta, "crop": suffix, "crop_box": [top, left, h, w], "image_key": sample.key},
     )
 
 
-def _resize(array: np.ndarray, size: tuple[int, int], resample: int, mode: str | None = None) -> np.ndarray:
-    # size is (width, height) as PIL expects
-    return np.asarray(Image.fromarray(array, mode=mode).resize(size, resample=resample))
+def _mode(resize: str) -> InterpolationMode:
+    try:
+        return RESIZE_MODES[resize]
+    except KeyError:
+        raise ValueError(f"resize must be one of {sorted(RESIZE_MODES)}, got {resize!r}") from None
 
 
-def resize_center_crop(sample: Sample, size: int) -> Sample:
+def resize_center_crop_array(array: np.ndarray, size: int, resize: str) -> np.ndarray:
+    """Resize one array so its minor side is ``size`` (torchvision on a PIL image), then centre-crop.
+
+    Args:
+        array: ``(H, W, 3)`` uint8, ``(H, W)`` uint8 (PIL ``L``), int32 (``I``) or float32 (``F``).
+        size: output side in pixels.
+        resize: ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        ``(size, size[, 3])`` array of the input dtype: ``TF.center_crop(TF.resize(pil, size, mode), size)``.
+
+    Raises:
+        ValueError: for an unknown ``resize`` or a non-positive ``size``.
+    """
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    pil = Image.fromarray(np.ascontiguousarray(array))
+    out = TF.center_crop(TF.resize(pil, [size], interpolation=_mode(resize)), [size, size])
+    return np.asarray(out)
+
+
+def resize_center_crop(sample: Sample, size: int, *, resize: str = "bilinear") -> Sample:
     """Resize so the minor side is ``size``, then centre-crop ``size x size``.
 
-    Images and depth use bilinear interpolation, labels nearest neighbour (SPEC section 3).
+    Images and sensor depth use ``resize`` (bilinear: paper; nearest: released, R3), labels
+    always nearest neighbour (SPEC section 3).
 
     Args:
         sample: image ``(H, W, 3)`` uint8, label ``(H, W)`` int64 or None, depth ``(H, W)``
             float32 (metres) or None.
         size: output side in pixels (224 train, 320 validation).
+        resize: ``"bilinear"`` or ``"nearest"``.
 
     Returns:
-        A sample whose arrays are ``(size, size, ...)``; dtypes unchanged.
+        A sample whose arrays are ``(size, size, ...)``; dtypes unchanged; ``meta["resized_to"] = size``.
 
     Raises:
-        ValueError: if ``size`` is not positive.
+        ValueError: if ``size`` is not positive or ``resize`` unknown.
     """
-    if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    h, w = sample.image.shape[:2]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    window = (slice(top, top + size), slice(left, left + size))
-
-    image = _resize(sample.image, (new_w, new_h), Image.BILINEAR)[window]
+    image = resize_center_crop_array(sample.image, size, resize)
     label = None
     if sample.label is not None:
-        lab = sample.label.astype(np.int32)
-        label = _resize(lab, (new_w, new_h), Image.NEAREST).astype(np.int64)[window]
+        label = resize_center_crop_array(sample.label.astype(np.int32), size, "nearest").astype(np.int64)
         label[label < 0] = IGNORE
     depth = None
     if sample.depth is not None:
-        depth = _resize(sample.depth.astype(np.float32), (new_w, new_h), Image.BILINEAR, mode="F")[window]
+        depth = resize_center_crop_array(sample.depth.astype(np.float32), size, resize)
     return replace(
         sample,
         image=np.ascontiguousarray(image),
@@ -105,7 +146,28 @@ def resize_center_crop(sample: Sample, size: int) -> Sample:
     )
 
 
-def make_crops(sample: Sample, *, five_crop: bool, size: int, ratio: float = 0.5) -> list[Sample]:
+def jpeg_round_trip(image: np.ndarray) -> np.ndarray:
+    """Encode an RGB image as JPEG at PIL's default settings and decode it again.
+
+    What the released ``src/crop_datasets.py`` (``img_as_pil.save(path, 'JPEG')``) and
+    ``src/data.py CroppedDataset`` (``Image.open(path).convert('RGB')``) did to every training
+    five-crop.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB after the round trip (lossy).
+    """
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def make_crops(sample: Sample, *, five_crop: bool, size: int, ratio: float = 0.5, resize: str = "bilinear",
+               codec: str = "png") -> list[Sample]:
     """All training/validation crops of one image.
 
     Args:
@@ -113,15 +175,28 @@ def make_crops(sample: Sample, *, five_crop: bool, size: int, ratio: float = 0.5
         five_crop: five-crop first (COCO-Stuff, Cityscapes, NYUv2 training); otherwise one crop.
         size: final side (224 train, 320 validation).
         ratio: five-crop ratio (0.5).
+        resize: ``"bilinear"`` (paper) or ``"nearest"`` (released, R3).
+        codec: ``"png"`` or ``"jpeg"`` (R3: each five-crop round-trips through JPEG before it is
+            resized; ignored for a single crop).
 
     Returns:
         Five (or one) samples of ``size x size``, keys ``<key>_tl`` ... ``<key>_c`` when
-        five-cropped, the original key otherwise.
+        five-cropped, the original key otherwise. Every crop's ``meta`` holds ``crop_box`` (the
+        whole image for a single crop) and ``image_key``.
+
+    Raises:
+        ValueError: for an unknown ``codec`` or ``resize``.
     """
-    if not five_crop:
-        return [resize_center_crop(sample, size)]
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     h, w = sample.image.shape[:2]
-    return [
-        resize_center_crop(crop_sample(sample, box, name), size)
-        for box, name in zip(five_crop_boxes(h, w, ratio), CROP_NAMES)
-    ]
+    if not five_crop:
+        whole = replace(sample, meta={**sample.meta, "crop_box": [0, 0, h, w], "image_key": sample.key})
+        return [resize_center_crop(whole, size, resize=resize)]
+    crops = []
+    for box, name in zip(five_crop_boxes(h, w, ratio), CROP_NAMES):
+        crop = crop_sample(sample, box, name)
+        if codec == "jpeg":
+            crop = replace(crop, image=jpeg_round_trip(crop.image), meta={**crop.meta, "codec": "jpeg"})
+        crops.append(resize_center_crop(crop, size, resize=resize))
+    return crops

@@ -11,7 +11,9 @@ Two layouts are read (``layout="auto"`` picks one, like :class:`repro.data.potsd
     root/label13/NNNN.png   (480, 640) uint8: 0 unlabelled, 1..13 classes
     root/manifest.csv       optional, one row per sample (see below)
 
-Depth becomes float32 metres (``mm / 1000``); labels ``0 -> -1`` and ``1..13 -> 0..12``.
+Depth becomes float32 metres (``mm / 1000``) with its holes (0 mm) filled by the nearest reading on
+the full frame (:func:`repro.depth.sensor.sensor_depth_from_png_array`; an 8-bit or all-zero depth
+PNG is an error naming the file); labels ``0 -> -1`` and ``1..13 -> 0..12``.
 Split membership (official split: 795 train / 654 test, 1-based indices, ``splits.mat`` of the
 NYU toolbox) is taken, in this order, from ``split_file`` / ``root/splits.mat`` (``trainNdxs``,
 ``testNdxs``) / ``root/splits/<split>.txt``; else from a ``split`` column of ``manifest.csv``;
@@ -45,6 +47,7 @@ import numpy as np
 
 from repro.data.sample import (BaseDataset, DatasetError, Sample, make_key, read_png, read_rgb,
                                require_dir, require_file)
+from repro.depth.sensor import sensor_depth_from_png_array
 from repro.errors import MissingFileError
 
 __all__ = ["NYUv2", "nyu_label13_to_index", "nyu_depth_mm_to_m", "nyu_depth_png_to_m", "read_split_indices",
@@ -162,6 +165,9 @@ class NYUv2(BaseDataset):
         if indices is not None:
             rows = [r for r in rows if r["index"] in indices]
         self._items = sorted(rows, key=lambda r: r["key"])
+        if not self._items:
+            source = self.root / "manifest.csv" if (self.root / "manifest.csv").is_file() else self.root / "rgb"
+            raise DatasetError(f"{source}: no NYUv2 image of split {split!r} listed; check the file (and the split files)")
 
     def _depthg_rows(self) -> list[dict]:
         rgb_dir = require_dir(self.root / f"{self.split}_rgb", f"NYUv2 (DepthG layout) {self.split}_rgb/ folder", FIX)
@@ -228,11 +234,11 @@ class NYUv2(BaseDataset):
         if depth_path.is_file() or self.require_depth:
             units = "1e-4 m" if self.layout == "depthg" else "mm"
             raw = read_png(depth_path, f"NYUv2 sensor depth PNG (uint16 {units})", FIX)
-            if not np.issubdtype(raw.dtype, np.integer):
-                raise DatasetError(f"{depth_path}: depth PNG must hold integer depth in {units}, got {raw.dtype}")
-            depth = nyu_depth_png_to_m(raw, DEPTH_UNITS_PER_M[self.layout])
+            depth, holes = sensor_depth_from_png_array(raw, depth_path, scale=DEPTH_UNITS_PER_M[self.layout])
         meta = {"dataset": self.name, "split": self.split, "index_1based": item["index"], "layout": self.layout,
                 "image": self._rel(rgb_path), "label": self._rel(label_path),
                 "depth": self._rel(depth_path) if depth is not None else None, "depth_units": "m"}
+        if depth is not None:
+            meta["depth_holes_filled"] = holes
         files = {"image": rgb_path, "label": label_path, "depth": depth_path}
         return Sample(item["key"], image, label, depth, meta), files

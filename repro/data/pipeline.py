@@ -1,8 +1,12 @@
 """The data stages, each writing one folder or file and skipped when its valid output exists.
 
 ``prepare``: raw dataset -> crops folder (five-crop or single crop, resized, with labels and
-sensor depth). ``depth``: crops -> depth folder (one normalised [0, 1] map per crop).
+sensor depth). ``depth``: crops -> depth folder (one [0, 1] map per crop; with
+``scope="image"`` cut from the per-image maps of :func:`repro.data.image_depth.image_depth_stage`).
 ``shards``: crops + depth -> WebDataset shard folder. ``knn``: shards -> kNN table.
+What the released code did differently (SPEC section 7) are plain arguments of these stages:
+``resize`` / ``codec`` (R3), ``scope`` / ``encoding`` / ``tta`` (R4, R5), ``dropout`` (R11),
+``score_void`` (R13).
 
 Every folder is written under a temporary name and renamed when complete; its
 ``index.json`` records the inputs and parameters, and a stage whose output exists with the
@@ -23,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from repro.data.crops import make_crops
-from repro.data.sample import Sample
-from repro.data.shards import ShardError, iter_shards, read_index, write_shards
+from repro.data.sample import DatasetError, Sample
+from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
 
 __all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
@@ -50,7 +54,8 @@ def _finish(partial: Path, out: Path, index: dict) -> Path:
     return out
 
 
-def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, progress: bool = True) -> Path:
+def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, resize: str = "bilinear",
+                  codec: str = "png", score_void: bool = False, progress: bool = True) -> Path:
     """Crop every image of a dataset adapter and store the crops (SPEC section 3).
 
     Args:
@@ -58,15 +63,28 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, progr
         out: crops folder to create.
         five_crop: five-crop at (0.5 h, 0.5 w) first (training sets except Potsdam).
         size: final side, 224 (train) or 320 (validation).
+        resize: ``"bilinear"`` (paper) or ``"nearest"`` (released, R3) for images and sensor depth.
+        codec: ``"jpeg"``: each five-crop round-trips through JPEG before resizing (released, R3).
+        score_void: R13 (released NYUv2): labels shifted by +1 so that void (-1) becomes class 0
+            and is scored; ``num_classes`` + 1 and ``"void"`` first in ``class_names`` (the
+            released ``n_classes = 14``; ``src/crop_datasets.py`` stored ``label + 1``).
         progress: show a progress bar.
 
     Returns:
         The crops folder: ``<key>.img.png``, ``<key>.label.npy`` (int16), ``<key>.sensor.npy``
-        (float32 metres), ``<key>.json`` per crop, and ``index.json``.
+        (float32 metres), ``<key>.json`` per crop, and ``index.json`` (keys, ``num_classes``,
+        ``class_names``, params).
+
+    Raises:
+        FileExistsError: if ``out`` holds crops made with other parameters.
+        DatasetError: if the dataset holds no image (an empty manifest or split file).
     """
     out = Path(out)
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset!r}: no image in split {dataset.split!r} (root {getattr(dataset, 'root', '?')}); "
+                           "check its manifest / split files")
     params = {"dataset": dataset.name, "split": dataset.split, "n_images": len(dataset), "five_crop": five_crop,
-              "size": size}
+              "size": size, "resize": resize, "codec": codec if five_crop else "png", "score_void": score_void}
     if _existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")
@@ -74,11 +92,14 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, progr
     partial.mkdir(parents=True)
     keys = []
     for i in tqdm(range(len(dataset)), desc=f"prepare {dataset.name}/{dataset.split}", disable=not progress):
-        for crop in make_crops(dataset[i], five_crop=five_crop, size=size):
+        for crop in make_crops(dataset[i], five_crop=five_crop, size=size, resize=resize, codec=codec):
+            if score_void and crop.label is not None:
+                crop.label = crop.label + 1  # -1 (void) -> 0
             _save_crop(partial, crop)
             keys.append(crop.key)
-    return _finish(partial, out, {"params": params, "keys": keys, "num_classes": dataset.num_classes,
-                                  "class_names": list(dataset.class_names)})
+    names = (("void",) if score_void else ()) + tuple(dataset.class_names)
+    return _finish(partial, out, {"params": params, "keys": keys, "num_classes": dataset.num_classes + int(score_void),
+                                  "class_names": list(names)})
 
 
 def _save_crop(folder: Path, crop: Sample) -> None:
@@ -125,19 +146,34 @@ def depth_stage(
     *,
     source: str,
     weights: str | Path | None = None,
+    scope: str = "crop",
+    encoding: str = "float",
+    tta: bool = True,
+    image_depth: str | Path | None = None,
+    resize: str = "bilinear",
     batch_size: int = 8,
     device: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """One depth map per crop, min-max normalised to [0, 1] (DepthG sec. 3.2, eq. 4).
+    """One [0, 1] depth map per crop (DepthG sec. 3.2, eq. 4; released variants R4, R5).
 
     Args:
         crops: a finished crops folder.
         out: depth folder to create: ``<key>.npy`` (float32, [0, 1]) and ``index.json`` with
-            each crop's raw range ``[d_min, d_max]`` (metres for metric sources).
+            each crop's raw range ``[d_min, d_max]`` (metres for metric sources; with
+            ``scope="image"`` the range of the crop's full image).
         source: ``"sensor"`` (the crop's sensor depth; an error if a crop has none),
             ``"zoedepth"``, ``"midas"``, ``"image_plane"`` or ``"perspective_plane"``.
         weights: local weights folder of the estimator (ZoeDepth/MiDaS).
+        scope: ``"crop"``: depth of each crop, normalised per crop (eq. 4); ``"image"``: cut
+            from the per-image maps in ``image_depth`` and resized like the crop, NOT
+            re-normalised (R4, :mod:`repro.data.image_depth`).
+        encoding: ``"float"``, ``"uint8"`` (the map is ``k / 255``, R4) or ``"int_cast"`` (``{0, 1}``,
+            R5); see :mod:`repro.depth.encoding`.
+        tta: estimator test-time augmentation (``scope="crop"``; the per-image stage has its own).
+        image_depth: the per-image folder (``scope="image"``), built by
+            :func:`repro.data.image_depth.image_depth_stage` with the matching store.
+        resize: the crops' resize mode (``scope="image"``: how each cut map is resized).
         batch_size: images per estimator call.
         device: torch device; default CUDA when available.
         progress: show a progress bar with images/s.
@@ -145,17 +181,43 @@ def depth_stage(
     Raises:
         repro.errors.MissingFileError: if a crop has no sensor depth for ``source="sensor"``
             or the estimator weights are missing.
+        FileNotFoundError: ``scope="image"`` without a finished ``image_depth`` folder or map.
+        FileExistsError: if ``out`` (or ``image_depth``) was made with other parameters.
+        ValueError: for an unknown scope or encoding.
+        DatasetError: a crop's sensor map with an invalid pixel (0, negative, NaN, inf: the
+            adapter fills holes before cropping, so the crops folder is damaged or stale), or an
+            estimator output with NaN/inf; names the crop file.
     """
-    from repro.depth import get_estimator, normalize_depth
-    from repro.depth.base import normalize_prediction
+    from repro.data.image_depth import crop_image_depth, encode_map, image_depth_store, load_image_depth
+    from repro.depth import get_estimator
+    from repro.depth.encoding import int_cast, uint8_to_unit
     from repro.errors import MissingFileError
 
     crops, out = Path(crops), Path(out)
-    params = {"crops": str(crops.resolve()), "source": source, "weights": None if weights is None else str(weights)}
+    store = image_depth_store(encoding)
+    if scope not in ("crop", "image"):
+        raise ValueError(f"depth scope must be 'crop' or 'image', got {scope!r}")
+    params = {"crops": str(crops.resolve()), "source": source, "weights": None if weights is None else str(weights),
+              "scope": scope, "encoding": encoding}
+    if scope == "image":
+        if image_depth is None or not (Path(image_depth) / INDEX).is_file():
+            raise FileNotFoundError(f"scope 'image' needs a finished per-image depth folder, got {image_depth}; "
+                                    "build it with repro.data.image_depth.image_depth_stage")
+        image_index = json.loads((Path(image_depth) / INDEX).read_text())
+        recorded = image_index["params"]
+        if recorded.get("source") != source or recorded.get("store") != store:
+            raise FileExistsError(f"{image_depth} holds {recorded.get('source')}/{recorded.get('store')} maps, "
+                                  f"this stage needs {source}/{store}; use the matching folder")
+        params.update(image_depth=str(Path(image_depth).resolve()), image_params=recorded, resize=resize)
+    else:
+        params["tta"] = bool(tta) and source != "sensor"
     if _existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # kept across interruptions: finished maps are reused
+    if (partial / "params.json").is_file() and json.loads((partial / "params.json").read_text()) != params:
+        shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    (partial / "params.json").write_text(json.dumps(params, sort_keys=True))
     ranges_path = partial / "ranges.jsonl"
     ranges = {}
     if ranges_path.is_file():
@@ -163,21 +225,52 @@ def depth_stage(
             rec = json.loads(line)
             if (partial / f"{rec['key']}.npy").is_file():
                 ranges[rec["key"]] = rec["range"]
-    estimator = None if source == "sensor" else get_estimator(source, weights, device=device)
-    todo = [c for c in iter_crops(crops) if c.key not in ranges]
-    bar = tqdm(total=len(todo), desc=f"depth ({source})", unit="img", disable=not progress)
+    estimator = None
+    if scope == "crop" and source != "sensor":
+        estimator = get_estimator(source, weights, device=device, tta=tta)
+    kind = "sensor" if source == "sensor" else (estimator.kind if estimator is not None else image_index.get("kind"))
+    n_todo = len(json.loads((crops / INDEX).read_text())["keys"]) - len(ranges)
+    bar = tqdm(total=n_todo, desc=f"depth ({source}, {scope})", unit="img", disable=not progress)
+    cache: dict[str, np.ndarray] = {}
     with open(ranges_path, "a") as log:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            if estimator is None:
-                missing = [c.key for c in batch if c.depth is None]
-                if missing:
-                    raise MissingFileError("sensor depth of crop", crops / f"{missing[0]}.sensor.npy",
-                                           "use a dataset with sensor depth, or --source zoedepth/midas")
-                results = [normalize_depth(c.depth) for c in batch]
+        for batch in _batches((c for c in iter_crops(crops) if c.key not in ranges), batch_size):
+            if scope == "image":
+                results = []
+                for c in batch:
+                    image_key = c.meta.get("image_key", c.key)
+                    if image_key not in cache:
+                        cache.clear()  # crops of one image are consecutive
+                        cache[image_key] = load_image_depth(image_depth, image_key)
+                    rng = image_index["ranges"][image_key]
+                    results.append((crop_image_depth(cache[image_key], c.meta, encoding=encoding, resize=resize), rng))
             else:
-                with torch.inference_mode():
-                    results = normalize_prediction(estimator, estimator.predict([c.image for c in batch]))
+                if estimator is None:
+                    missing = [c.key for c in batch if c.depth is None]
+                    if missing:
+                        raise MissingFileError("sensor depth of crop", crops / f"{missing[0]}.sensor.npy",
+                                               "use a dataset with sensor depth, or --source zoedepth/midas")
+                    for c in batch:
+                        bad = int((~(np.isfinite(c.depth) & (c.depth > 0))).sum())
+                        if bad:
+                            raise DatasetError(f"{crops / (c.key + '.sensor.npy')}: {bad} pixel(s) of sensor depth are "
+                                               "0, negative or not finite; rebuild the crops folder with `repro prepare` "
+                                               "(the dataset adapter fills sensor holes before cropping)")
+                    raws = [c.depth for c in batch]  # metres
+                else:
+                    with torch.inference_mode():
+                        raws = [r.detach().cpu().numpy() for r in estimator.to_depth(
+                            estimator.predict([c.image for c in batch]))]
+                results = []
+                for c, raw in zip(batch, raws):
+                    try:
+                        stored = encode_map(raw, kind=kind, store=store)
+                    except ValueError as exc:
+                        raise DatasetError(f"depth source {source!r} on {crops / (c.key + '.img.png')}: {exc}") from exc
+                    if encoding == "uint8":
+                        stored = uint8_to_unit(stored)
+                    elif encoding == "int_cast":
+                        stored = int_cast(uint8_to_unit(stored))
+                    results.append((stored, [float(raw.min()), float(raw.max())]))
             for crop, (norm, (lo, hi)) in zip(batch, results):
                 np.save(partial / f"{crop.key}.npy", np.asarray(norm, dtype=np.float32))
                 ranges[crop.key] = [float(lo), float(hi)]
@@ -186,8 +279,20 @@ def depth_stage(
             bar.update(len(batch))
     bar.close()
     ranges_path.unlink()
-    return _finish(partial, out, {"params": params, "ranges": ranges,
-                                  "kind": "metric" if estimator is None else estimator.kind})
+    (partial / "params.json").unlink()
+    return _finish(partial, out, {"params": params, "ranges": ranges, "encoding": encoding,
+                                  "kind": kind if kind != "sensor" else "metric"})
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def shards_stage(
@@ -195,20 +300,31 @@ def shards_stage(
 ) -> Path:
     """Pack crops (and their depth maps) into WebDataset shards, in crop index order.
 
-    The raw depth range and source go into each sample's JSON metadata. An existing shard
-    folder made from the same inputs is reused; one made from other inputs is an error.
+    The raw depth range, source and encoding go into each sample's JSON metadata. 8-bit depth
+    (``encoding: uint8`` in the depth folder) is stored losslessly as the integers k, read back
+    as ``k / 255`` (:mod:`repro.data.shards`). An existing shard folder made from the same inputs
+    is reused; one made from other inputs is an error.
 
     Raises:
         FileNotFoundError: if a crop's depth map is missing from the depth folder.
+        DatasetError: if a depth map is not ``(H, W)`` of its crop, or holds values outside [0, 1] / NaN / inf
+            (names the file).
         FileExistsError: if ``out`` holds shards made from other inputs.
+        ShardError: if reused shards no longer match their index (checksums, offsets; checked
+            fully once, then by file stats, see :func:`repro.data.shards.verify_once`).
     """
     crops, out = Path(crops), Path(out)
     params = {"crops": str(crops.resolve()), "depth": None if depth is None else str(Path(depth).resolve()),
               "shard_size": shard_size, "depth_source": depth_source}
+    if depth is not None:  # the depth folder's own params (scope, encoding, ...): another profile's never matches
+        params["depth_params"] = json.loads((Path(depth) / INDEX).read_text()).get("params")
     if _existing(out, params):
-        read_index(out)
+        verify_once(out)
         return out
-    ranges = json.loads((Path(depth) / INDEX).read_text())["ranges"] if depth is not None else {}
+    from repro.depth.encoding import unit_to_uint8
+
+    depth_index = json.loads((Path(depth) / INDEX).read_text()) if depth is not None else {}
+    ranges, encoding = depth_index.get("ranges", {}), depth_index.get("encoding", "float")
 
     def items():
         for crop in iter_crops(crops):
@@ -218,7 +334,15 @@ def shards_stage(
                 if not path.is_file():
                     raise FileNotFoundError(f"depth map {path} is missing; rerun `repro depth`")
                 depth01 = np.load(path)
-                crop.meta = {**crop.meta, "depth_range": ranges[crop.key], "depth_source": depth_source}
+                if depth01.shape != crop.image.shape[:2] or not np.isfinite(depth01).all() or (
+                        depth01.size and (depth01.min() < 0 or depth01.max() > 1)):
+                    raise DatasetError(f"{path}: depth map must be {crop.image.shape[:2]}, finite and in [0, 1]; got "
+                                       f"{depth01.shape}, {int((~np.isfinite(depth01)).sum())} non-finite value(s), "
+                                       f"range [{np.nanmin(depth01):.3g}, {np.nanmax(depth01):.3g}]; rerun `repro depth`")
+                if encoding == "uint8":
+                    depth01 = unit_to_uint8(depth01)
+                crop.meta = {**crop.meta, "depth_range": ranges[crop.key], "depth_source": depth_source,
+                             "depth_encoding": encoding}
             yield crop, depth01
 
     write_shards(items(), out, shard_size=shard_size, params=params)
@@ -226,8 +350,14 @@ def shards_stage(
 
 
 def knn_stage(shards: str | Path, out: str | Path, *, arch: str, checkpoint: str | Path, k: int = 30,
-              batch_size: int = 32, device: str | None = None) -> Path:
+              batch_size: int = 32, device: str | None = None, dropout: float = 0.0, seed: int = 0) -> Path:
     """Build the kNN table of a training shard folder (STEGO sec. 3.3).
+
+    Args:
+        dropout: R11: ``Dropout2d(dropout)`` active on the features before pooling, as the released
+            ``precompute_knns.py`` ran (0: the paper's plain GAP).
+        seed: seed of the dropout masks (recorded with ``dropout`` and ``batch_size`` in the table's
+            params; same seed and batch size -> same table).
 
     Raises:
         ShardError: on unreadable shards; MissingFileError for a missing checkpoint.
@@ -238,6 +368,8 @@ def knn_stage(shards: str | Path, out: str | Path, *, arch: str, checkpoint: str
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     params = {"shards": str(Path(shards).resolve()), "arch": arch, "checkpoint": str(checkpoint), "k": k}
+    if dropout:
+        params.update(dropout=float(dropout), dropout_seed=int(seed), batch_size=int(batch_size))
     meta_path = out.with_suffix(out.suffix + ".json")
     if out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("params") == params:
         return out
@@ -255,7 +387,7 @@ def knn_stage(shards: str | Path, out: str | Path, *, arch: str, checkpoint: str
         if batch:
             yield batch
 
-    feats = pooled_features(backbone, batches(), device)
+    feats = pooled_features(backbone, batches(), device, dropout=dropout, seed=seed)
     if len(keys) != feats.shape[0]:
         raise ShardError(f"read {len(keys)} keys but {feats.shape[0]} features from {shards}")
     indices, sims = search_knn(feats, k=min(k, len(keys)))

@@ -5,7 +5,8 @@ under its key with the fields
 
 - ``img.png``: ``(H, W, 3)`` uint8 RGB, lossless PNG;
 - ``label.png``: ``(H, W)`` uint8 class ids, 255 = ignore (only when the dataset has labels);
-- ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1] (only with depth);
+- ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1], or uint8 8-bit depth k
+  (read back as ``k / 255``, lossless; SPEC 7 R4) (only with depth);
 - ``json``: metadata (dataset, split, crop box, raw depth range and source, ...).
 
 ``index.json`` records, per shard, the sample count, the sha256 and, per key, the byte
@@ -15,11 +16,20 @@ read directly at its offsets (:class:`ShardRandomAccess`), which keeps STEGO's p
 random draw from the top-7 neighbours without loading the dataset into memory.
 
 The folder is written under a temporary name and renamed when complete, so a crash never
-leaves a half-written folder that looks valid.
+leaves a half-written folder that looks valid; the temporary folders of dead writers are removed
+by the next write (:func:`repro.atomic.remove_stale`).
+
+Integrity on read: :func:`verify_once` checks every shard's sha256 and every indexed offset
+against the tar member it points at, and records the verification (``verified.json``: the
+index's sha256 and each shard's size and modification time) so that later opens only compare
+file stats. A run opens its shards through it (the shards stage when reusing a shard set, and
+:class:`~repro.data.training.TrainingCrops`); :class:`ShardRandomAccess` additionally checks the
+tar header in front of every field it reads, so an offset that points at another crop fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -33,11 +43,14 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from repro.atomic import atomic_path, owner_tag, remove_stale
 from repro.data.sample import IGNORE, Sample
 
-__all__ = ["ShardError", "write_shards", "read_index", "verify_shards", "iter_shards", "ShardRandomAccess", "decode_fields"]
+__all__ = ["ShardError", "write_shards", "read_index", "verify_shards", "verify_once", "iter_shards",
+           "ShardRandomAccess", "decode_fields"]
 
 INDEX_NAME = "index.json"
+VERIFIED_NAME = "verified.json"
 FORMAT_VERSION = 1
 LABEL_IGNORE_BYTE = 255
 
@@ -65,7 +78,8 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
 
     Args:
         sample: the crop; ``label`` int64 in ``[0, 255)`` or -1.
-        depth01: ``(H, W)`` depth normalised to [0, 1] or None.
+        depth01: ``(H, W)`` depth normalised to [0, 1] (stored as float16), uint8 8-bit depth
+            (stored as it is), or None.
 
     Returns:
         A dict with ``__key__`` and the byte fields described in the module docstring.
@@ -80,10 +94,11 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
             raise ValueError(f"{sample.key}: label values must be in [-1, 254] to store as PNG")
         fields["label.png"] = _png(np.where(label == IGNORE, LABEL_IGNORE_BYTE, label).astype(np.uint8))
     if depth01 is not None:
-        if not np.isfinite(depth01).all() or depth01.min() < 0 or depth01.max() > 1:
+        is_u8 = depth01.dtype == np.uint8
+        if not is_u8 and (not np.isfinite(depth01).all() or depth01.min() < 0 or depth01.max() > 1):
             raise ValueError(f"{sample.key}: normalised depth must be finite and in [0, 1]")
         buf = io.BytesIO()
-        np.save(buf, depth01.astype(np.float16))
+        np.save(buf, depth01 if is_u8 else depth01.astype(np.float16))
         fields["depth.npy"] = buf.getvalue()
     fields["json"] = json.dumps(sample.meta, sort_keys=True).encode()
     return fields
@@ -107,7 +122,8 @@ def decode_fields(key: str, fields: dict[str, bytes]) -> dict:
             label = np.where(raw == LABEL_IGNORE_BYTE, IGNORE, raw)
         depth = None
         if "depth.npy" in fields:
-            depth = np.load(io.BytesIO(fields["depth.npy"])).astype(np.float32)
+            depth = np.load(io.BytesIO(fields["depth.npy"]))
+            depth = depth.astype(np.float32) / np.float32(255) if depth.dtype == np.uint8 else depth.astype(np.float32)
         meta = json.loads(fields["json"]) if "json" in fields else {}
     except (KeyError, OSError, ValueError) as exc:
         raise ShardError(f"sample {key!r}: cannot decode fields {sorted(fields)}: {exc}") from exc
@@ -139,7 +155,9 @@ def write_shards(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it to rebuild the shards")
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out_dir.parent, out_dir.name)
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{owner_tag()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     shards: list[dict] = []
@@ -152,17 +170,24 @@ def write_shards(
             path = partial / names[-1]
             shards.append({"name": names[-1], "sha256": _sha256(path), "members": _member_offsets(path)})
 
-    for sample, depth01 in items:
-        if sample.key in seen:
-            raise ValueError(f"duplicate sample key {sample.key!r}")
-        seen.add(sample.key)
-        if writer is None or writer_count == shard_size:
-            close()
-            names.append(f"shard-{len(names):06d}.tar")
-            writer, writer_count = wds.TarWriter(str(partial / names[-1])), 0
-        writer.write(encode_sample(sample, depth01))
-        writer_count += 1
-    close()
+    try:
+        for sample, depth01 in items:
+            if sample.key in seen:
+                raise ValueError(f"duplicate sample key {sample.key!r}")
+            seen.add(sample.key)
+            if writer is None or writer_count == shard_size:
+                close()
+                names.append(f"shard-{len(names):06d}.tar")
+                writer, writer_count = wds.TarWriter(str(partial / names[-1])), 0
+            writer.write(encode_sample(sample, depth01))
+            writer_count += 1
+        close()
+    except BaseException:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+        raise
     index = {
         "format": FORMAT_VERSION,
         "params": params,
@@ -170,7 +195,11 @@ def write_shards(
         "shards": [{"name": s["name"], "sha256": s["sha256"], "count": len(s["members"])} for s in shards],
         "keys": {key: [i, fields] for i, s in enumerate(shards) for key, fields in s["members"].items()},
     }
+    if not index["count"]:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ValueError(f"no samples to write into {out_dir} (the crops folder is empty)")
     (partial / INDEX_NAME).write_text(json.dumps(index))
+    _record_verified(partial)  # the checksums were just computed from these files
     os.replace(partial, out_dir)
     return index
 
@@ -182,6 +211,12 @@ def _member_offsets(path: Path) -> dict[str, dict[str, list[int]]]:
             key, _, field = info.name.partition(".")
             members.setdefault(key, {})[field] = [info.offset_data, info.size]
     return members
+
+
+def _same_member(info: tarfile.TarInfo, name: str, size: int) -> bool:
+    """The header in front of a field is that field's (a PAX header keeps the first 100 bytes of a long name)."""
+    encoded = name.encode()
+    return info.size == size and (info.name == name or (len(encoded) > 100 and info.name.encode() == encoded[:100]))
 
 
 def read_index(shard_dir: str | Path) -> dict:
@@ -201,18 +236,78 @@ def read_index(shard_dir: str | Path) -> dict:
 
 
 def verify_shards(shard_dir: str | Path) -> None:
-    """Check every shard against the sha256 in the index.
+    """Check every shard against the index: its sha256, and every indexed offset against the tar member there.
 
     Raises:
-        ShardError: naming the first missing or modified shard.
+        ShardError: naming the first missing or modified shard, or the first key whose recorded
+            offset does not point at its own member (e.g. at another crop).
     """
     shard_dir = Path(shard_dir)
-    for shard in read_index(shard_dir)["shards"]:
+    index = read_index(shard_dir)
+    members: list[dict] = [{} for _ in index["shards"]]
+    for key, (shard_idx, fields) in index["keys"].items():
+        if not isinstance(shard_idx, int) or not 0 <= shard_idx < len(members):
+            raise ShardError(f"{shard_dir / INDEX_NAME}: key {key!r} names shard {shard_idx!r}, which does not exist")
+        members[shard_idx][key] = fields
+    for shard, recorded in zip(index["shards"], members):
         path = shard_dir / shard["name"]
         if not path.is_file():
             raise ShardError(f"shard {path} is missing")
         if _sha256(path) != shard["sha256"]:
             raise ShardError(f"shard {path} does not match its checksum (truncated or modified); rebuild it")
+        actual = _member_offsets(path)
+        for key, fields in recorded.items():
+            for field, where in fields.items():
+                if actual.get(key, {}).get(field) != list(where):
+                    found = [f"{k}.{f}" for k, fs in actual.items() for f, w in fs.items() if w[0] == where[0]]
+                    raise ShardError(f"{shard_dir / INDEX_NAME}: offset {where} of {key}.{field} in {path.name} points at "
+                                     f"{found[0] if found else 'no member'}, not at {key}.{field}; rebuild the shards")
+        if len(recorded) != shard["count"]:
+            raise ShardError(f"{shard_dir / INDEX_NAME}: {shard['name']} indexes {len(recorded)} keys, count says "
+                             f"{shard['count']}")
+
+
+def _fingerprint(shard_dir: Path) -> dict:
+    index = shard_dir / INDEX_NAME
+    files = {}
+    for shard in read_index(shard_dir)["shards"]:
+        st = (shard_dir / shard["name"]).stat()
+        files[shard["name"]] = [st.st_size, st.st_mtime_ns]
+    return {"index_sha256": _sha256(index), "shards": files}
+
+
+def _record_verified(shard_dir: Path) -> None:
+    with atomic_path(shard_dir / VERIFIED_NAME) as tmp:
+        tmp.write_text(json.dumps(_fingerprint(shard_dir), sort_keys=True))
+
+
+def verify_once(shard_dir: str | Path) -> bool:
+    """Verify a shard set fully the first time, then only compare file stats with the record.
+
+    The full check is :func:`verify_shards`; on success ``verified.json`` records the sha256 of
+    ``index.json`` and each shard's size and modification time (nanoseconds). Later calls hash
+    only ``index.json`` and stat the shards; any change triggers the full check again.
+
+    Returns:
+        True if the full check ran, False if the record matched.
+
+    Raises:
+        ShardError: see :func:`verify_shards`.
+    """
+    shard_dir = Path(shard_dir)
+    record = shard_dir / VERIFIED_NAME
+    try:
+        current = _fingerprint(shard_dir)
+        if record.is_file() and json.loads(record.read_text()) == current:
+            return False
+    except (OSError, ValueError):
+        pass  # a missing shard or unreadable record: the full check names the problem
+    verify_shards(shard_dir)
+    try:
+        _record_verified(shard_dir)
+    except OSError:  # a read-only shard folder is verified on every open
+        pass
+    return True
 
 
 def iter_shards(shard_dir: str | Path, *, verify: bool = False) -> Iterator[dict]:
@@ -294,7 +389,17 @@ class ShardRandomAccess:
                 raise ShardError(f"shard {path} cannot be opened: {exc}") from exc
         raw = {}
         for field, (offset, size) in fields.items():
-            fh.seek(offset)
+            info = None
+            if offset >= tarfile.BLOCKSIZE:
+                fh.seek(offset - tarfile.BLOCKSIZE)
+                with contextlib.suppress(tarfile.TarError):
+                    info = tarfile.TarInfo.frombuf(fh.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+            if info is None:
+                raise ShardError(f"shard {self.shard_names[shard_idx]}: no tar header before the offset {offset} of "
+                                 f"{key}.{field}; index and shard do not match, rebuild the shards")
+            if not _same_member(info, f"{key}.{field}", size):
+                raise ShardError(f"shard {self.shard_names[shard_idx]}: the offset {offset} of {key}.{field} points at "
+                                 f"{info.name} ({info.size} bytes); index and shard do not match, rebuild the shards")
             raw[field] = fh.read(size)
             if len(raw[field]) != size:
                 raise ShardError(f"shard {self.shard_names[shard_idx]}: sample {key!r} field {field} is truncated")

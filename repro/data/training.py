@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from repro.data.knn import KnnTable
-from repro.data.shards import ShardError, ShardRandomAccess, read_index
+from repro.data.shards import ShardError, ShardRandomAccess, read_index, verify_once
 
 __all__ = ["TrainingCrops", "epoch_order"]
 
@@ -58,12 +58,15 @@ class TrainingCrops(Dataset):
     in [0, 1].
 
     Raises:
-        ShardError: if the shards and the kNN table do not hold the same crops, or a crop
-            lacks the depth or label the run needs.
+        ShardError: if the shards fail their integrity check (sha256 and offsets, verified fully the
+            first time a shard set is opened, see :func:`repro.data.shards.verify_once`), the
+            shards and the kNN table do not hold the same crops, or a crop lacks the depth or
+            label the run needs.
     """
 
     def __init__(self, shards: str | Path, knn: KnnTable, *, seed: int, num_neighbors: int = 7,
                  require_depth: bool = True) -> None:
+        verify_once(shards)
         self.shards = ShardRandomAccess(shards)
         index = read_index(shards)
         by_shard: list[list[str]] = [[] for _ in index["shards"]]

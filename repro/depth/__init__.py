@@ -7,7 +7,7 @@ plus the raw range of each map.
 ========================  =====================  ==========================================
 name                      kind                   output of ``predict``
 ========================  =====================  ==========================================
-``"zoedepth"``            ``metric``             metres (ZoeDepth, best in DepthG)
+``"zoedepth"``            ``metric``             metres (ZoeD_N, best in DepthG)
 ``"midas"``               ``relative_inverse``   disparity up to scale/shift (MiDaS v3/DPT)
 ``"sensor"``              ``metric``             metres, holes filled (NYUv2 sensor depth)
 ``"image_plane"``         ``normalized``         constant 1.0 (placebo)
@@ -63,10 +63,10 @@ def get_estimator(name: str, weights: str | Path | None = None, device: str | to
     Args:
         name: one of :data:`ESTIMATORS`.
         weights: local weights folder for ``"zoedepth"`` / ``"midas"``; ``None`` means
-            ``zoedepth-nyu-kitti`` / ``dpt-hybrid-midas`` in the weights folder
+            ``zoedepth-nyu`` (ZoeD_N) / ``dpt-hybrid-midas`` in the weights folder
             (``$REPRO_WEIGHTS``, default ``./weights``). Ignored by the other sources.
         device: torch device; default CUDA when available for the networks, CPU otherwise.
-        **kwargs: passed to the estimator, e.g. ``flip_tta=True`` / ``dtype`` (networks),
+        **kwargs: passed to the estimator, e.g. ``tta=True`` (ZoeDepth: ``infer``'s flip + reflect padding; MiDaS: flip) / ``dtype`` (networks),
             ``invalid="raise"`` (sensor), ``horizon=0.4`` (perspective plane).
 
     Returns:

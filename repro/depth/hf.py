@@ -5,16 +5,28 @@ the best results and MiDaS the second best (supplement Table 3). Both load from 
 folder in the ``save_pretrained`` layout (``config.json``, ``model.safetensors``,
 ``preprocessor_config.json``) with ``local_files_only=True``; nothing is fetched at run time.
 
-* :class:`ZoeDepthEstimator`: ``ZoeDepthForDepthEstimation`` (official conversion
-  ``Intel/zoedepth-nyu-kitti``); metric depth in metres.
+* :class:`ZoeDepthEstimator`: ``ZoeDepthForDepthEstimation``; default ``Intel/zoedepth-nyu``, the
+  official conversion of ZoeD_N (``ZoeD_M12_N``), which the released DepthG ``generate_depth.py``
+  ran; metric depth in metres.
 * :class:`MidasEstimator`: ``DPTForDepthEstimation`` (MiDaS v3 = DPT, e.g.
   ``Intel/dpt-hybrid-midas``); relative inverse depth (disparity up to scale and shift).
 
-Pre-processing is the checkpoint's own image processor (resize, ZoeDepth's reflect padding,
-normalisation, all read from ``preprocessor_config.json``). Post-processing is ours: the model
-output is resized back to the input size with BILINEAR interpolation (ZoeDepth: to the padded
-size, then the padding is cropped, the same geometry as ``post_process_depth_estimation``,
-which would use bicubic and can overshoot the predicted range).
+Pre-processing is the checkpoint's own image processor (rescale, ZoeDepth's reflect padding,
+keep-aspect resize to a multiple of 32, normalisation, all read from ``preprocessor_config.json``).
+
+Test-time augmentation (``tta=True``, ``data.depth_tta``) follows ZoeDepth's own
+``DepthModel.infer(x)`` (isl-org/ZoeDepth ``zoedepth/models/depth_model.py``; DepthG vendors the
+same file as ``src/zoedepth/models/depth_model.py``): defaults ``pad_input=True``,
+``with_flip_aug=True``. Per pass the [0, 1] image is reflect-padded by ``int(sqrt(h / 2) * 3)`` rows
+and ``int(sqrt(w / 2) * 3)`` columns on each side (here: the processor's ``do_pad``, applied
+after rescaling and before resizing, as ZoeDepth pads before its internal resize), the metric
+output is upsampled BICUBIC (``align_corners=False``) to the padded size and the padding is cut
+off; the second pass does the same on the horizontally flipped image (flipped before padding)
+and is flipped back; the two are averaged. ``tta=False`` is a single pass without padding
+(``infer(pad_input=False, with_flip_aug=False)``). ZoeDepth's ``infer_pil`` is ``infer`` on
+``ToTensor(pil)``; the processor's ``rescale`` (x * 1/255) differs from ``ToTensor``'s x / 255 by at
+most one float32 rounding. MiDaS: ``tta`` averages with the flipped pass (no padding); its output
+is resized back bilinearly.
 
 :func:`save_random_model` writes a tiny randomly initialised model plus its image processor in
 the same layout, for tests and demos without internet.
@@ -25,6 +37,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,9 +48,9 @@ from repro.errors import MissingFileError
 __all__ = ["ZoeDepthEstimator", "MidasEstimator", "save_random_model", "DEFAULT_WEIGHTS", "HUB_REPOS"]
 
 #: Official checkpoints (HuggingFace Hub ids) of the two estimators.
-HUB_REPOS = {"zoedepth": "Intel/zoedepth-nyu-kitti", "midas": "Intel/dpt-hybrid-midas"}
+HUB_REPOS = {"zoedepth": "Intel/zoedepth-nyu", "midas": "Intel/dpt-hybrid-midas"}
 #: Default local folders, inside the weights folder ($REPRO_WEIGHTS, default ./weights).
-DEFAULT_WEIGHTS = {"zoedepth": Path("weights/zoedepth-nyu-kitti"), "midas": Path("weights/dpt-hybrid-midas")}
+DEFAULT_WEIGHTS = {"zoedepth": Path("weights/zoedepth-nyu"), "midas": Path("weights/dpt-hybrid-midas")}
 _CLASSES = {"zoedepth": ("ZoeDepthForDepthEstimation", "ZoeDepthImageProcessor"),
             "midas": ("DPTForDepthEstimation", "DPTImageProcessor")}
 _MODEL_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -83,35 +96,41 @@ def _default_device() -> torch.device:
 
 
 class _HFDepthEstimator(DepthEstimator):
-    """Shared loading, pre-processing, flip TTA and resizing of the transformers estimators."""
+    """Shared loading, pre-processing and test-time augmentation of the transformers estimators."""
 
     def __init__(self, weights_dir: str | Path, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, *, flip_tta: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, *, tta: bool = False) -> None:
         import transformers
 
         self.weights_dir = check_weights_dir(self.name, weights_dir)
         model_cls, proc_cls = (getattr(transformers, n) for n in _CLASSES[self.name])
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = dtype
-        self.flip_tta = flip_tta
+        self.tta = tta
         self.processor = proc_cls.from_pretrained(self.weights_dir, local_files_only=True)
         model = model_cls.from_pretrained(self.weights_dir, local_files_only=True, dtype=dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
-    def _forward(self, pixel_values: Tensor) -> Tensor:
-        """``(B, 3, h, w)`` -> ``(B, h', w')`` float32 model output, flip-averaged if enabled."""
-        out = self.model(pixel_values=pixel_values).predicted_depth
-        if self.flip_tta:
-            flipped = self.model(pixel_values=pixel_values.flip(-1)).predicted_depth.flip(-1)
-            out = (out + flipped) / 2
-        return out.float()
+    def _pass(self, imgs: list, height: int, width: int, *, flip: bool) -> Tensor:
+        """One forward pass at the input size: ``(B, height, width)`` float32 (flipped back if ``flip``)."""
+        # writable C-contiguous copies (the processor wraps them with torch.from_numpy)
+        imgs = [np.require(img[:, ::-1] if flip else img, requirements=["C", "W"]) for img in imgs]
+        inputs = self.processor(images=imgs, return_tensors="pt", input_data_format="channels_last",
+                                device=str(self.device), **self._processor_kwargs())
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        pred = self.model(pixel_values=pixel_values).predicted_depth.float()
+        out = self._to_input_size(pred, height, width)
+        return out.flip(-1) if flip else out
+
+    def _processor_kwargs(self) -> dict:
+        return {}
 
     def _to_input_size(self, pred: Tensor, height: int, width: int) -> Tensor:
         """Bilinear resize of ``(B, h', w')`` to ``(B, height, width)``."""
         return F.interpolate(pred[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
 
     def predict(self, images: ImageBatch) -> Tensor:
-        """Raw prediction at the input resolution.
+        """Raw prediction at the input resolution (averaged with the flipped pass when :attr:`tta`).
 
         Args:
             images: ``B`` RGB images of one size, ``(H, W, 3)`` uint8 (list or tensor).
@@ -128,23 +147,21 @@ class _HFDepthEstimator(DepthEstimator):
             raise ValueError(f"images in one batch must share a size, got {sorted({i.shape for i in imgs})}")
         height, width = imgs[0].shape[:2]
         with torch.inference_mode():
-            inputs = self.processor(images=imgs, return_tensors="pt", input_data_format="channels_last",
-                                    device=str(self.device))
-            pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
-            return self._to_input_size(self._forward(pixel_values), height, width)
+            out = self._pass(imgs, height, width, flip=False)
+            if self.tta:
+                out = (out + self._pass(imgs, height, width, flip=True)) / 2
+            return out
 
 
 class ZoeDepthEstimator(_HFDepthEstimator):
-    """ZoeDepth metric depth (DepthG's best depth source, supplement Table 3).
+    """ZoeDepth metric depth (DepthG's best depth source, supplement Table 3), as ZoeDepth's ``infer`` runs it.
 
     Args:
-        weights_dir: local ``save_pretrained`` folder, e.g. of ``Intel/zoedepth-nyu-kitti``.
+        weights_dir: local ``save_pretrained`` folder, e.g. of ``Intel/zoedepth-nyu`` (ZoeD_N).
         device: torch device; default CUDA when available, else CPU.
         dtype: model dtype (float16/bfloat16 on GPU to save memory); output is float32.
-        flip_tta: average the prediction with that of the horizontally flipped input. Off by
-            default. The released DepthG code used the original ZoeDepth repo's ``ZoeD_M12_N``
-            with its flip + padding test-time augmentation (SPEC 7.6); the padding part is the
-            processor's reflect padding (``do_pad``), flipping is this switch.
+        tta: ZoeDepth's test-time augmentation (reflect padding + horizontal flip, module
+            docstring); off: one pass without padding.
 
     Raises:
         MissingFileError: if the folder, its config, weights or processor config is missing.
@@ -153,16 +170,18 @@ class ZoeDepthEstimator(_HFDepthEstimator):
     name = "zoedepth"
     kind = "metric"
 
+    def _processor_kwargs(self) -> dict:
+        return {"do_pad": self.tta}
+
     def _to_input_size(self, pred: Tensor, height: int, width: int) -> Tensor:
-        """Undo the processor's reflect padding: resize to the padded size, crop the pad.
+        """Bicubic upsampling to the (padded) input size, then the padding is cut off (``infer``).
 
         The pad per side is ``int(sqrt(size / 2) * 3)`` of the input height/width, as in
-        ``ZoeDepthImageProcessor`` (and the original ZoeDepth code).
+        ``ZoeDepthImageProcessor`` and ZoeDepth's ``_infer_with_pad_aug``.
         """
-        if not getattr(self.processor, "do_pad", False):
-            return super()._to_input_size(pred, height, width)
-        pad_h, pad_w = int(math.sqrt(height / 2) * 3), int(math.sqrt(width / 2) * 3)
-        full = super()._to_input_size(pred, height + 2 * pad_h, width + 2 * pad_w)
+        pad_h, pad_w = (int(math.sqrt(height / 2) * 3), int(math.sqrt(width / 2) * 3)) if self.tta else (0, 0)
+        full = F.interpolate(pred[:, None], size=(height + 2 * pad_h, width + 2 * pad_w), mode="bicubic",
+                             align_corners=False)[:, 0]
         return full[:, pad_h : pad_h + height, pad_w : pad_w + width]
 
 
@@ -174,7 +193,8 @@ class MidasEstimator(_HFDepthEstimator):
 
     Args:
         weights_dir: local ``save_pretrained`` folder, e.g. of ``Intel/dpt-hybrid-midas``.
-        device, dtype, flip_tta: as for :class:`ZoeDepthEstimator`.
+        device, dtype: as for :class:`ZoeDepthEstimator`.
+        tta: average with the prediction of the horizontally flipped input (no padding).
 
     Raises:
         MissingFileError: if the folder, its config, weights or processor config is missing.
@@ -189,14 +209,13 @@ def _tiny_config(kind: str, tiny: bool):
 
     if kind == "zoedepth":
         if not tiny:
-            return tf.ZoeDepthConfig()  # BEiT-L/16 backbone, as the released checkpoints
+            return tf.ZoeDepthConfig()  # BEiT-L/16 backbone, one NYU head: the ZoeD_N layout
         backbone = tf.BeitConfig(
             image_size=384, patch_size=16, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
             intermediate_size=192, use_relative_position_bias=True, reshape_hidden_states=False,
             out_features=["stage1", "stage2", "stage3", "stage4"])
-        # two metric heads + latent router, like the NYU+KITTI checkpoint
-        bins = [{"name": "nyu", "n_bins": 16, "min_depth": 1e-3, "max_depth": 10.0},
-                {"name": "kitti", "n_bins": 16, "min_depth": 1e-3, "max_depth": 80.0}]
+        # one metric head (NYU, 10 m), like ZoeD_N / Intel/zoedepth-nyu
+        bins = [{"n_bins": 16, "min_depth": 1e-3, "max_depth": 10.0}]
         return tf.ZoeDepthConfig(
             backbone_config=backbone, neck_hidden_sizes=[24, 48, 96, 96], fusion_hidden_size=32,
             bottleneck_features=32, num_relative_features=8, bin_embedding_dim=16, num_attractors=[4, 4, 2, 1],
@@ -233,8 +252,8 @@ def save_random_model(kind: str, out_dir: str | Path, *, tiny: bool = True, seed
 
     Tiny configs (``tiny=True``, about 1 M parameters, ~0.2-0.5 s per 384x512 forward on 2 CPU
     cores): a 4-layer ViT/BEiT with hidden size 96, 4 heads, MLP 192, patch 16; neck sizes
-    ``[24, 48, 96, 96]``, fusion 32. ZoeDepth: 2 metric heads (NYU 10 m, KITTI 80 m, 16 bins
-    each) with the latent router, as ``Intel/zoedepth-nyu-kitti``. Weights of every
+    ``[24, 48, 96, 96]``, fusion 32. ZoeDepth: one metric head (NYU, 10 m, 16 bins), as ZoeD_N
+    (``Intel/zoedepth-nyu``). Weights of every
     convolution/linear layer are redrawn with std ``1 / sqrt(fan_in)`` (biases std 0.1) so the
     output varies with the image (the library's small default init gives a constant ZoeDepth
     map); the last DPT convolution gets bias +1 so that its final ReLU does not zero the map.

@@ -11,6 +11,13 @@ valid pixel (Euclidean distance; ties resolved by :func:`scipy.ndimage.distance_
 by default: the labelled NYUv2 maps are already in-painted, raw Kinect frames are not, and
 one missing pixel must not turn a whole map into an error. ``invalid="raise"`` instead raises
 on any invalid pixel. A map with no valid pixel always raises.
+
+Where it happens in the pipeline: the NYUv2 adapter reads each depth PNG with
+:func:`sensor_depth_from_png_array`, which fills the holes on the FULL frame, before five-crop
+and bilinear resizing (filling after resizing would first smear the zeros into their
+neighbours). The crops therefore hold hole-free metres, the ``sensor`` depth stage refuses a
+crop map with any invalid pixel, and the number of filled pixels is kept in each sample's
+metadata (``depth_holes_filled``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch import Tensor
 from repro.depth.base import DepthEstimator
 from repro.errors import MissingFileError
 
-__all__ = ["SensorDepth", "fill_invalid_nearest", "read_depth_png"]
+__all__ = ["SensorDepth", "fill_invalid_nearest", "read_depth_png", "sensor_depth_from_png_array"]
 
 
 def fill_invalid_nearest(depth: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -51,6 +58,37 @@ def fill_invalid_nearest(depth: np.ndarray, valid: np.ndarray) -> np.ndarray:
     # distance to the nearest zero of the input = nearest valid pixel; indices point at it
     _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
     return depth[rows, cols]
+
+
+def sensor_depth_from_png_array(raw: np.ndarray, path: str | Path, scale: float = 1000.0) -> tuple[np.ndarray, int]:
+    """A sensor depth PNG's pixels -> float32 metres with the holes (0) filled (:func:`fill_invalid_nearest`).
+
+    Args:
+        raw: ``(H, W)`` pixels as read from the PNG (NYUv2: uint16 millimetres, 0 = no reading).
+        path: the file, for the error messages.
+        scale: units per metre (1000 for millimetres).
+
+    Returns:
+        ``(depth_m, holes)``: ``(H, W)`` float32 metres, every pixel > 0, and the number of
+        pixels that were filled.
+
+    Raises:
+        DatasetError: for a non-integer or 8-bit PNG (an 8-bit export cannot hold millimetres up
+            to 10 m: re-export it as 16 bit), or a map without any reading (all 0); each names the file.
+    """
+    from repro.data.sample import DatasetError
+
+    raw = np.asarray(raw)
+    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_:
+        raise DatasetError(f"{path}: expected a single-channel integer depth PNG, got {raw.dtype} {raw.shape}")
+    if raw.dtype.itemsize < 2:
+        raise DatasetError(f"{path}: 8-bit depth PNG ({raw.dtype}, values {int(raw.min())}..{int(raw.max())}); "
+                           f"sensor depth must be 16-bit integers ({scale:g} per metre): re-export it as uint16")
+    valid = raw > 0
+    if not valid.any():
+        raise DatasetError(f"{path}: depth map has no reading (every pixel is 0); re-export the file or leave it out")
+    depth = (raw.astype(np.float64) / scale).astype(np.float32)
+    return fill_invalid_nearest(depth, valid), int((~valid).sum())
 
 
 def read_depth_png(path: str | Path, scale: float = 1000.0) -> np.ndarray:

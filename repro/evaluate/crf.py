@@ -17,10 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CRFParams", "denormalize_image", "dense_crf", "dense_crf_batch"]
+__all__ = ["CRFParams", "CRF_IMAGES", "crf_images", "denormalize_image", "dense_crf", "dense_crf_batch",
+           "released_crf_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CRF_IMAGES = ("rgb", "bgr_truncated")
+"""How the CRF's appearance kernel sees the image: ``"rgb"``, the 8-bit RGB crop itself; or
+``"bgr_truncated"``, the image exactly as the released STEGO/DepthG ``dense_crf`` builds it from the
+normalised network input (SPEC section 7, R12; see :func:`released_crf_image`)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,56 @@ def denormalize_image(image: torch.Tensor) -> np.ndarray:
     rgb = (image * std + mean) * 255.0
     rgb = rgb.round().clamp(0, 255).to(torch.uint8)
     return np.ascontiguousarray(rgb.permute(1, 2, 0).numpy())
+
+
+def released_crf_image(image: torch.Tensor) -> np.ndarray:
+    """The CRF image of the released code: un-normalised, x255 truncated to uint8, channels reversed (BGR).
+
+    Replays ``np.array(VF.to_pil_image(unnorm(image_tensor)))[:, :, ::-1]`` of STEGO's and DepthG's
+    ``src/crf.py`` (``dense_crf``): ``utils.UnNormalize`` (per channel ``x * std + mean`` in float32,
+    in place), then torchvision's ``to_pil_image`` (``x * 255`` cast to uint8, i.e. truncated: a value
+    that un-normalises to 254.99997 becomes 254), then the channel order reversed.
+
+    Args:
+        image: ``(3, H, W)`` float tensor, ImageNet-normalised RGB (the network input).
+
+    Returns:
+        ``np.uint8`` array ``(H, W, 3)`` in BGR order, C-contiguous.
+
+    Raises:
+        ValueError: if ``image`` is not a floating-point ``(3, H, W)`` tensor.
+    """
+    from torchvision.transforms.functional import to_pil_image
+
+    image = torch.as_tensor(image)
+    if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float tensor (3, H, W), got {image.dtype} {tuple(image.shape)}")
+    x = image.detach().to("cpu", torch.float32).clone()
+    for channel, mean, std in zip(x, IMAGENET_MEAN, IMAGENET_STD):
+        channel.mul_(std).add_(mean)
+    return np.ascontiguousarray(np.asarray(to_pil_image(x))[:, :, ::-1])
+
+
+def crf_images(raw: np.ndarray, normalised: torch.Tensor, mode: str) -> np.ndarray:
+    """The images a batch's CRF sees, per :data:`CRF_IMAGES`.
+
+    Args:
+        raw: ``(B, H, W, 3)`` uint8 RGB crops (used by ``"rgb"``).
+        normalised: ``(B, 3, H, W)`` the same crops as the normalised network input (used by
+            ``"bgr_truncated"``).
+        mode: ``"rgb"`` or ``"bgr_truncated"``.
+
+    Returns:
+        ``(B, H, W, 3)`` uint8.
+
+    Raises:
+        ValueError: for an unknown ``mode``.
+    """
+    if mode == "rgb":
+        return np.asarray(raw)
+    if mode == "bgr_truncated":
+        return np.stack([released_crf_image(img) for img in normalised])
+    raise ValueError(f"crf_image must be one of {CRF_IMAGES}, got {mode!r}")
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

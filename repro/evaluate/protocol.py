@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.data.transforms import images_to_tensor
-from repro.evaluate.crf import CRFParams, dense_crf_batch
+from repro.evaluate.crf import CRF_IMAGES, CRFParams, crf_images, dense_crf
 from repro.evaluate.metrics import ConfusionMatrix, SegmentationMetrics, compute_metrics
 from repro.models.probes import ClusterProbe, LinearProbe
 
-__all__ = ["EvalResult", "predict_logits", "evaluate_segmentation"]
+__all__ = ["EvalResult", "ScoredModel", "predict_logits", "evaluate_models", "evaluate_segmentation"]
 
 CLUSTER_ALPHA = 2.0
 
@@ -50,6 +50,7 @@ def predict_logits(
     *,
     flip: bool = False,
     features: Tensor | None = None,
+    log_probs: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Cluster probabilities and linear logits at label resolution.
 
@@ -63,17 +64,192 @@ def predict_logits(
         flip: average the code with the code of the flipped image (flipped back).
         features: precomputed ``backbone(images)`` ``(B, C, h, w)`` (the backbone is frozen,
             so validation features are computed once per run); ignored when ``flip``.
+        log_probs: return log-probabilities instead: ``log_softmax(2 cos)`` and
+            ``log_softmax(logits)``, as the released ``eval_segmentation.py`` computes them.
 
     Returns:
-        ``(cluster_probs (B, K, H, W), linear_logits (B, K, H, W))``.
+        ``(cluster_probs (B, K, H, W), linear_logits (B, K, H, W))``, or with ``log_probs``
+        ``(cluster_log_probs, linear_log_probs)``.
     """
     head.eval()
     code = head(features if (features is not None and not flip) else backbone(images))[1]
     if flip:
         code = 0.5 * (code + head(backbone(images.flip(-1)))[1].flip(-1))
     code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+    if log_probs:
+        return (torch.log_softmax(cluster_probe.similarities(code) * CLUSTER_ALPHA, dim=1),
+                torch.log_softmax(linear_probe(code), dim=1))
     _, cluster_probs = cluster_probe(code, alpha=CLUSTER_ALPHA)
     return cluster_probs, linear_probe(code)
+
+
+@dataclass(frozen=True)
+class ScoredModel:
+    """The parts of one checkpoint that evaluation needs (head and both probes)."""
+
+    head: nn.Module
+    cluster_probe: ClusterProbe
+    linear_probe: LinearProbe
+
+
+def _crf_argmax(job: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
+    """Pool worker: DenseCRF of one image and probe, reduced to its argmax ``(H, W)`` int16 (small to send back)."""
+    image, log_probs, params = job
+    return dense_crf(image, log_probs, params).argmax(0).astype(np.int16)
+
+
+class _CRFRunner:
+    """DenseCRF of many images: in this process, or in a persistent pool that works while the caller computes.
+
+    Jobs are submitted as soon as a batch's log-probabilities exist and collected in order later, so
+    the pool refines batch ``t`` while the network computes batch ``t + 1``. Both paths run the same
+    function on the same inputs, so their results are identical.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.pool = None
+        if processes > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            from repro.evaluate.crf import _init_worker
+
+            self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker)
+
+    def submit(self, images: np.ndarray, log_probs: Tensor, params: CRFParams) -> list:
+        jobs = [(np.ascontiguousarray(img), np.ascontiguousarray(lp), params)
+                for img, lp in zip(images, log_probs.detach().to("cpu", torch.float32).numpy())]
+        if self.pool is None:
+            return [_crf_argmax(job) for job in jobs]
+        return [self.pool.submit(_crf_argmax, job) for job in jobs]
+
+    @staticmethod
+    def collect(handles: list) -> Tensor:
+        return torch.from_numpy(np.stack([h if isinstance(h, np.ndarray) else h.result() for h in handles]).astype(np.int64))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def evaluate_models(
+    samples: Iterable[dict],
+    backbone: nn.Module,
+    models: dict[str, ScoredModel],
+    *,
+    batch_size: int = 16,
+    crf: bool = False,
+    crf_params: CRFParams = CRFParams(),
+    crf_processes: int = 0,
+    flip: bool = False,
+    device: str | torch.device = "cpu",
+    keep_first: int = 0,
+    crf_image: str = "rgb",
+) -> dict[str, EvalResult]:
+    """Score several checkpoints' probes over every validation pixel in ONE pass (SPEC section 4).
+
+    The frozen features of each image (and of its flip) are computed once and shared by every model
+    (e.g. the final and the best-on-val checkpoint); the CRF of batch ``t`` runs in the process pool
+    while the networks compute batch ``t + 1``. The metrics are identical to scoring each model on
+    its own, serially.
+
+    Args:
+        samples: dicts with ``image`` ``(H, W, 3)`` uint8 and ``label`` ``(H, W)`` int64
+            (-1 = ignore), all of one size (the 320 px validation crops); optionally
+            ``features``, the precomputed ``(C, h, w)`` backbone output of the image.
+        backbone: the frozen backbone.
+        models: label -> :class:`ScoredModel`.
+        batch_size: images per forward pass.
+        crf: refine both probes' predictions with DenseCRF (STEGO A.10 parameters).
+        crf_params: CRF parameters.
+        crf_processes: worker processes for the CRF (0 = in-process).
+        flip: horizontal-flip averaging of the code.
+        device: where the networks run.
+        keep_first: also return the predictions (``"cluster"``, ``"linear"``: ``(H, W)`` int64
+            arrays) and labels of the first ``keep_first`` images (figures).
+        crf_image: the image the CRF's appearance kernel sees: ``"rgb"`` (the uint8 crop) or
+            ``"bgr_truncated"`` (as the released code builds it: un-normalised, x255 truncated,
+            BGR; SPEC section 7, R12; :func:`repro.evaluate.crf.released_crf_image`). The CRF's
+            unaries are the log-softmax of ``2 cos`` (cluster) and of the logits (linear), as in
+            the released ``eval_segmentation.py``.
+
+    Returns:
+        label -> :class:`EvalResult` with accuracy and mIoU x100 for both probes.
+
+    Raises:
+        ValueError: if a sample has no label, an unknown ``crf_image``, or from the metrics (no
+            labelled pixel).
+    """
+    if crf_image not in CRF_IMAGES:
+        raise ValueError(f"crf_image must be one of {CRF_IMAGES}, got {crf_image!r}")
+    matrices = {name: (ConfusionMatrix(m.linear_probe.num_classes, m.cluster_probe.num_clusters),
+                       ConfusionMatrix(m.linear_probe.num_classes)) for name, m in models.items()}
+    kept: dict[str, dict[str, list[np.ndarray]]] = {name: {"cluster": [], "linear": [], "label": []} for name in models}
+    for m in models.values():
+        m.head.eval()
+    runner = _CRFRunner(crf_processes if crf else 0)
+    pending: list[tuple[Tensor, dict[str, tuple[list, list]]]] = []
+
+    def account(label: Tensor, predictions: dict[str, tuple]) -> None:
+        seen = len(kept[next(iter(kept))]["label"]) if kept else 0
+        take = max(0, min(keep_first - seen, label.shape[0]))
+        for name, (cluster, linear) in predictions.items():
+            cluster = runner.collect(cluster) if isinstance(cluster, list) else cluster
+            linear = runner.collect(linear) if isinstance(linear, list) else linear
+            matrices[name][0].update(cluster, label)
+            matrices[name][1].update(linear, label)
+            if take:
+                kept[name]["cluster"].extend(p.numpy() for p in cluster[:take])
+                kept[name]["linear"].extend(p.numpy() for p in linear[:take])
+                kept[name]["label"].extend(lab.numpy() for lab in label[:take])
+
+    @torch.no_grad()
+    def run(batch: list[dict]) -> None:
+        labels = []
+        for s in batch:
+            if s.get("label") is None:
+                raise ValueError(f"sample {s.get('key')!r} has no label; evaluation needs labels")
+            labels.append(torch.as_tensor(s["label"], dtype=torch.long))
+        label = torch.stack(labels)
+        images = images_to_tensor([s["image"] for s in batch], device)
+        cached = [s.get("features") for s in batch]
+        features = torch.stack(cached).to(device) if all(c is not None for c in cached) else backbone(images)
+        flipped = backbone(images.flip(-1)) if flip else None
+        raw = crf_images(np.stack([s["image"] for s in batch]), images.cpu(), crf_image) if crf else None
+        predictions = {}
+        for name, m in models.items():
+            code = m.head(features)[1]
+            if flipped is not None:
+                code = 0.5 * (code + m.head(flipped)[1].flip(-1))
+            code = F.interpolate(code, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+            cluster_log = torch.log_softmax(m.cluster_probe.similarities(code) * CLUSTER_ALPHA, dim=1)
+            linear_log = torch.log_softmax(m.linear_probe(code), dim=1)
+            if crf:  # dense_crf applies a softmax to what it is given: log-probabilities, as the released code
+                predictions[name] = (runner.submit(raw, cluster_log, crf_params), runner.submit(raw, linear_log, crf_params))
+            else:
+                predictions[name] = (cluster_log.argmax(1).cpu(), linear_log.argmax(1).cpu())
+        pending.append((label, predictions))
+        while len(pending) > 2:  # bounded: the pool works on at most ~2 batches while this one is computed
+            account(*pending.pop(0))
+
+    try:
+        batch: list[dict] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+        if batch:
+            run(batch)
+        while pending:
+            account(*pending.pop(0))
+    finally:
+        runner.close()
+    return {name: EvalResult(cluster=compute_metrics(cm_c, matching="hungarian"),
+                             linear=compute_metrics(cm_l, matching="identity"), cluster_matrix=cm_c,
+                             linear_matrix=cm_l, predictions=kept[name] if keep_first else {})
+            for name, (cm_c, cm_l) in matrices.items()}
 
 
 def evaluate_segmentation(
@@ -90,74 +266,15 @@ def evaluate_segmentation(
     flip: bool = False,
     device: str | torch.device = "cpu",
     keep_predictions: bool = False,
+    crf_image: str = "rgb",
 ) -> EvalResult:
-    """Score both probes over every validation pixel (SPEC section 4).
+    """Score one checkpoint's probes over every validation pixel (SPEC section 4).
 
-    Args:
-        samples: dicts with ``image`` ``(H, W, 3)`` uint8 and ``label`` ``(H, W)`` int64
-            (-1 = ignore), all of one size (the 320 px validation crops); optionally
-            ``features``, the precomputed ``(C, h, w)`` backbone output of the image.
-        backbone, head, cluster_probe, linear_probe: the trained model parts.
-        batch_size: images per forward pass.
-        crf: refine both probes' predictions with DenseCRF (STEGO A.10 parameters).
-        crf_params: CRF parameters.
-        crf_processes: worker processes for the CRF (0 = in-process).
-        flip: horizontal-flip averaging of the code.
-        device: where the networks run.
-        keep_predictions: also return the per-image predictions (``"cluster"`` and
-            ``"linear"``: lists of ``(H, W)`` int64 arrays) and labels.
-
-    Returns:
-        :class:`EvalResult` with accuracy and mIoU x100 for both probes.
-
-    Raises:
-        ValueError: if a sample has no label, or from the metrics (no labelled pixel).
+    :func:`evaluate_models` with one model; ``keep_predictions`` keeps every image's predictions.
+    The other arguments, the result and the errors are those of :func:`evaluate_models`.
     """
-    k = linear_probe.num_classes
-    cluster_cm = ConfusionMatrix(k, cluster_probe.num_clusters)
-    linear_cm = ConfusionMatrix(k)
-    kept: dict[str, list[np.ndarray]] = {"cluster": [], "linear": [], "label": []}
-
-    def run(batch: list[dict]) -> None:
-        labels = []
-        for s in batch:
-            if s.get("label") is None:
-                raise ValueError(f"sample {s.get('key')!r} has no label; evaluation needs labels")
-            labels.append(torch.as_tensor(s["label"], dtype=torch.long))
-        label = torch.stack(labels)
-        images = images_to_tensor([s["image"] for s in batch], device)
-        cached = [s.get("features") for s in batch]
-        features = torch.stack(cached).to(device) if all(c is not None for c in cached) else None
-        cluster_probs, linear_logits = predict_logits(
-            backbone, head, cluster_probe, linear_probe, images, tuple(label.shape[-2:]), flip=flip, features=features
-        )
-        if crf:
-            raw = np.stack([s["image"] for s in batch])
-            # dense_crf applies a softmax: pass log-probabilities / logits.
-            cluster = dense_crf_batch(raw, torch.log(cluster_probs.clamp_min(1e-8)).cpu(), crf_params, crf_processes)
-            linear = dense_crf_batch(raw, linear_logits.cpu(), crf_params, crf_processes)
-            cluster_pred, linear_pred = torch.from_numpy(cluster.argmax(1)), torch.from_numpy(linear.argmax(1))
-        else:
-            cluster_pred, linear_pred = cluster_probs.argmax(1).cpu(), linear_logits.argmax(1).cpu()
-        cluster_cm.update(cluster_pred, label)
-        linear_cm.update(linear_pred, label)
-        if keep_predictions:
-            kept["cluster"].extend(p.numpy() for p in cluster_pred)
-            kept["linear"].extend(p.numpy() for p in linear_pred)
-            kept["label"].extend(lab.numpy() for lab in label)
-
-    batch: list[dict] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    return EvalResult(
-        cluster=compute_metrics(cluster_cm, matching="hungarian"),
-        linear=compute_metrics(linear_cm, matching="identity"),
-        cluster_matrix=cluster_cm,
-        linear_matrix=linear_cm,
-        predictions=kept if keep_predictions else {},
-    )
+    samples = list(samples)
+    return evaluate_models(samples, backbone, {"model": ScoredModel(head, cluster_probe, linear_probe)},
+                           batch_size=batch_size, crf=crf, crf_params=crf_params, crf_processes=crf_processes,
+                           flip=flip, device=device, keep_first=len(samples) if keep_predictions else 0,
+                           crf_image=crf_image)["model"]

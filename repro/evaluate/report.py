@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,12 @@ import torch
 
 from repro.atomic import atomic_path
 from repro.data.pipeline import iter_crops
-from repro.data.registry import DATASETS
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRFParams
-from repro.evaluate.protocol import EvalResult, evaluate_segmentation
+from repro.evaluate.protocol import EvalResult, ScoredModel, evaluate_models
 from repro.models.bundle import TrainedParts
 
-__all__ = ["ValidationSet", "evaluate_parts", "result_summary", "write_json", "save_eval_figures"]
+__all__ = ["ValidationSet", "evaluate_many", "evaluate_parts", "result_summary", "write_json", "save_eval_figures"]
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -88,32 +88,45 @@ class ValidationSet:
         return np.load(path) if path is not None and path.is_file() else None
 
 
-def evaluate_parts(parts: TrainedParts, backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
-                   crf_processes: int = 0, batch_size: int = 16, device="cpu", limit: int | None = None,
-                   keep_predictions: bool = False) -> EvalResult:
-    """Score the cluster and linear probes over the validation crops (SPEC section 4).
+def evaluate_many(models: dict[str, TrainedParts], backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
+                  crf_processes: int = 0, batch_size: int = 16, device="cpu", keep_first: int = 0,
+                  crf_image: str = "rgb") -> dict[str, EvalResult]:
+    """Score several checkpoints over the validation crops in one pass (SPEC section 4).
 
     Args:
-        parts: trained head and probes; backbone: the frozen backbone.
+        models: label -> trained parts (e.g. ``{"final": ..., "best_on_val": ...}``).
+        backbone: the frozen backbone.
         val: validation crops (features cached on first use).
-        crf, flip, batch_size: see :func:`repro.evaluate.protocol.evaluate_segmentation`.
+        crf, flip, batch_size, crf_image: see :func:`repro.evaluate.protocol.evaluate_models`.
         crf_processes: DenseCRF worker processes; 0 = in-process, -1 = every CPU this process may use.
         device: where the networks run.
-        limit: only the first ``limit`` crops (figures).
-        keep_predictions: also return per-image predictions.
+        keep_first: keep the predictions of the first ``keep_first`` crops (figures).
 
     Returns:
-        :class:`~repro.evaluate.protocol.EvalResult`.
+        label -> :class:`~repro.evaluate.protocol.EvalResult`.
     """
     val.cache_features(backbone, device, batch_size)
     if crf_processes < 0:
         crf_processes = len(os.sched_getaffinity(0))
-    for module in parts.modules().values():
-        module.eval()
-    samples = val.samples if limit is None else val.samples[:limit]
-    return evaluate_segmentation(samples, backbone, parts.head, parts.cluster_probe, parts.linear_probe,
-                                 batch_size=batch_size, crf=crf, crf_params=CRFParams(), crf_processes=crf_processes,
-                                 flip=flip, device=device, keep_predictions=keep_predictions)
+    for parts in models.values():
+        for module in parts.modules().values():
+            module.eval()
+    scored = {name: ScoredModel(p.head, p.cluster_probe, p.linear_probe) for name, p in models.items()}
+    return evaluate_models(val.samples, backbone, scored, batch_size=batch_size, crf=crf, crf_params=CRFParams(),
+                           crf_processes=crf_processes, flip=flip, device=device, keep_first=keep_first,
+                           crf_image=crf_image)
+
+
+def evaluate_parts(parts: TrainedParts, backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
+                   crf_processes: int = 0, batch_size: int = 16, device="cpu", keep_predictions: bool = False,
+                   crf_image: str = "rgb") -> EvalResult:
+    """Score one checkpoint's probes over the validation crops: :func:`evaluate_many` with one model.
+
+    ``keep_predictions`` keeps every crop's predictions.
+    """
+    return evaluate_many({"model": parts}, backbone, val, crf=crf, flip=flip, crf_processes=crf_processes,
+                         batch_size=batch_size, device=device, keep_first=len(val) if keep_predictions else 0,
+                         crf_image=crf_image)["model"]
 
 
 def result_summary(result: EvalResult) -> dict[str, float]:
@@ -122,29 +135,29 @@ def result_summary(result: EvalResult) -> dict[str, float]:
             "linear_acc": result.linear.accuracy, "linear_miou": result.linear.miou}
 
 
-def save_eval_figures(out_dir: str | Path, result: EvalResult, figure_result: EvalResult, val: ValidationSet,
-                      dataset: str, title: str) -> list[Path]:
+def save_eval_figures(out_dir: str | Path, result: EvalResult, val: ValidationSet, class_names: Sequence[str],
+                      title: str) -> list[Path]:
     """The qualitative figure (image | ground truth | cluster prediction | depth) and the confusion PNG.
 
     Args:
         out_dir: folder for ``qualitative.png`` and ``confusion.png``.
-        result: the full evaluation (its Hungarian assignment maps clusters to classes).
-        figure_result: an evaluation of the first few crops with ``keep_predictions``.
+        result: the full evaluation (its Hungarian assignment maps clusters to classes) with the
+            predictions of the first few crops kept (``keep_first``).
         val: the validation crops (for images and depth).
-        dataset: dataset name (class names).
+        class_names: names in label order (:func:`repro.data.registry.class_names_for`).
         title: figure title.
     """
     from repro.evaluate.figures import save_confusion_figure, save_qualitative_figure
 
-    names = list(DATASETS[dataset].class_names)
+    names = list(class_names)
     assignment = np.asarray(result.cluster.assignment)
-    preds = [np.where(assignment[p] >= 0, assignment[p], -1) for p in figure_result.predictions["cluster"]]
+    preds = [np.where(assignment[p] >= 0, assignment[p], -1) for p in result.predictions["cluster"]]
     n = len(preds)
     depths = [val.depth_of(s["key"]) for s in val.samples[:n]]
     out_dir = Path(out_dir)
     return [
         save_qualitative_figure(out_dir / "qualitative.png", [s["image"] for s in val.samples[:n]],
-                                figure_result.predictions["label"], preds,
+                                result.predictions["label"], preds,
                                 depths if all(d is not None for d in depths) else None, names, title=title),
         save_confusion_figure(out_dir / "confusion.png", np.asarray(result.cluster.confusion), names,
                               title=f"{title}: cluster probe (Hungarian-matched)"),
@@ -153,8 +166,10 @@ def save_eval_figures(out_dir: str | Path, result: EvalResult, figure_result: Ev
 
 def format_metrics(metrics: dict) -> str:
     """A plain-text table of a ``metrics.json``: final and best-on-val, cluster and linear probe."""
-    lines = [f"{metrics.get('entry', '')} seed {metrics.get('seed', '')}: {metrics.get('num_images', '?')} val images, "
-             f"CRF {'on' if metrics.get('protocol', {}).get('crf') else 'off'}",
+    protocol = metrics.get("protocol", {})
+    lines = [f"{metrics.get('entry', '')} ({metrics.get('fidelity', 'paper')} fidelity) seed {metrics.get('seed', '')}: "
+             f"{metrics.get('num_images', '?')} val images, CRF {'on' if protocol.get('crf') else 'off'}, "
+             f"flip {'on' if protocol.get('flip') else 'off'}",
              f"{'checkpoint':<26}{'unsup Acc':>10}{'unsup mIoU':>12}{'linear Acc':>12}{'linear mIoU':>13}"]
     for label, name in (("final", "final"), ("best_on_val", "best on val (val = test)")):
         if label in metrics:

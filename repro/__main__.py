@@ -1,0 +1,8 @@
+"""``python -m repro``: the same command line as the ``repro`` console script."""
+
+import sys
+
+from repro.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""A feature store: the frozen backbone's features of every training crop, computed once, shared by runs.
+
+The backbone is frozen, so its output for a crop never changes. With ``train.feature_store`` set,
+``repro run`` computes the features of all training crops once per (crops, backbone) into
+``<work>/data/<dataset>/features-<crops>-<arch>/`` and every entry and seed that trains on those crops
+reads them from there instead of running the ViT again:
+
+- ``features.npy``: ``(N, C, h, w)`` float16 (NumPy format, memory-mapped when read), rows in the
+  order of ``index.json``'s ``keys``;
+- ``index.json``: keys, shape, the crops folder and backbone file it was made from, and the
+  sha256 of ``features.npy`` (checked once when a run first opens the store, then recorded).
+
+float16 rounds each feature to ~5e-4 relative, so runs with a store differ from runs without one in
+the last digits; both are deterministic. The folder is written under a temporary name and renamed
+when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from repro.data.transforms import images_to_tensor
+
+__all__ = ["FeatureStore", "feature_store_stage", "FeatureStoreError"]
+
+INDEX = "index.json"
+FEATURES = "features.npy"
+
+
+class FeatureStoreError(RuntimeError):
+    """A feature store that is incomplete, modified or made from other inputs; the message names it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params: dict, batch_size: int = 32,
+                        device: str | torch.device = "cpu", progress: bool = True) -> Path:
+    """Compute ``backbone(crop)`` for every training crop into a store (see module docstring).
+
+    Args:
+        crops: a finished training crops folder (``repro prepare``).
+        out: the store folder to create; an existing store made with the same ``params`` is reused.
+        backbone: ``(B, 3, H, W) -> (B, C, h, w)``, the frozen DINO backbone.
+        params: what identifies the store (shard folder, arch, backbone sha256); recorded and compared.
+        batch_size: crops per forward pass.
+        device: where the backbone runs.
+        progress: show a progress bar.
+
+    Returns:
+        The store folder.
+
+    Raises:
+        FileExistsError: ``out`` holds a store made from other inputs.
+        FileNotFoundError: an incomplete crops folder.
+    """
+    out = Path(out)
+    if (out / INDEX).is_file():
+        recorded = json.loads((out / INDEX).read_text()).get("params")
+        if recorded != params:
+            raise FileExistsError(f"{out} holds features made from other inputs ({recorded}); remove it")
+        return out
+    from repro.data.pipeline import iter_crops
+
+    folder = crops
+    crops = [(c.key, c.image) for c in iter_crops(folder)]
+    if not crops:
+        raise FileNotFoundError(f"{folder} holds no crops")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    array = None
+    bar = tqdm(total=len(crops), desc="features", unit="img", disable=not progress)
+    for start in range(0, len(crops), batch_size):
+        batch = crops[start : start + batch_size]
+        feats = backbone(images_to_tensor([image for _, image in batch], device)).float().cpu().numpy()
+        if array is None:
+            array = np.lib.format.open_memmap(partial / FEATURES, mode="w+", dtype=np.float16,
+                                              shape=(len(crops), *feats.shape[1:]))
+        array[start : start + len(batch)] = feats.astype(np.float16)
+        bar.update(len(batch))
+    bar.close()
+    array.flush()
+    shape = list(array.shape)
+    del array
+    index = {"params": params, "keys": [key for key, _ in crops], "shape": shape, "dtype": "float16",
+             "sha256": _sha256(partial / FEATURES)}
+    (partial / INDEX).write_text(json.dumps(index))
+    os.replace(partial, out)
+    return out
+
+
+class FeatureStore:
+    """Read-only access to a store by crop key (memory-mapped; nothing is loaded up front).
+
+    Args:
+        folder: a finished store.
+        verify: check the sha256 of ``features.npy`` once (recorded in ``verified.json`` with the
+            file's size and mtime, so later opens only compare those).
+
+    Raises:
+        FeatureStoreError: missing index, a modified or truncated file.
+    """
+
+    def __init__(self, folder: str | Path, *, verify: bool = True) -> None:
+        self.folder = Path(folder)
+        try:
+            self.index = json.loads((self.folder / INDEX).read_text())
+        except (OSError, ValueError) as exc:
+            raise FeatureStoreError(f"feature store {self.folder} is incomplete ({exc}); remove it to rebuild") from None
+        path = self.folder / FEATURES
+        if verify:
+            self._verify(path)
+        self.array = np.load(path, mmap_mode="r")
+        if list(self.array.shape) != self.index["shape"]:
+            raise FeatureStoreError(f"{path} has shape {self.array.shape}, its index says {self.index['shape']}")
+        self.row = {key: i for i, key in enumerate(self.index["keys"])}
+
+    def _verify(self, path: Path) -> None:
+        stamp = {"bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns, "sha256": self.index["sha256"]}
+        record = self.folder / "verified.json"
+        if record.is_file() and json.loads(record.read_text()) == stamp:
+            return
+        if _sha256(path) != self.index["sha256"]:
+            raise FeatureStoreError(f"{path} does not match its checksum (modified or truncated); remove "
+                                    f"{self.folder} to rebuild it")
+        record.write_text(json.dumps(stamp))
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def get(self, keys: list[str]) -> torch.Tensor:
+        """Features ``(B, C, h, w)`` float32 of the named crops.
+
+        Raises:
+            KeyError: a key that is not in the store.
+        """
+        missing = [k for k in keys if k not in self.row]
+        if missing:
+            raise KeyError(f"crops {missing[:3]} are not in the feature store {self.folder}; rebuild it")
+        rows = np.array([self.row[k] for k in keys])
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows])).float()

@@ -111,7 +111,7 @@ def test_feature_cache_misses_match_the_trainers_cache():
     totals = []
     for trial in range(200):
         rng = random.Random(trial)
-        cache = FeatureCache(lambda x: (calls.append(len(x)), x)[1], budget_gb=capacity * entry / 2**30)
+        cache = FeatureCache(lambda ids, x: (calls.append(len(x)), x)[1], budget_gb=capacity * entry / 2**30)
         for _ in range(lookups):
             i = rng.randrange(n)
             cache(torch.tensor([i]), torch.full((1, 4), float(i)))

@@ -94,6 +94,8 @@ def data_stages(s: dict, tmp: Path, device: str, depth_full: bool, stages: dict)
             weights = save_random_model(source, tmp / f"{source}-{model}", tiny=model == "tiny")
             if model == "tiny" and not s["tiny"]:
                 stages[f"depth/{source}/tiny/stage"], _ = L.bench_depth_stage(crops, tmp, source, weights, device)
+            if model == "tiny" and source == "zoedepth":
+                stages.update(L.bench_image_depth(root, crops, tmp, weights, device))
             for scope, img in (("crop", one_crop), ("image", full)):
                 stages[f"depth/{source}/{model}/{scope}"] = L.bench_depth_forward(
                     source, weights, img, s["depth_batch"], device, s["min_time"] if model == "tiny" else 0.0,
@@ -103,10 +105,11 @@ def data_stages(s: dict, tmp: Path, device: str, depth_full: bool, stages: dict)
     return crops, val_crops, shards
 
 
-def network_stages(s: dict, arch: str, ckpt: Path, val_crops: Path, device: str, first: bool, stages: dict) -> None:
+def network_stages(s: dict, arch: str, ckpt: Path, crops: Path, val_crops: Path, device: str, first: bool,
+                   stages: dict) -> None:
     from repro.config.registry import load_entry
     from repro.data.transforms import images_to_tensor
-    from repro.evaluate.report import ValidationSet, evaluate_parts
+    from repro.evaluate.report import ValidationSet, evaluate_many, evaluate_parts
     from repro.models.backbone import DinoBackbone
 
     backbone = DinoBackbone(arch, ckpt).to(device)
@@ -114,6 +117,8 @@ def network_stages(s: dict, arch: str, ckpt: Path, val_crops: Path, device: str,
         for prec in ("fp32", "bf16"):
             stages[f"backbone/{arch}/{tag}/{prec}"] = L.bench_backbone(backbone, size, s["backbone_batch"], device,
                                                                       prec, s["min_time"])
+    stages.update(L.bench_feature_store(crops, crops.parent / f"features-{arch}", backbone, arch,
+                                        s["backbone_batch"], device, s["min_time"]))
     short = "vits8" if arch == ARCHS[0] else "vitb8"
     for entry, fid in [*REQUIRED_TRAIN, *([] if s.get("only_required") else EXTRA_TRAIN)]:
         cfg = load_entry(entry, [f"fidelity={fid}", f"model.checkpoint={ckpt}"])
@@ -137,12 +142,15 @@ def network_stages(s: dict, arch: str, ckpt: Path, val_crops: Path, device: str,
             stages[f"eval/{arch}/{kind}/{name}"] = rec
         if kind == "segment" and first:
             crf_stages(s, parts, feats, images, device, stages)
-            n = min(s["eval_batch"], len(val))
+            two = {"final": parts, "best_on_val": L.eval_parts(load_entry(entry, [f"model.checkpoint={ckpt}"]),
+                                                                backbone, device)}
             stages[f"eval/{arch}/segment/end_to_end"] = L.timed(
-                lambda p=parts: evaluate_parts(p, backbone, val, crf=True, flip=True, crf_processes=-1,
-                                               batch_size=s["eval_batch"], device=device, limit=n),
-                items=n, unit="img/s", where=L.cpu_kind(len(os.sched_getaffinity(0))), min_time=0, warmup=False)
-            stages[f"eval/{arch}/segment/end_to_end"]["note"] = "flip + CRF (both probes, pool over all CPUs)"
+                lambda: evaluate_many(two, backbone, val, crf=True, flip=True, crf_processes=-1,
+                                      batch_size=s["eval_batch"], device=device),
+                items=len(val), unit="img/s", where=L.cpu_kind(len(os.sched_getaffinity(0))), min_time=0,
+                warmup=False)
+            stages[f"eval/{arch}/segment/end_to_end"]["note"] = ("evaluate_many: final + best-on-val in one pass, "
+                                                                 "flip, CRF of both probes in the pool")
 
 
 def crf_stages(s: dict, parts, feats: torch.Tensor, images: np.ndarray, device: str, stages: dict) -> None:
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         stages.update(knn_stages)
         for i, arch in enumerate(archs):
             with section(f"networks {arch}"):
-                network_stages(s, arch, ckpts[arch], val_crops, device, i == 0, stages)
+                network_stages(s, arch, ckpts[arch], crops, val_crops, device, i == 0, stages)
             if device == "cuda":
                 torch.cuda.empty_cache()
         with section("memory"):

@@ -111,21 +111,44 @@ def bench_depth_stage(crops: Path, work: Path, source: str, weights: Path | None
     n = len(json.loads((crops / "index.json").read_text())["keys"])
     out = work / f"depth-{source}"
     where = device_kind(device) if weights is not None else cpu_kind(1)
-    rec = timed(lambda: depth_stage(crops, out, source=source, weights=weights, device=device, progress=False),
+    tta = weights is not None  # the planes take no test-time augmentation (PlaneEstimator has no tta argument)
+    rec = timed(lambda: depth_stage(crops, out, source=source, weights=weights, device=device, tta=tta,
+                                    progress=False),
                 items=n, unit="crop/s", where=where, min_time=0, warmup=False)
     return rec, out
 
 
 def bench_depth_forward(source: str, weights: Path, image: np.ndarray, batch: int, device: str, min_time: float,
                         warmup: bool = True) -> dict:
-    """``estimator.predict`` (one forward, no test-time flip) on ``batch`` copies of ``image``, images/s."""
+    """``estimator.predict`` with the configs' test-time augmentation (``tta=True``: ZoeDepth flip + reflect
+    padding, MiDaS flip; two forwards) on ``batch`` copies of ``image``, images/s."""
     from repro.depth import get_estimator
 
-    est = get_estimator(source, weights, device=device)
+    est = get_estimator(source, weights, device=device, tta=True)
     images = [image] * batch
     with torch.inference_mode():
-        return timed(lambda: est.predict(images), items=batch, unit="img/s", where=device_kind(device),
-                     min_time=min_time, device=device, warmup=warmup)
+        rec = timed(lambda: est.predict(images), items=batch, unit="img/s", where=device_kind(device),
+                    min_time=min_time, device=device, warmup=warmup)
+    return {**rec, "tta": True}
+
+
+def bench_image_depth(root: Path, crops: Path, work: Path, weights: Path, device: str) -> dict[str, dict]:
+    """``data.depth_scope: image`` (R4): ``image_depth_stage`` (one map per full image, TTA) and the
+    ``depth_stage`` that cuts every crop's map from it (CPU), as ``prepare_data`` runs them."""
+    from repro.data.cocostuff import CocoStuff27
+    from repro.data.image_depth import image_depth_stage
+    from repro.data.pipeline import depth_stage
+
+    ds = CocoStuff27(root, "train")
+    folder = work / "depth-image-zoedepth"
+    per_image = timed(lambda: image_depth_stage(ds, folder, source="zoedepth", weights=weights, tta=True,
+                                                store="uint8", device=device, progress=False),
+                      items=len(ds), unit="img/s", where=device_kind(device), min_time=0, warmup=False)
+    n = len(json.loads((crops / "index.json").read_text())["keys"])
+    cut = timed(lambda: depth_stage(crops, work / "depth-crops-from-image", source="zoedepth", scope="image",
+                                    encoding="uint8", image_depth=folder, resize="nearest", progress=False),
+                items=n, unit="crop/s", where=cpu_kind(1), min_time=0, warmup=False)
+    return {"depth/zoedepth/tiny/image_stage": {**per_image, "tta": True}, "depth/crop_from_image/stage": cut}
 
 
 def bench_shards(crops: Path, depth: Path, work: Path, min_time: float) -> tuple[dict, Path]:
@@ -218,8 +241,11 @@ class TrainStep:
         self.state = TrainState(seed)
         self.module = TrainModule(cfg, self.parts, self.state).train()
         self.attention = cfg.lhp.enabled and cfg.lhp.propagation == "attention"
-        fn = (lambda x: last_block_attention(backbone, x)) if self.attention else backbone
-        self.features = FeatureCache(torch.no_grad()(fn), 64.0 if cached else 0.0)
+        def compute(ids: torch.Tensor, images: torch.Tensor):  # as train(): the loader's uint8 images
+            x = _normalise(images.to(device))
+            return last_block_attention(backbone, x) if self.attention else backbone(x)
+
+        self.features = FeatureCache(torch.no_grad()(compute), 64.0 if cached else 0.0)
         g = torch.Generator().manual_seed(seed)
         depth = torch.rand(batch, size, size, generator=g)
         self.batch = {"index": torch.arange(batch), "partner_index": torch.arange(batch, 2 * batch),
@@ -227,12 +253,11 @@ class TrainStep:
                       "partner_image": torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8),
                       "label": torch.randint(0, k, (batch, size, size), generator=g),
                       "depth": depth, "partner_depth": depth.flip(0)}
-        self.normalise = _normalise
 
     def __call__(self) -> float:
         b, dev = self.batch, self.device
-        out_a = self.features(b["index"], self.normalise(b["image"].to(dev)))
-        out_k = self.features(b["partner_index"], self.normalise(b["partner_image"].to(dev)))
+        out_a = self.features(b["index"], b["image"])
+        out_k = self.features(b["partner_index"], b["partner_image"])
         with torch.autocast("cuda" if dev == "cuda" else "cpu", dtype=torch.bfloat16, enabled=self.bf16):
             logs = self.module(out_a[0].float(), out_k[0].float(), b, self.state.step, False,
                                out_a[-1] if self.attention else None, out_k[-1] if self.attention else None)
@@ -250,6 +275,22 @@ def bench_train(cfg, backbone, batch: int, size: int, device: str, cached: bool,
     step = TrainStep(cfg, backbone, batch, size, device, cached)
     rec = timed(step, items=1, unit="step/s", where=device_kind(device), min_time=min_time, device=device)
     return {**rec, "batch": batch, "signature": train_signature(cfg)}
+
+
+def bench_feature_store(crops: Path, folder: Path, backbone, arch: str, batch: int, device: str,
+                        min_time: float) -> dict[str, dict]:
+    """``feature_store_stage`` (backbone over every crop, fp16 memory-mapped writes) and ``FeatureStore.get``
+    of a batch of crops (what a training step reads with ``train.feature_store``), crops/s."""
+    from repro.data.features import FeatureStore, feature_store_stage
+
+    n = len(json.loads((crops / "index.json").read_text())["keys"])
+    write = timed(lambda: feature_store_stage(crops, folder, backbone, params={"arch": arch}, batch_size=batch,
+                                              device=device, progress=False),
+                  items=n, unit="crop/s", where=device_kind(device), min_time=0, warmup=False)
+    store = FeatureStore(folder)
+    keys = list(store.row)[:batch]
+    read = timed(lambda: store.get(keys), items=len(keys), unit="crop/s", where=cpu_kind(1), min_time=min_time)
+    return {f"store/{arch}/write": write, f"store/{arch}/read": read}
 
 
 def eval_parts(cfg, backbone, device: str):
@@ -299,8 +340,8 @@ def bench_crf(images: np.ndarray, logits: torch.Tensor, processes: int, min_time
 # ------------------------------------------------------------------------------------------ peak memory
 def memory_probe(what: str, entry: str, checkpoint: str, batch: int, size: int, val_crops: str, device: str,
                  threads: int, queue) -> None:
-    """In a fresh (spawned) process: two training steps without cache, or one evaluation batch with flip and
-    CRF; report peak RSS (``VmHWM``) and CUDA ``max_memory_allocated`` in MiB through ``queue``."""
+    """In a fresh (spawned) process: two training steps without cache, or the evaluation of two checkpoints
+    (final and best-on-val, one pass) with flip and CRF over the validation crops; report peak RSS (``VmHWM``) and CUDA ``max_memory_allocated`` in MiB through ``queue``."""
     from repro.config.registry import load_entry
     from repro.models.backbone import DinoBackbone
 
@@ -312,11 +353,11 @@ def memory_probe(what: str, entry: str, checkpoint: str, batch: int, size: int, 
         step()
         step()
     else:
-        from repro.evaluate.report import ValidationSet, evaluate_parts
+        from repro.evaluate.report import ValidationSet, evaluate_many
 
         val = ValidationSet(val_crops, budget_gb=0.0)
-        evaluate_parts(eval_parts(cfg, backbone, device), backbone, val, crf=True, flip=True,
-                       crf_processes=len(os.sched_getaffinity(0)), batch_size=batch, device=device, limit=batch)
+        models = {"final": eval_parts(cfg, backbone, device), "best_on_val": eval_parts(cfg, backbone, device)}
+        evaluate_many(models, backbone, val, crf=True, flip=True, crf_processes=-1, batch_size=batch, device=device)
     cuda = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     queue.put({"rss_peak_mib": peak_rss_mib(), "cuda_peak_mib": cuda, "batch": batch, "entry": entry})
 

@@ -124,7 +124,7 @@ def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
         UnknownEntryError / ConfigError: from loading the entries.
     """
     from repro.config.registry import load_entry
-    from repro.run import data_paths
+    from repro.workdir import data_paths
     from repro.schedules import training_batches
 
     if seeds < 1:

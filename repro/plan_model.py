@@ -1,31 +1,35 @@
 """The cost model behind ``repro plan``: work per stage from a resolved config, seconds from a profile.
 
-Per run (one entry, one fidelity, one seed), with ``B`` = ``train.batch_size``, ``T`` =
-:func:`repro.schedules.training_batches` (``max_steps``, ``step_unit``), ``n`` training crops
-(images x 5 when five-cropped), ``n_val`` validation images and ``C`` the backbone width:
+It follows the code as it runs (``repro.workdir.prepare_data``, ``repro.train.train``,
+``repro.run.evaluate_run``). Per run (one entry, one fidelity, one seed), with ``B`` =
+``train.batch_size``, ``T`` = :func:`repro.schedules.training_batches` (``max_steps``,
+``step_unit``), ``n`` training crops (images x 5 when five-cropped), ``n_val`` validation images and
+``C`` the backbone width:
 
 * ``train-step``: ``T`` steps of the measured training step on cached features (the profile entry
   whose method, backbone, fidelity, LHP and sampling match best), scaled by ``B / batch measured``.
-* ``train-backbone``: the backbone at 224 px for every feature-cache miss. Each step looks up
-  ``2B`` crops (anchors and kNN partners); the in-memory cache (``train.feature_cache_gb``, fp32
-  ``28 x 28 x C`` per crop, plus the ``784 x 784`` attention for attention LHP) keeps the first
-  ``c = budget / bytes`` crops it computes; with ``L = 2BT`` lookups spread uniformly,
-  :func:`cache_misses` gives the expected misses. With a
-  ``train.feature_store`` configured there are none: the features are a shared data stage.
+* ``train-backbone``: the backbone at 224 px for every miss of the in-memory feature cache
+  (``train.feature_cache_gb``, fp32 ``28 x 28 x C`` per crop, plus the ``784 x 784`` attention for
+  attention LHP). Each step looks up ``2B`` crops (anchors and kNN partners); the cache keeps the
+  first ``c = budget / bytes`` crops it computes; with ``L = 2BT`` lookups spread uniformly,
+  :func:`cache_misses` gives the expected misses. With ``train.feature_store`` (not for attention
+  LHP) the misses are ``train-store-read``: reads of the shared fp16 store.
 * ``train-loader``: ``B T`` anchor+partner reads from the shards (CPU).
 * ``validation``: ``T // val_every`` passes over the validation set without CRF (head, upsampling,
-  probes, metrics) plus the backbone at 320 px for the images beyond the validation-feature cache;
-  ``val-features``: filling that cache once.
-* ``eval-*``: the final evaluation of ``model.pt`` and (when ``val_every > 0``) ``best.pt``, each over
-  ``n_val`` images plus ``eval.num_figures`` again for the figures: the backbone at 320 px twice per
-  image with flip averaging (the cached features are not used then), else for uncached images only;
-  the head once or twice; upsampling and both probes; DenseCRF for both probes when ``eval.crf``.
+  probes, metrics) plus the backbone at 320 px for the images beyond the validation-feature cache
+  (same budget, ``40 x 40 x C`` fp32 per image); ``val-features``: filling that cache once.
+* ``eval-*``: ``model.pt`` and (when ``val_every > 0``) ``best.pt`` scored in one pass over the
+  ``n_val`` images: the backbone at 320 px once per uncached image and once more per image with flip
+  averaging; per checkpoint the head (twice with flip), upsampling with both probes, and DenseCRF for
+  both probes when ``eval.crf`` (core-seconds: the pool shortens the wall time, not the work).
 
-Shared data stages, one per :func:`repro.run.data_paths` folder: ``prepare`` (train and val crops;
-cost scaled by source-image pixels relative to the measured 640 x 480), ``depth`` (one network
-forward per crop, or per full image for ``data.depth_scope: image``, twice with ``data.depth_tta``,
-for train and val), ``shards``, ``knn`` (backbone at 224 px over every crop, then the exact search
-``a n^b`` fitted by the benchmark), and ``feature-store`` when configured.
+Shared data stages, one per :func:`repro.workdir.data_paths` folder: ``prepare`` (train and val
+crops; cost scaled by source-image pixels relative to the measured 640 x 480), ``depth`` (the
+estimator on every crop for ``data.depth_scope: crop``; for ``image`` once per full image into the
+per-image folder shared by every entry that uses it, then a cheap cut per crop; ``data.depth_tta``
+doubles the forwards; train and val), ``shards``, ``knn`` (backbone at 224 px over every crop, then
+the exact search ``a n^b`` fitted by the benchmark), and ``feature-store`` (the backbone over every
+crop, once per crops folder and backbone) when configured.
 """
 
 from __future__ import annotations
@@ -215,6 +219,12 @@ def feature_dim(arch: str) -> int:
     return get_arch(arch).feature_dim
 
 
+def _uses_store(config) -> bool:
+    """``train.feature_store``, unless attention LHP (it needs the backbone's attention; the trainer skips the store)."""
+    return bool(getattr(config.train, "feature_store", False)) and not (
+        config.lhp.enabled and config.lhp.propagation == "attention")
+
+
 def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs, str, list[str]]:
     """Seconds of one run (one seed) per stage; ``(costs, training-step key, differing fields)``."""
     from repro.schedules import training_batches
@@ -228,10 +238,13 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     rec = profile.stage(key)
     costs.add_seconds("train-step", rec.get("kind", "gpu"), batches * t.batch_size / float(rec["batch"]) / float(rec["rate"]))
     lookups = 2 * t.batch_size * batches
-    store = bool(getattr(t, "feature_store", None))
-    per_crop = 28 * 28 * c * 4 + (784 * 784 * 4 if config.lhp.enabled and config.lhp.propagation == "attention" else 0)
-    misses = 0.0 if store else cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
-    costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
+    attention = config.lhp.enabled and config.lhp.propagation == "attention"
+    per_crop = 28 * 28 * c * 4 + (784 * 784 * 4 if attention else 0)
+    misses = cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
+    if _uses_store(config):  # misses are read from the store instead of computed
+        costs.add("train-store-read", profile, _store_key(profile, arch, "read"), misses)
+    else:
+        costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
     costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
     kind = "dino" if config.method == "dino" else "segment"
     cached_val = min(n_val, _capacity(t.feature_cache_gb, 40 * 40 * c * 4))
@@ -239,34 +252,44 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     costs.add("validation", profile, f"val/{arch}/{kind}", validations * n_val)
     costs.add("validation", profile, f"backbone/{arch}/320/fp32", validations * (n_val - cached_val))
     costs.add("val-features", profile, f"backbone/{arch}/320/fp32", cached_val)
+    # final and best-on-val in one pass: the backbone once per image (uncached ones, plus the flipped image),
+    # head, upsampling, probes and CRF per checkpoint; the figures reuse the first images' predictions
     checkpoints = 2 if validations > 0 else 1
-    images = checkpoints * (n_val + min(e.num_figures, n_val))
-    uncached = checkpoints * ((n_val - cached_val) + max(0, min(e.num_figures, n_val) - cached_val))
-    costs.add("eval-backbone", profile, f"backbone/{arch}/320/fp32", 2 * images if e.flip else uncached)
-    costs.add("eval-head", profile, f"eval/{arch}/{kind}/head", (2 if e.flip else 1) * images)
-    costs.add("eval-upsample", profile, f"eval/{arch}/{kind}/upsample_probes", images)
+    costs.add("eval-backbone", profile, f"backbone/{arch}/320/fp32", (n_val - cached_val) + (n_val if e.flip else 0))
+    costs.add("eval-head", profile, f"eval/{arch}/{kind}/head", checkpoints * (2 if e.flip else 1) * n_val)
+    costs.add("eval-upsample", profile, f"eval/{arch}/{kind}/upsample_probes", checkpoints * n_val)
     if e.crf:
-        costs.add("eval-crf", profile, "eval/crf/serial", 2 * images)  # both probes
+        costs.add("eval-crf", profile, "eval/crf/serial", checkpoints * 2 * n_val)  # both probes
     return costs, key, relaxed
 
 
-def _depth_key(profile: Profile, source: str, scope: str, notes: list[str]) -> str:
+def _store_key(profile: Profile, arch: str, what: str) -> str:
+    """``store/<arch>/read|write``; profiles without them fall back to the backbone (write) or fail (read)."""
+    key = f"store/{arch}/{what}"
+    return key if profile.has(key) or what == "read" else f"backbone/{arch}/224/fp32"
+
+
+def _depth_source(profile: Profile, config, scope: str, notes: list[str]) -> tuple[str, float]:
+    """The profile stage that prices one depth map of ``scope`` (``crop`` or ``image``) and the factor for the
+    configured test-time augmentation (two forwards) against the measured one."""
+    source = config.data.depth_source
     if source in CHEAP_DEPTH:
-        return f"depth/{CHEAP_DEPTH[source]}/stage"
+        return f"depth/{CHEAP_DEPTH[source]}/stage", 1.0
     net = source if source in NET_DEPTH else "zoedepth"
     if net != source:
         notes.append(f"depth source {source!r} has no estimator in repro.depth: costed as ZoeDepth")
-    full = f"depth/{net}/full/{scope}"
-    if profile.has(full):
-        return full
-    notes.append(f"depth {net}: the profile measured only the tiny random model (bench_stages.py --depth-full "
-                 f"measures the full-size one); depth hours are underestimated")
-    return f"depth/{net}/tiny/{scope}"
+    key = f"depth/{net}/full/{scope}"
+    if not profile.has(key):
+        notes.append(f"depth {net}: the profile measured only the tiny random model (bench_stages.py --depth-full "
+                     f"measures the full-size one); depth hours are underestimated")
+        key = f"depth/{net}/tiny/{scope}"
+    measured = 2.0 if profile.stage(key).get("tta") else 1.0
+    return key, (2.0 if config.data.depth_tta else 1.0) / measured
 
 
 def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[str]) -> dict[str, DataStage]:
     """The shared data folders of a config and their cost (hours), keyed by folder identity."""
-    from repro.run import data_paths
+    from repro.workdir import data_paths
 
     d, arch = config.data, config.model.arch
     paths = data_paths(config, WORK)
@@ -284,11 +307,16 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
     train_prep = "prepare/train224-five" if d.five_crop else "prepare/val320"
     stage("prepare", paths.crops, ("prepare", train_prep, n_train, scale))
     stage("prepare", paths.val_crops, ("prepare", "prepare/val320", n_val, scale))
-    if d.depth_source != "none":
-        tta = 2.0 if d.depth_tta and d.depth_source not in CHEAP_DEPTH else 1.0
-        scope = "image" if d.depth_scope == "image" else "crop"
-        key = _depth_key(profile, d.depth_source, scope, notes)
-        stage("depth", paths.depth, ("depth", key, n_train if scope == "image" else crops, tta))
+    if d.depth_source != "none" and d.depth_scope == "image":  # R4: one map per full image, then cut per crop
+        key, tta = _depth_source(profile, config, "image", notes)
+        cut = "depth/crop_from_image/stage" if profile.has("depth/crop_from_image/stage") else "depth/image_plane/stage"
+        stage("depth", paths.image_depth, ("depth", key, n_train, tta))
+        stage("depth", paths.val_image_depth, ("depth", key, n_val, tta))
+        stage("depth", paths.depth, ("depth", cut, crops, 1.0))
+        stage("depth", paths.val_depth, ("depth", cut, n_val, 1.0))
+    elif d.depth_source != "none":  # eq. 4: the estimator on every crop
+        key, tta = _depth_source(profile, config, "crop", notes)
+        stage("depth", paths.depth, ("depth", key, crops, tta))
         stage("depth", paths.val_depth, ("depth", key, n_val, tta))
     stage("shards", paths.shards, ("shards", "shards/train224", crops, 1.0))
     knn = Costs()
@@ -300,7 +328,6 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
                     int(fit.get("cores", 1)))
     out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), hours_by_stage(knn.gpu),
                                         hours_by_stage(knn.cpu))
-    if getattr(config.train, "feature_store", None):
-        stage("features", paths.crops.with_name(paths.crops.name + f"-{arch}"),
-              ("feature-store", f"backbone/{arch}/224/fp32", crops, 1.0))
+    if getattr(paths, "features", None) is not None:  # train.feature_store: built by prepare_data (with any LHP)
+        stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, 1.0))
     return out

@@ -23,6 +23,8 @@ RATES = {
     "depth/zoedepth/full/crop": (20.0, "gpu", 1), "depth/zoedepth/full/image": (16.0, "gpu", 1),
     "depth/midas/tiny/crop": (50.0, "gpu", 1), "depth/midas/tiny/image": (40.0, "gpu", 1),
     "shards/train224": (100.0, "cpu", 1), "loader/train224": (250.0, "cpu", 2),
+    "depth/crop_from_image/stage": (1000.0, "cpu", 1),
+    "store/vit_small_patch8/write": (300.0, "gpu", 1), "store/vit_small_patch8/read": (2000.0, "cpu", 1),
     "backbone/vit_small_patch8/224/fp32": (400.0, "gpu", 1), "backbone/vit_small_patch8/320/fp32": (160.0, "gpu", 1),
     "backbone/vit_base_patch8/224/fp32": (100.0, "gpu", 1), "backbone/vit_base_patch8/320/fp32": (40.0, "gpu", 1),
     "val/vit_small_patch8/segment": (800.0, "gpu", 1), "val/vit_base_patch8/segment": (500.0, "gpu", 1),
@@ -66,13 +68,13 @@ def test_one_entry_against_a_hand_computation(profile):
                      overrides=["train.feature_cache_gb=0"])
     (run,) = plan.runs
     # COCO-Stuff-27 curated: 49,629 train images -> 248,145 five-crops; 2,175 val images; batch 32, 7000 batches,
-    # validation every 500 batches (14 passes); final + best-on-val checkpoints, 2,175 + 4 figure images each;
-    # flip (two backbone and head passes per image) and CRF for both probes. No feature cache: every lookup misses.
-    imgs = 2 * (2175 + 4)
+    # validation every 500 batches (14 passes); final + best-on-val checkpoints scored in one pass: the backbone
+    # once per image and once per flipped image, per checkpoint the head twice (flip), upsampling and the CRF of
+    # both probes. No feature cache: every lookup misses.
     gpu = {"train-step": 7000 * (32 / 8) / 4.0, "train-backbone": 2 * 32 * 7000 / 400.0,
-           "validation": 14 * 2175 / 800.0 + 14 * 2175 / 160.0, "eval-backbone": 2 * imgs / 160.0,
-           "eval-head": 2 * imgs / 5000.0, "eval-upsample": imgs / 1000.0}
-    cpu = {"train-loader": 32 * 7000 / 250.0 * 2, "eval-crf": 2 * imgs / 0.25}
+           "validation": 14 * 2175 / 800.0 + 14 * 2175 / 160.0, "eval-backbone": (2175 + 2175) / 160.0,
+           "eval-head": 2 * 2 * 2175 / 5000.0, "eval-upsample": 2 * 2175 / 1000.0}
+    cpu = {"train-loader": 32 * 7000 / 250.0 * 2, "eval-crf": 2 * 2 * 2175 / 0.25}
     assert run.gpu_by_stage == pytest.approx({k: 3 * v / 3600 for k, v in gpu.items()})
     assert run.cpu_by_stage == pytest.approx({k: 3 * v / 3600 for k, v in cpu.items()})
     data = {d.stage: d for d in plan.data.values() if "val" not in d.label}
@@ -92,16 +94,31 @@ def test_one_entry_against_a_hand_computation(profile):
 
 def test_depth_scope_and_tta_per_fidelity(profile):
     plan = make_plan({"table1": ["table1/depthg-vits8"]}, profile, seeds=1)
-    depth = {d.label: d.gpu_h for d in plan.data.values() if d.stage == "depth"}
-    # paper: every crop (eq. 4), released: the full image (R4); both with flip TTA (two forwards)
+    depth = {d.label: (d.gpu_h, d.cpu_h) for d in plan.data.values() if d.stage == "depth"}
+    # paper: the estimator on every crop (eq. 4); released: once per full image into a folder shared by every
+    # released entry with that source, then each crop's map cut from it (R4). Both with flip TTA: the fake
+    # profile measured single forwards, so twice as many
     assert depth["cocostuff27/depth-train-224-five-bilinear-zoedepth-crop-float"] == pytest.approx(
-        2 * 248145 / 20.0 / 3600)
+        (2 * 248145 / 20.0 / 3600, 0))
+    assert depth["cocostuff27/depth-image-train-zoedepth-uint8"] == pytest.approx((2 * 49629 / 16.0 / 3600, 0))
+    assert depth["cocostuff27/depth-image-val-zoedepth-uint8"] == pytest.approx((2 * 2175 / 16.0 / 3600, 0))
     assert depth["cocostuff27/depth-train-224-five-nearest-jpeg-zoedepth-image-uint8"] == pytest.approx(
-        2 * 49629 / 16.0 / 3600)
+        (0, 248145 / 1000.0 / 3600))
     runs = {r.fidelity: r for r in plan.runs}
     assert runs["paper"].batches == 7000 and runs["released"].batches == 2334  # R9
     assert runs["paper"].gpu_by_stage["train-step"] == pytest.approx(7000 * 4 / 2.0 / 3600)
     assert runs["released"].gpu_by_stage["train-step"] == pytest.approx(2334 * 4 / 2.5 / 3600)
+
+
+def test_feature_store_moves_the_backbone_into_shared_data(profile):
+    plan = make_plan(plan_targets(["table1/stego-vits8", "table4/stego"]), profile, seeds=1, fidelities=("paper",),
+                     overrides=["train.feature_cache_gb=0", "train.feature_store=true"])
+    for run in plan.runs:  # every lookup reads the store instead of running the ViT
+        assert "train-backbone" not in run.gpu_by_stage
+        assert run.cpu_by_stage["train-store-read"] == pytest.approx(2 * 32 * 7000 / 2000.0 / 3600)
+    (store,) = [d for d in plan.data.values() if d.stage == "features"]  # one store for both entries
+    assert store.label == "cocostuff27/features-train-224-five-bilinear-vit_small_patch8"
+    assert store.gpu_h == pytest.approx(248145 / 300.0 / 3600)
 
 
 def test_feature_cache_misses_match_the_trainers_cache():

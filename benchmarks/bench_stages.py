@@ -46,7 +46,7 @@ EXTRA_TRAIN = [("table1/depthg-vitb8", "paper"), ("table1/depthg-vitb8", "releas
                ("table1/depthg-lhp-vits8", "paper"), ("table1/depthg-lhp-vits8", "released"),
                ("table6/attention-lhp", "paper"), ("table2/depthg-vitb8", "paper")]
 REFERENCE = "train/table1/depthg-vits8/released/nocache"
-GROUPS = ("prepare", "depth", "shards", "loader", "knn", "backbone", "train", "val", "eval", "memory")
+GROUPS = ("prepare", "depth", "shards", "loader", "knn", "backbone", "store", "train", "val", "eval", "memory")
 
 
 def settings(args: argparse.Namespace, cuda: bool) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from repro.plan import load_profile, make_plan, plan_targets
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("prepare", "depth", "shards", "loader", "knn", "backbone", "train", "val", "eval", "memory")
+GROUPS = ("prepare", "depth", "shards", "loader", "knn", "backbone", "store", "train", "val", "eval", "memory")
 
 
 def test_quick_tiny_run_writes_every_stage(tmp_path):
@@ -27,7 +27,8 @@ def test_quick_tiny_run_writes_every_stage(tmp_path):
     assert {key.split("/")[0] for key in stages} == set(GROUPS) == set(profile["groups"])
     arch = "vit_small_patch8"
     for key in ("prepare/train224-five", "prepare/val320", "depth/zoedepth/tiny/crop", "depth/midas/tiny/image",
-                "depth/perspective_plane/stage", "shards/train224", "loader/train224", "knn/C768/n256",
+                "depth/perspective_plane/stage", "depth/zoedepth/tiny/image_stage", "depth/crop_from_image/stage",
+                f"store/{arch}/write", f"store/{arch}/read", "shards/train224", "loader/train224", "knn/C768/n256",
                 f"backbone/{arch}/224/fp32", f"backbone/{arch}/320/bf16", f"val/{arch}/segment",
                 f"eval/{arch}/segment/head", f"eval/{arch}/segment/upsample_probes", "eval/crf/cluster/serial",
                 "eval/crf/linear/pool", f"eval/{arch}/segment/end_to_end"):

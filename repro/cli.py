@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from repro.config.registry import add_list_command
     from repro.launch import add_launch_command
+    from repro.plan import add_plan_command
     from repro.results import add_compare_command
 
     from repro.regression import add_check_command
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_command(commands)
     from repro.released_cli import add_released_commands  # released list/import/launch, eval-released
     add_released_commands(commands)
+    add_plan_command(commands)
     return parser
 
 

@@ -361,6 +361,15 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         print(f"{item.kind:5s} {job_id:>14s}  {what}  [{item.data_key}]")
     if launched:
         print(f"launch record: {launched[0].record}")
+    if args.dry_run:  # the projected cost of what would be submitted ($REPRO_PROFILE, else the default profile)
+        from repro.plan import PlanError, print_plan
+
+        print()
+        try:
+            print_plan(args.targets, seeds=len(_seeds(args.seeds)), fidelity=args.fidelity, overrides=args.overrides)
+        except PlanError as exc:
+            print(f"repro launch --dry-run: no cost plan: {exc}")
+            return 2
     return 0
 
 

@@ -67,7 +67,9 @@ def get_estimator(name: str, weights: str | Path | None = None, device: str | to
             (``$REPRO_WEIGHTS``, default ``./weights``). Ignored by the other sources.
         device: torch device; default CUDA when available for the networks, CPU otherwise.
         **kwargs: passed to the estimator, e.g. ``tta=True`` (ZoeDepth: ``infer``'s flip + reflect padding; MiDaS: flip) / ``dtype`` (networks),
-            ``invalid="raise"`` (sensor), ``horizon=0.4`` (perspective plane).
+            ``invalid="raise"`` (sensor), ``horizon=0.4`` (perspective plane). The sensor and the
+            planes have no test-time augmentation: ``tta`` is ignored for them (the data stages pass
+            ``data.depth_tta`` whatever the source).
 
     Returns:
         The estimator.
@@ -84,6 +86,8 @@ def get_estimator(name: str, weights: str | Path | None = None, device: str | to
         folder = Path(weights) if weights is not None else default_weights_dir() / hf.DEFAULT_WEIGHTS[name].name
         cls = hf.ZoeDepthEstimator if name == "zoedepth" else hf.MidasEstimator
         return cls(folder, device=device, **kwargs)
+    if name in ("sensor", *PLANES):  # no network, so no test-time augmentation: ``tta`` is accepted and ignored
+        kwargs.pop("tta", None)
     if name == "sensor":
         return SensorDepth(device=device, **kwargs)
     if name in PLANES:

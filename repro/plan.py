@@ -1,0 +1,328 @@
+"""``repro plan TABLE...``: what a reproduction costs, projected from a measured stage profile.
+
+A *profile* is the JSON written by ``benchmarks/bench_stages.py`` on some hardware: the throughput
+of every stage (prepare, depth, shards, loader, kNN search, backbone, training step, validation,
+evaluation parts, CRF). The plan multiplies those rates by the work each run does, read from the
+entry's resolved config in each fidelity and the dataset sizes in ``data_manifests/``
+(:mod:`repro.plan_model`), and sums hours per entry, per table and in total:
+
+* **GPU-h**: stages that run on the accelerator (backbone passes, depth networks, training steps,
+  head and upsampling in evaluation) -- wall hours on one device of the profile. With a profile
+  measured on a CPU they are hours on that CPU, and the plan says so.
+* **CPU-h**: stages that only use CPUs (prepare, shards, the training loader, DenseCRF, a faiss-cpu
+  kNN search) -- core-hours (wall time of the measurement x the cores it used).
+
+Data stages are shared exactly as ``repro run`` shares them (one folder per
+:func:`repro.run.data_paths` identity), so they are counted once per plan and once per table.
+Without ``--profile`` (or ``$REPRO_PROFILE``) the plan uses the default profile shipped in
+``benchmarks/profiles/`` and says loudly that it was not measured on the target hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from repro.plan_model import (PROFILE_SCHEMA, WORK, DataStage, PlanError, Profile, data_stages, dataset_sizes,
+                               feature_dim, hours_by_stage, run_costs)
+
+__all__ = ["PROFILE_SCHEMA", "DEFAULT_PROFILE", "PlanError", "Profile", "RunPlan", "Plan", "load_profile",
+           "default_profile_path", "make_plan", "format_plan", "print_plan", "plan_targets", "add_plan_command"]
+
+DEFAULT_PROFILE = "cpu-2core.json"
+"""File name of the default profile in ``benchmarks/profiles/`` (measured on the project's 2-core CPU)."""
+
+PRODUCE = ("produce one on the target hardware: `python benchmarks/bench_stages.py --out PROFILE.json` "
+           "(on a GPU node), then `repro plan all --profile PROFILE.json`")
+
+
+@dataclass
+class RunPlan:
+    """One entry in one fidelity, all seeds: its settings and hours per stage (seeds included)."""
+
+    entry: str
+    fidelity: str
+    table: str
+    batches: int
+    batch_size: int
+    val_every: int
+    crf: bool
+    flip: bool
+    n_train: int
+    n_val: int
+    step_profile: str
+    data: list[str]
+    gpu_by_stage: dict[str, float]
+    cpu_by_stage: dict[str, float]
+
+    @property
+    def gpu_h(self) -> float:
+        return sum(self.gpu_by_stage.values())
+
+    @property
+    def cpu_h(self) -> float:
+        return sum(self.cpu_by_stage.values())
+
+
+@dataclass
+class Plan:
+    """Runs grouped by table, the shared data folders (counted once), storage and notes."""
+
+    profile: Profile
+    seeds: int
+    fidelities: tuple[str, ...]
+    runs: list[RunPlan] = field(default_factory=list)
+    tables: dict[str, list[RunPlan]] = field(default_factory=dict)
+    data: dict[str, DataStage] = field(default_factory=dict)
+    table_data: dict[str, set[str]] = field(default_factory=dict)
+    storage: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def data_hours(self, table: str | None) -> tuple[float, float]:
+        idents = self.table_data[table] if table is not None else set(self.data)
+        return (sum(self.data[i].gpu_h for i in idents), sum(self.data[i].cpu_h for i in idents))
+
+    def totals(self, table: str | None) -> tuple[float, float, dict[str, float], dict[str, float]]:
+        """GPU-h, CPU-h and hours by stage of one table (or of everything), shared data counted once."""
+        runs = self.tables[table] if table is not None else self.runs
+        idents = self.table_data[table] if table is not None else set(self.data)
+        gpu: dict[str, float] = defaultdict(float)
+        cpu: dict[str, float] = defaultdict(float)
+        for item in [*runs, *(self.data[i] for i in idents)]:
+            for k, v in item.gpu_by_stage.items():
+                gpu[k] += v
+            for k, v in item.cpu_by_stage.items():
+                cpu[k] += v
+        return sum(gpu.values()), sum(cpu.values()), dict(gpu), dict(cpu)
+
+    def to_dict(self) -> dict:
+        gpu, cpu, g_st, c_st = self.totals(None)
+        return {"profile": str(self.profile.path), "profile_is_default": self.profile.is_default,
+                "profile_device": self.profile.device, "seeds": self.seeds, "fidelities": list(self.fidelities),
+                "projection": True, "total": {"gpu_h": gpu, "cpu_h": cpu, "gpu_by_stage": g_st, "cpu_by_stage": c_st},
+                "tables": {t: dict(zip(("gpu_h", "cpu_h", "gpu_by_stage", "cpu_by_stage"), self.totals(t)))
+                           for t in self.tables},
+                "runs": [dataclasses.asdict(r) for r in self.runs],
+                "data": {k: {**dataclasses.asdict(v), "gpu_h": v.gpu_h, "cpu_h": v.cpu_h} for k, v in self.data.items()},
+                "feature_store_bytes": {f"{c}|{a}": b for (c, a), (_, b) in self.storage.items()},
+                "warnings": self.warnings}
+
+
+def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
+              fidelities: tuple[str, ...] = ("paper", "released"), overrides=()) -> Plan:
+    """The plan of the entries in ``groups`` (``{table: [entry, ...]}``) in every fidelity, ``seeds`` each.
+
+    Raises:
+        PlanError: bad seeds, a profile missing a needed stage, or a split without a count.
+        UnknownEntryError / ConfigError: from loading the entries.
+    """
+    from repro.config.registry import load_entry
+    from repro.workdir import data_paths
+    from repro.schedules import training_batches
+
+    if seeds < 1:
+        raise PlanError(f"--seeds must be >= 1, got {seeds}")
+    plan = Plan(profile, seeds, tuple(fidelities))
+    notes: list[str] = []
+    for table, names in groups.items():
+        plan.tables[table], plan.table_data[table] = [], set()
+        for name in names:
+            for fid in fidelities:
+                cfg = load_entry(name, [f"fidelity={fid}", *overrides])
+                n_train, n_val, source = dataset_sizes(cfg)
+                costs, key, relaxed = run_costs(cfg, profile, n_train, n_val)
+                if relaxed:
+                    notes.append(f"{name} ({fid}): training step costed with the measured {key} (differs in "
+                                 f"{', '.join(relaxed)})")
+                if source != "data_manifests":
+                    notes.append(f"{name}: dataset sizes from the {source}")
+                stages = data_stages(cfg, profile, n_train, n_val, notes)
+                plan.data.update(stages)
+                plan.table_data[table] |= set(stages)
+                t = cfg.train
+                run = RunPlan(name, fid, table, training_batches(t.max_steps, t.step_unit), t.batch_size, t.val_every,
+                              cfg.eval.crf, cfg.eval.flip, n_train, n_val, key, sorted(stages),
+                              hours_by_stage(costs.gpu, seeds), hours_by_stage(costs.cpu, seeds))
+                plan.runs.append(run)
+                plan.tables[table].append(run)
+                c = feature_dim(cfg.model.arch)
+                crops = n_train * (5 if cfg.data.five_crop else 1)
+                label = str(data_paths(cfg, WORK).crops.relative_to(WORK / "data"))
+                plan.storage[(label, cfg.model.arch)] = (crops, crops * 28 * 28 * c * 2)
+    plan.warnings = list(dict.fromkeys(notes))
+    if not math.isfinite(plan.totals(None)[0] + plan.totals(None)[1]):
+        raise PlanError(f"stage profile {profile.path} holds a zero or invalid rate")
+    return plan
+
+
+def default_profile_path() -> Path:
+    """``$REPRO_PROFILES/<DEFAULT_PROFILE>`` if set, else ``benchmarks/profiles/`` of the checkout."""
+    folder = os.environ.get("REPRO_PROFILES")
+    base = Path(folder) if folder else Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"
+    return base / DEFAULT_PROFILE
+
+
+def load_profile(path: str | Path | None = None) -> Profile:
+    """Read a stage profile.
+
+    Args:
+        path: a JSON file written by ``benchmarks/bench_stages.py``; ``None`` reads ``$REPRO_PROFILE``
+            or, failing that, the shipped default (:func:`default_profile_path`; ``Profile.is_default``).
+
+    Raises:
+        PlanError: missing or unreadable file, or not a stage profile (names the file and the fix).
+    """
+    default = path is None and not os.environ.get("REPRO_PROFILE")
+    path = Path(path if path is not None else os.environ.get("REPRO_PROFILE") or default_profile_path())
+    if not path.is_file():
+        raise PlanError(f"stage profile {path} not found; {PRODUCE}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"stage profile {path} is not readable JSON ({exc}); {PRODUCE}") from exc
+    if not isinstance(data, dict) or data.get("schema") != PROFILE_SCHEMA or not isinstance(data.get("stages"), dict):
+        raise PlanError(f"{path} is not a stage profile (schema {data.get('schema') if isinstance(data, dict) else None!r}, "
+                        f"expected {PROFILE_SCHEMA!r}); {PRODUCE}")
+    return Profile(path, data, is_default=default)
+
+
+def plan_targets(targets: Sequence[str]) -> dict[str, list[str]]:
+    """Expand ``all`` (every table of ``make reproduce-all``: all but ``demo``), table keys and entry names."""
+    from repro.config.registry import TABLES
+    from repro.launch import resolve_targets
+
+    expanded: list[str] = []
+    for target in targets:
+        expanded += [t for t in TABLES if t != "demo"] if target == "all" else [target]
+    return resolve_targets(expanded)
+
+
+def _h(hours: float) -> str:
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:.1f}" if hours >= 1 else f"{hours:.2f}"
+
+
+def _dominant(by_stage: dict[str, float]) -> str:
+    total = sum(by_stage.values())
+    if total <= 0:
+        return "-"
+    stage = max(by_stage, key=by_stage.__getitem__)
+    return f"{stage} {100 * by_stage[stage] / total:.0f}%"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _banner(profile: Profile) -> list[str]:
+    meta, shown = profile.data, _shown(profile.path)
+    where = (f"{meta.get('device', '?')} ({meta.get('device_name', '?')}, {meta.get('threads', '?')} threads, "
+             f"load average {meta.get('load_avg', '?')}) on {meta.get('created', '?')}")
+    lines = [f"profile: {shown} -- measured on {where}"]
+    if profile.is_default:
+        bar = "!" * 100
+        lines = [bar, "  NO BENCHMARK PROFILE FOR THE TARGET HARDWARE (--profile FILE or $REPRO_PROFILE): using the",
+                 f"  default profile {shown}, measured on this project's 2-core build CPU.",
+                 "  Every number below is a PROJECTION from CPU measurements. For the target hardware run",
+                 "  `python benchmarks/bench_stages.py --out PROFILE.json` there (a GPU node), then",
+                 "  `repro plan all --profile PROFILE.json`.", bar, *lines]
+    if meta.get("tiny") or meta.get("quick"):
+        lines.append(f"WARNING: this profile was measured with {'--tiny (toy image sizes)' if meta.get('tiny') else '--quick'}"
+                     f"; {'its hours mean nothing' if meta.get('tiny') else 'its rates are single, noisy repetitions'}")
+    if profile.device != "cuda":
+        lines.append("GPU-h column: the GPU stages were measured on this profile's CPU, so they are wall hours on "
+                     "that CPU, not GPU-hours")
+    return lines
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as text: banner, one row per (entry, fidelity), shared data, table totals, total, storage."""
+    gpu = "GPU-h"
+    lines = _banner(plan.profile)
+    lines.append(f"seeds {plan.seeds}, fidelities {'+'.join(plan.fidelities)}; hours are per entry and fidelity "
+                 f"for all seeds; data stages are listed once per folder and counted once")
+    head = (f"{'entry':30s} {'fidelity':8s} {'batches':>7s} {'batch':>5s} {'val':>4s} {'crf':>3s} {'flip':>4s} "
+            f"{'n_val':>6s} {gpu:>8s} {'CPU-h':>8s}  dominant (GPU | CPU)")
+    for table, runs in plan.tables.items():
+        lines += ["", f"# {table}", head]
+        for run in runs:
+            lines.append(f"{run.entry:30s} {run.fidelity:8s} {run.batches:7d} {run.batch_size:5d} {run.val_every:4d} "
+                         f"{'y' if run.crf else 'n':>3s} {'y' if run.flip else 'n':>4s} {run.n_val:6d} "
+                         f"{_h(run.gpu_h):>8s} {_h(run.cpu_h):>8s}  {_dominant(run.gpu_by_stage)} | "
+                         f"{_dominant(run.cpu_by_stage)}")
+        gpu_t, cpu_t, g_st, c_st = plan.totals(table)
+        lines.append(f"{'shared data of ' + table:30s} {'':8s} {len(plan.table_data[table]):7d} folders "
+                     f"{'':19s} {_h(plan.data_hours(table)[0]):>8s} {_h(plan.data_hours(table)[1]):>8s}")
+        lines.append(f"{table + ' total':30s} {'':48s} {_h(gpu_t):>8s} {_h(cpu_t):>8s}  {_dominant(g_st)} | "
+                     f"{_dominant(c_st)}")
+    lines += ["", "shared data stages (each counted once):"]
+    for ident, stage in sorted(plan.data.items()):
+        lines.append(f"  {stage.stage:8s} {gpu} {_h(stage.gpu_h):>7s}  CPU-h {_h(stage.cpu_h):>7s}  {stage.label}")
+    gpu_t, cpu_t, g_st, c_st = plan.totals(None)
+    lines += ["", f"TOTAL ({len(plan.runs)} entry x fidelity, {len(plan.runs) * plan.seeds} runs, "
+                  f"{len(plan.data)} shared data folders): {gpu} {_h(gpu_t)}, CPU-h {_h(cpu_t)} (PROJECTION)",
+              f"dominant stage: GPU {_dominant(g_st)}; CPU {_dominant(c_st)}"]
+    lines.append("feature store (fp16 features of every training crop, crops x 28 x 28 x C x 2 bytes):")
+    for (crops, arch), (n, size) in sorted(plan.storage.items()):
+        lines.append(f"  {crops:60s} {arch:17s} {n:>9,d} crops {size / 1e9:8.1f} GB")
+    lines.append(f"  total {sum(s for _, s in plan.storage.values()) / 1e9:.1f} GB")
+    if plan.warnings:
+        lines += ["", "notes:"] + [f"  - {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def print_plan(targets: Sequence[str], *, seeds: int = 3, fidelity: str = "both", overrides: Sequence[str] = (),
+               profile: str | Path | None = None, json_out: str | Path | None = None) -> Plan:
+    """Build the plan of ``targets``, print it, optionally write it as JSON; return it."""
+    fidelities = ("paper", "released") if fidelity == "both" else (fidelity,)
+    plan = make_plan(plan_targets(targets), load_profile(profile), seeds=seeds, fidelities=fidelities,
+                     overrides=overrides)
+    print(format_plan(plan))
+    if json_out:
+        from repro.atomic import atomic_path
+
+        with atomic_path(json_out, suffix=".json") as tmp:
+            Path(tmp).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return plan
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        print_plan(args.targets, seeds=args.seeds, fidelity=args.fidelity, overrides=args.overrides,
+                   profile=args.profile, json_out=args.json)
+    except PlanError as exc:
+        print(f"repro plan: {exc}")
+        return 2
+    return 0
+
+
+def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``plan TARGET... [--profile FILE] [--seeds N] [--fidelity F]`` on a subparsers object.
+
+    Returns:
+        The new sub-parser; its ``func`` default is the handler (exit code 0, or 2 for a bad profile).
+    """
+    parser = subparsers.add_parser(
+        "plan", help="projected GPU- and CPU-hours of tables/entries from a measured stage profile",
+        description="Project the cost of running tables or entries (every fidelity, every seed) from a stage "
+                    "profile written by benchmarks/bench_stages.py. 'all' = every table of make reproduce-all.")
+    parser.add_argument("targets", nargs="+", metavar="TARGET", help="all, table keys (table1, supp4, ...) or entries")
+    parser.add_argument("--profile", help="stage profile JSON of the target hardware (default: $REPRO_PROFILE, else "
+                                          "the shipped 2-core CPU profile, with a warning)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per entry and fidelity (default 3)")
+    parser.add_argument("--fidelity", choices=["paper", "released", "both"], default="both")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every entry (repeatable), as for repro launch")
+    parser.add_argument("--json", help="also write the plan as JSON to this file")
+    parser.set_defaults(func=_cmd_plan)
+    return parser

@@ -1,0 +1,333 @@
+"""The cost model behind ``repro plan``: work per stage from a resolved config, seconds from a profile.
+
+It follows the code as it runs (``repro.workdir.prepare_data``, ``repro.train.train``,
+``repro.run.evaluate_run``). Per run (one entry, one fidelity, one seed), with ``B`` =
+``train.batch_size``, ``T`` = :func:`repro.schedules.training_batches` (``max_steps``,
+``step_unit``), ``n`` training crops (images x 5 when five-cropped), ``n_val`` validation images and
+``C`` the backbone width:
+
+* ``train-step``: ``T`` steps of the measured training step on cached features (the profile entry
+  whose method, backbone, fidelity, LHP and sampling match best), scaled by ``B / batch measured``.
+* ``train-backbone``: the backbone at 224 px for every miss of the in-memory feature cache
+  (``train.feature_cache_gb``, fp32 ``28 x 28 x C`` per crop, plus the ``784 x 784`` attention for
+  attention LHP). Each step looks up ``2B`` crops (anchors and kNN partners); the cache keeps the
+  first ``c = budget / bytes`` crops it computes; with ``L = 2BT`` lookups spread uniformly,
+  :func:`cache_misses` gives the expected misses. With ``train.feature_store`` (not for attention
+  LHP) the misses are ``train-store-read``: reads of the shared fp16 store.
+* ``train-loader``: ``B T`` anchor+partner reads from the shards (CPU).
+* ``validation``: ``T // val_every`` passes over the validation set without CRF (head, upsampling,
+  probes, metrics) plus the backbone at 320 px for the images beyond the validation-feature cache
+  (same budget, ``40 x 40 x C`` fp32 per image); ``val-features``: filling that cache once.
+* ``eval-*``: ``model.pt`` and (when ``val_every > 0``) ``best.pt`` scored in one pass over the
+  ``n_val`` images: the backbone at 320 px once per uncached image and once more per image with flip
+  averaging; per checkpoint the head (twice with flip), upsampling with both probes, and DenseCRF for
+  both probes when ``eval.crf`` (core-seconds: the pool shortens the wall time, not the work).
+
+Shared data stages, one per :func:`repro.workdir.data_paths` folder: ``prepare`` (train and val
+crops; cost scaled by source-image pixels relative to the measured 640 x 480), ``depth`` (the
+estimator on every crop for ``data.depth_scope: crop``; for ``image`` once per full image into the
+per-image folder shared by every entry that uses it, then a cheap cut per crop; ``data.depth_tta``
+doubles the forwards; train and val), ``shards``, ``knn`` (backbone at 224 px over every crop, then
+the exact search ``a n^b`` fitted by the benchmark), and ``feature-store`` (the backbone over every
+crop, once per crops folder and backbone) when configured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "cache_misses", "dataset_sizes",
+           "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK"]
+
+PROFILE_SCHEMA = "repro-stage-profile/1"
+NET_DEPTH = ("zoedepth", "midas")
+CHEAP_DEPTH = {"sensor": "perspective_plane", "image_plane": "image_plane", "perspective_plane": "perspective_plane"}
+SOURCE_PIXELS = {"cocostuff27": 640 * 480, "cityscapes27": 2048 * 1024, "potsdam3": 200 * 200, "nyuv2": 640 * 480}
+"""Nominal source-image pixels per dataset (COCO images vary around 640 x 480); prepare cost scales with them."""
+MEASURED_PIXELS = 640 * 480
+RELAX_ORDER = ("sampling", "lhp", "fidelity", "arch", "method")
+WORK = Path("WORK")
+
+
+class PlanError(ValueError):
+    """A profile or target the plan cannot use; the message names the file or key and the fix."""
+
+
+@dataclass
+class Profile:
+    """A stage profile (``benchmarks/bench_stages.py --out``): ``data["stages"][key] = {"rate", "kind", ...}``."""
+
+    path: Path
+    data: dict
+    is_default: bool = False
+
+    @property
+    def device(self) -> str:
+        """``"cuda"`` or ``"cpu"``: where the GPU stages were measured."""
+        return str(self.data.get("device", "cpu"))
+
+    def has(self, key: str) -> bool:
+        return key in self.data["stages"]
+
+    def stage(self, key: str) -> dict:
+        """The record of one stage.
+
+        Raises:
+            PlanError: the profile lacks it (rerun the benchmark without ``--quick``/``--archs`` limits).
+        """
+        try:
+            return self.data["stages"][key]
+        except KeyError:
+            raise PlanError(f"stage profile {self.path} has no stage {key!r}; rerun benchmarks/bench_stages.py "
+                            "without limits (all archs, no --tiny) to measure it") from None
+
+
+class Costs:
+    """Seconds per stage name: wall seconds on the device (GPU stages) and CPU core-seconds."""
+
+    def __init__(self) -> None:
+        self.gpu: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    def add_seconds(self, stage: str, kind: str, seconds: float, cores: int = 1) -> None:
+        if kind == "gpu":
+            self.gpu[stage] += seconds
+        else:
+            self.cpu[stage] += seconds * cores
+
+    def add(self, stage: str, profile: Profile, key: str, items: float, scale: float = 1.0) -> None:
+        """``items / rate(key) * scale`` seconds, booked by the stage's kind (``gpu`` or ``cpu``)."""
+        if items <= 0:
+            return
+        rec = profile.stage(key)
+        rate = float(rec.get("rate") or 0.0)
+        if not rate > 0 or not math.isfinite(rate):
+            raise PlanError(f"stage profile {profile.path}: stage {key!r} has no positive rate ({rec.get('rate')!r})")
+        self.add_seconds(stage, rec.get("kind", "gpu"), items / rate * scale, int(rec.get("cores", 1)))
+
+
+def hours_by_stage(seconds: dict[str, float], factor: float = 1.0) -> dict[str, float]:
+    return {k: v * factor / 3600.0 for k, v in seconds.items() if v > 0}
+
+
+@dataclass
+class DataStage:
+    """One shared data folder: which stage made it and its cost (hours)."""
+
+    stage: str
+    label: str
+    gpu_by_stage: dict[str, float]
+    cpu_by_stage: dict[str, float]
+
+    @property
+    def gpu_h(self) -> float:
+        return sum(self.gpu_by_stage.values())
+
+    @property
+    def cpu_h(self) -> float:
+        return sum(self.cpu_by_stage.values())
+
+
+def cache_misses(lookups: float, n: int, capacity: int) -> float:
+    """Expected misses of the trainer's feature cache under ``lookups`` uniform lookups of ``n`` items.
+
+    The cache (:class:`repro.train_state.FeatureCache`) keeps every item it computes until it holds
+    ``c = capacity`` items. With ``q = 1 - 1/n``, ``D(t) = n (1 - q^t)`` distinct items have been seen
+    after ``t`` lookups and the cache is full at ``t* = ln(1 - c/n) / ln q``; a lookup hits with
+    probability (items cached) / ``n``, so the hits are ``t* - c`` before ``t*`` and ``(L - t*) c / n``
+    after it. When the cache never fills (``c >= n`` or ``L <= t*``) the misses are ``D(L)``.
+    """
+    if lookups <= 0 or n <= 0:
+        return 0.0
+    c = min(max(capacity, 0), n)
+    q = 1.0 - 1.0 / n
+    distinct = n * (1.0 - q**lookups)
+    if c == 0:
+        return float(lookups)
+    if c >= n:
+        return distinct
+    t_full = math.log(1.0 - c / n) / math.log(q)
+    if lookups <= t_full:
+        return distinct
+    return lookups - (t_full - c) - (lookups - t_full) * c / n
+
+
+def _capacity(budget_gb: float, nbytes: int) -> int:
+    return int(budget_gb * 2**30) // nbytes
+
+
+def _split_count(dataset: str, split: str) -> int:
+    from repro.data.manifest import load_manifest
+
+    manifest = load_manifest(dataset)
+    for name, spec in manifest.get("splits", {}).items():
+        if (name == split or spec.get("alias") == split) and spec.get("count"):
+            return int(spec["count"])
+    raise PlanError(f"data_manifests/{dataset}.yaml has no image count for split {split!r}; add it under 'splits'")
+
+
+def dataset_sizes(config) -> tuple[int, int, str]:
+    """``(train images, val images, source)``: a local copy at ``data.root`` if present, else the manifest."""
+    from repro.data import get_dataset
+
+    d = config.data
+    root = Path(os.path.expandvars(d.root)) if d.root else None
+    if root is not None and "$" not in str(root) and root.is_dir():
+        try:
+            return len(get_dataset(d.dataset, root, d.train_split)), len(get_dataset(d.dataset, root, d.val_split)), \
+                f"local copy {root}"
+        except Exception:  # noqa: BLE001 - an unreadable copy falls back to the manifest, said in the source
+            pass
+    return _split_count(d.dataset, d.train_split), _split_count(d.dataset, d.val_split), "data_manifests"
+
+
+def train_signature(config) -> dict[str, str]:
+    """What makes training steps differ in cost: method, backbone, fidelity, LHP propagation, sampling mode."""
+    lhp = config.lhp.propagation if config.lhp.enabled and config.method != "dino" else "none"
+    return {"method": config.method, "arch": config.model.arch, "fidelity": config.fidelity, "lhp": lhp,
+            "sampling": config.sampling.mode if config.method != "dino" else "none"}
+
+
+def match_train_step(profile: Profile, config) -> tuple[str, list[str]]:
+    """The measured cached training step closest to ``config``: ``(stage key, fields that differ)``.
+
+    Fields are relaxed in the order sampling, LHP, fidelity, backbone, method (least to most cost).
+
+    Raises:
+        PlanError: the profile holds no cached training step.
+    """
+    want = train_signature(config)
+    measured = {k: v.get("signature", {}) for k, v in profile.data["stages"].items()
+                if k.startswith("train/") and k.endswith("/cached")}
+    if not measured:
+        raise PlanError(f"stage profile {profile.path} has no cached training step (train/.../cached)")
+    for n in range(len(RELAX_ORDER) + 1):
+        fixed = [f for f in want if f not in RELAX_ORDER[:n]]
+        hits = sorted(k for k, sig in measured.items() if all(sig.get(f) == want[f] for f in fixed))
+        if hits:
+            return hits[0], [f for f in RELAX_ORDER[:n] if measured[hits[0]].get(f) != want[f]]
+    raise AssertionError("unreachable: every field relaxed")
+
+
+def feature_dim(arch: str) -> int:
+    from repro.models.backbone import get_arch
+
+    return get_arch(arch).feature_dim
+
+
+def _uses_store(config) -> bool:
+    """``train.feature_store``, unless attention LHP (it needs the backbone's attention; the trainer skips the store)."""
+    return bool(getattr(config.train, "feature_store", False)) and not (
+        config.lhp.enabled and config.lhp.propagation == "attention")
+
+
+def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs, str, list[str]]:
+    """Seconds of one run (one seed) per stage; ``(costs, training-step key, differing fields)``."""
+    from repro.schedules import training_batches
+
+    d, t, e, arch = config.data, config.train, config.eval, config.model.arch
+    c = feature_dim(arch)
+    crops = n_train * (5 if d.five_crop else 1)
+    batches = training_batches(t.max_steps, t.step_unit)
+    costs = Costs()
+    key, relaxed = match_train_step(profile, config)
+    rec = profile.stage(key)
+    costs.add_seconds("train-step", rec.get("kind", "gpu"), batches * t.batch_size / float(rec["batch"]) / float(rec["rate"]))
+    lookups = 2 * t.batch_size * batches
+    attention = config.lhp.enabled and config.lhp.propagation == "attention"
+    per_crop = 28 * 28 * c * 4 + (784 * 784 * 4 if attention else 0)
+    misses = cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
+    if _uses_store(config):  # misses are read from the store instead of computed
+        costs.add("train-store-read", profile, _store_key(profile, arch, "read"), misses)
+    else:
+        costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
+    costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
+    kind = "dino" if config.method == "dino" else "segment"
+    cached_val = min(n_val, _capacity(t.feature_cache_gb, 40 * 40 * c * 4))
+    validations = batches // t.val_every if t.val_every > 0 else 0
+    costs.add("validation", profile, f"val/{arch}/{kind}", validations * n_val)
+    costs.add("validation", profile, f"backbone/{arch}/320/fp32", validations * (n_val - cached_val))
+    costs.add("val-features", profile, f"backbone/{arch}/320/fp32", cached_val)
+    # final and best-on-val in one pass: the backbone once per image (uncached ones, plus the flipped image),
+    # head, upsampling, probes and CRF per checkpoint; the figures reuse the first images' predictions
+    checkpoints = 2 if validations > 0 else 1
+    costs.add("eval-backbone", profile, f"backbone/{arch}/320/fp32", (n_val - cached_val) + (n_val if e.flip else 0))
+    costs.add("eval-head", profile, f"eval/{arch}/{kind}/head", checkpoints * (2 if e.flip else 1) * n_val)
+    costs.add("eval-upsample", profile, f"eval/{arch}/{kind}/upsample_probes", checkpoints * n_val)
+    if e.crf:
+        costs.add("eval-crf", profile, "eval/crf/serial", checkpoints * 2 * n_val)  # both probes
+    return costs, key, relaxed
+
+
+def _store_key(profile: Profile, arch: str, what: str) -> str:
+    """``store/<arch>/read|write``; profiles without them fall back to the backbone (write) or fail (read)."""
+    key = f"store/{arch}/{what}"
+    return key if profile.has(key) or what == "read" else f"backbone/{arch}/224/fp32"
+
+
+def _depth_source(profile: Profile, config, scope: str, notes: list[str]) -> tuple[str, float]:
+    """The profile stage that prices one depth map of ``scope`` (``crop`` or ``image``) and the factor for the
+    configured test-time augmentation (two forwards) against the measured one."""
+    source = config.data.depth_source
+    if source in CHEAP_DEPTH:
+        return f"depth/{CHEAP_DEPTH[source]}/stage", 1.0
+    net = source if source in NET_DEPTH else "zoedepth"
+    if net != source:
+        notes.append(f"depth source {source!r} has no estimator in repro.depth: costed as ZoeDepth")
+    key = f"depth/{net}/full/{scope}"
+    if not profile.has(key):
+        notes.append(f"depth {net}: the profile measured only the tiny random model (bench_stages.py --depth-full "
+                     f"measures the full-size one); depth hours are underestimated")
+        key = f"depth/{net}/tiny/{scope}"
+    measured = 2.0 if profile.stage(key).get("tta") else 1.0
+    return key, (2.0 if config.data.depth_tta else 1.0) / measured
+
+
+def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[str]) -> dict[str, DataStage]:
+    """The shared data folders of a config and their cost (hours), keyed by folder identity."""
+    from repro.workdir import data_paths
+
+    d, arch = config.data, config.model.arch
+    paths = data_paths(config, WORK)
+    crops = n_train * (5 if d.five_crop else 1)
+    scale = SOURCE_PIXELS.get(d.dataset, MEASURED_PIXELS) / MEASURED_PIXELS
+    out: dict[str, DataStage] = {}
+
+    def stage(name: str, path: Path, *items: tuple[str, str, float, float]) -> None:
+        costs = Costs()
+        for sub, key, count, factor in items:
+            costs.add(sub, profile, key, count, factor)
+        out[f"{name}:{path}"] = DataStage(name, str(path.relative_to(WORK / "data")), hours_by_stage(costs.gpu),
+                                          hours_by_stage(costs.cpu))
+
+    train_prep = "prepare/train224-five" if d.five_crop else "prepare/val320"
+    stage("prepare", paths.crops, ("prepare", train_prep, n_train, scale))
+    stage("prepare", paths.val_crops, ("prepare", "prepare/val320", n_val, scale))
+    if d.depth_source != "none" and d.depth_scope == "image":  # R4: one map per full image, then cut per crop
+        key, tta = _depth_source(profile, config, "image", notes)
+        cut = "depth/crop_from_image/stage" if profile.has("depth/crop_from_image/stage") else "depth/image_plane/stage"
+        stage("depth", paths.image_depth, ("depth", key, n_train, tta))
+        stage("depth", paths.val_image_depth, ("depth", key, n_val, tta))
+        stage("depth", paths.depth, ("depth", cut, crops, 1.0))
+        stage("depth", paths.val_depth, ("depth", cut, n_val, 1.0))
+    elif d.depth_source != "none":  # eq. 4: the estimator on every crop
+        key, tta = _depth_source(profile, config, "crop", notes)
+        stage("depth", paths.depth, ("depth", key, crops, tta))
+        stage("depth", paths.val_depth, ("depth", key, n_val, tta))
+    stage("shards", paths.shards, ("shards", "shards/train224", crops, 1.0))
+    knn = Costs()
+    knn.add("knn-features", profile, f"backbone/{arch}/224/fp32", crops)
+    fit = profile.data.get("knn_fit", {}).get(str(feature_dim(arch)))
+    if fit is None:
+        raise PlanError(f"stage profile {profile.path} has no kNN fit for C={feature_dim(arch)} (knn_fit)")
+    knn.add_seconds("knn-search", fit.get("kind", "cpu"), float(fit["a"]) * crops ** float(fit["b"]),
+                    int(fit.get("cores", 1)))
+    out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), hours_by_stage(knn.gpu),
+                                        hours_by_stage(knn.cpu))
+    if getattr(paths, "features", None) is not None:  # train.feature_store: built by prepare_data (with any LHP)
+        stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, 1.0))
+    return out

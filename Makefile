@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The main job on the default data: DepthG end to end on the 10-image NYUv2 sample (CPU, minutes).
-# DINO_CHECKPOINT=/path/dino_deitsmall8_pretrain.pth uses real weights; without it, random weights (said loudly).
+# DINO_CHECKPOINT=/path/dino_deitsmall8_300ep_pretrain.pth uses real weights; without it, random weights (said loudly).
 DATA ?= ../shared/data
 DINO_CHECKPOINT ?=
 demo: setup

@@ -279,9 +279,9 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
         for batch in loader:
             step = state.step
             want_hist = cfg.train.hist_every > 0 and step % cfg.train.hist_every == 0
-            out_a = features(batch["index"], batch["image"])
-            out_k = features(batch["partner_index"], batch["partner_image"])
-            with accelerator.autocast():
+            with accelerator.autocast():  # the frozen backbone too (bf16 on a GPU unless the profile says fp32)
+                out_a = features(batch["index"], batch["image"])
+                out_k = features(batch["partner_index"], batch["partner_image"])
                 logs = model(out_a[0].float(), out_k[0].float(), batch, step, want_hist,
                              out_a[-1] if attention else None, out_k[-1] if attention else None)
             for opt in optimizers:

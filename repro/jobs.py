@@ -162,8 +162,23 @@ def _set_args(overrides: Sequence[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
+class _Requeueable:
+    """submitit's requeue hook for the job dataclasses below (the folders they write hold the progress)."""
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit on preemption or the time-limit signal: the same job again.
+
+        Returns:
+            ``submitit.helpers.DelayedSubmission`` of a fresh copy with the same arguments; the copy
+            resumes (finished stages are skipped, training restarts from its checkpoint).
+        """
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(replace(self))
+
+
 @dataclass
-class EntryJob:
+class EntryJob(_Requeueable):
     """One (entry, seed) task: ``run_entry`` in this Python, or ``repro run`` inside an Apptainer image.
 
     A callable that submitit pickles and runs on the node. :meth:`checkpoint` makes it
@@ -228,19 +243,9 @@ class EntryJob:
                               f"in {run_dir}); resubmit it to resume")
         return str(run_dir)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """submitit's requeue hook: the same job again (the run folder holds the progress).
-
-        Returns:
-            ``submitit.helpers.DelayedSubmission`` of a fresh :class:`EntryJob` with the same arguments.
-        """
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(replace(self))
-
 
 @dataclass
-class DataJob:
+class DataJob(_Requeueable):
     """The shared data stages of one data key: :func:`repro.run.prepare_data` for a representative entry.
 
     Attributes:
@@ -287,23 +292,13 @@ class DataJob:
             runner(self.entry, work_dir=self.work_dir, overrides=list(self.overrides), quiet=self.quiet)
         return self.key
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """submitit's requeue hook: the same job again (finished stages are skipped).
-
-        Returns:
-            ``submitit.helpers.DelayedSubmission`` of a fresh :class:`DataJob`.
-        """
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(replace(self))
-
 
 RELEASED_RESOURCES = Resources(gpus=1, cpus=8, mem_gb=32, time_min=120)
 """Request of one published-checkpoint evaluation (validation crops, 2 passes per image, DenseCRF on 8 CPUs)."""
 
 
 @dataclass
-class ReleasedJob:
+class ReleasedJob(_Requeueable):
     """One published checkpoint scored on its entry's validation set (:func:`repro.released.evaluate_released`).
 
     Requeueable like :class:`EntryJob`; a rerun skips a checkpoint whose ``metrics.json`` already
@@ -352,16 +347,6 @@ class ReleasedJob:
         if not out.is_file():
             raise JobError(f"{self.entry} ({self.ckpt_file}): no {out} after the evaluation; resubmit it")
         return str(out)
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """submitit's requeue hook: the same job again.
-
-        Returns:
-            ``submitit.helpers.DelayedSubmission`` of a fresh :class:`ReleasedJob`.
-        """
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(replace(self))
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

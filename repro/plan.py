@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from repro.plan_model import (PROFILE_SCHEMA, WORK, DataStage, PlanError, Profile, data_stages, dataset_sizes,
+from repro.plan_model import (PROFILE_SCHEMA, StageHours, WORK, DataStage, PlanError, Profile, data_stages, dataset_sizes,
                                feature_dim, hours_by_stage, run_costs)
 
 __all__ = ["PROFILE_SCHEMA", "DEFAULT_PROFILE", "PlanError", "Profile", "RunPlan", "Plan", "load_profile",
@@ -44,7 +44,7 @@ PRODUCE = ("produce one on the target hardware: `python benchmarks/bench_stages.
 
 
 @dataclass
-class RunPlan:
+class RunPlan(StageHours):
     """One entry in one fidelity, all seeds: its settings and hours per stage (seeds included)."""
 
     entry: str
@@ -61,14 +61,6 @@ class RunPlan:
     data: list[str]
     gpu_by_stage: dict[str, float]
     cpu_by_stage: dict[str, float]
-
-    @property
-    def gpu_h(self) -> float:
-        return sum(self.gpu_by_stage.values())
-
-    @property
-    def cpu_h(self) -> float:
-        return sum(self.cpu_by_stage.values())
 
 
 @dataclass

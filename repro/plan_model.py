@@ -114,12 +114,9 @@ def hours_by_stage(seconds: dict[str, float], factor: float = 1.0) -> dict[str, 
     return {k: v * factor / 3600.0 for k, v in seconds.items() if v > 0}
 
 
-@dataclass
-class DataStage:
-    """One shared data folder: which stage made it and its cost (hours)."""
+class StageHours:
+    """Totals of ``gpu_by_stage`` / ``cpu_by_stage`` (hours per stage name), for a data stage or a run."""
 
-    stage: str
-    label: str
     gpu_by_stage: dict[str, float]
     cpu_by_stage: dict[str, float]
 
@@ -130,6 +127,16 @@ class DataStage:
     @property
     def cpu_h(self) -> float:
         return sum(self.cpu_by_stage.values())
+
+
+@dataclass
+class DataStage(StageHours):
+    """One shared data folder: which stage made it and its cost (hours)."""
+
+    stage: str
+    label: str
+    gpu_by_stage: dict[str, float]
+    cpu_by_stage: dict[str, float]
 
 
 def cache_misses(lookups: float, n: int, capacity: int) -> float:

@@ -240,6 +240,7 @@ def _build_context(dest: Path) -> None:
         shutil.copy2(REPO_ROOT / name, dest / name)
     shutil.copytree(REPO_ROOT / "repro", dest / "repro", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copytree(REPO_ROOT / "data_manifests", dest / "data_manifests")
+    shutil.copytree(REPO_ROOT / "benchmarks" / "profiles", dest / "benchmarks" / "profiles")
     lock = _pins(LOCK.read_text())
     # `repro --version` needs the standard library only; PyYAML exercises a real install
     # from the pinned set, and the faiss-cpu line checks that the recipe drops it.
@@ -277,6 +278,9 @@ def test_containerfile_builds_and_runs(buildah: str, debian_base: str, tmp_path:
         assert env == ["/mnt/weights", "/mnt/data", "/mnt/work", "/mnt/work"]
         # The installed package finds the dataset manifests (used by `repro data verify`).
         assert run("sh", "-c", 'ls "$REPRO_MANIFESTS"').split() == sorted(p.name for p in (REPO_ROOT / "data_manifests").iterdir())
+        # ... and the stage profiles `repro plan` falls back to
+        profiles = sorted(p.name for p in (REPO_ROOT / "benchmarks" / "profiles").iterdir())
+        assert run("sh", "-c", 'ls "$REPRO_PROFILES"').split() == profiles
         # Non-editable: the package lives in the virtualenv, not in a source tree.
         where = run("python", "-c", "import repro; print(repro.__file__)").strip()
         assert where.startswith("/opt/venv/lib/python3.11/site-packages/repro/"), where

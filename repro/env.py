@@ -146,14 +146,10 @@ def file_record(path: str | Path) -> dict[str, Any]:
     Raises:
         OSError: if the file cannot be read.
     """
-    import hashlib
+    from repro.identity import file_sha256
 
     path = Path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return {"path": str(path.resolve()), "name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(path.resolve()), "name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def write_env(path: str | Path, extra: dict[str, Any] | None = None) -> Path:

@@ -15,11 +15,11 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = ["NOT_IDENTITY", "flat_config", "identity", "config_hash", "config_diff", "describe_diff",
-           "check_run_name"]
+           "check_run_name", "file_sha256"]
 
 NOT_IDENTITY = frozenset({
     "name", "table", "description", "paper",
@@ -73,6 +73,16 @@ def config_hash(config: Any) -> str:
     """
     text = json.dumps(identity(config), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (``hashlib.file_digest``, read in blocks): what identifies a file.
+
+    Raises:
+        OSError: if the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def config_diff(config: Any, reference: Any, *, keys: frozenset[str] | None = None) -> dict[str, tuple[Any, Any]]:

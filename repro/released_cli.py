@@ -11,7 +11,7 @@ __all__ = ["add_released_commands"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from repro.models.lightning import file_sha256
+    from repro.identity import file_sha256
     from repro.released import load_registry, local_path, released_dir
 
     folder = Path(args.dir) if args.dir else released_dir()

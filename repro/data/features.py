@@ -17,7 +17,6 @@ when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from repro.data.transforms import images_to_tensor
+from repro.identity import file_sha256
 
 __all__ = ["FeatureStore", "feature_store_stage", "FeatureStoreError"]
 
@@ -37,14 +37,6 @@ FEATURES = "features.npy"
 
 class FeatureStoreError(RuntimeError):
     """A feature store that is incomplete, modified or made from other inputs; the message names it."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -98,7 +90,7 @@ def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params:
     shape = list(array.shape)
     del array
     index = {"params": params, "keys": [key for key, _ in crops], "shape": shape, "dtype": "float16",
-             "sha256": _sha256(partial / FEATURES)}
+             "sha256": file_sha256(partial / FEATURES)}
     (partial / INDEX).write_text(json.dumps(index))
     os.replace(partial, out)
     return out
@@ -135,7 +127,7 @@ class FeatureStore:
         record = self.folder / "verified.json"
         if record.is_file() and json.loads(record.read_text()) == stamp:
             return
-        if _sha256(path) != self.index["sha256"]:
+        if file_sha256(path) != self.index["sha256"]:
             raise FeatureStoreError(f"{path} does not match its checksum (modified or truncated); remove "
                                     f"{self.folder} to rebuild it")
         record.write_text(json.dumps(stamp))

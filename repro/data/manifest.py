@@ -10,7 +10,6 @@ Existence checks list each folder once (``os.scandir``) and test set membership,
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,9 @@ from repro.data.nyuv2 import NYUv2
 from repro.data.potsdam import IIC_SPLIT_FILES
 from repro.data.sample import DatasetError
 from repro.errors import MissingFileError
+from repro.identity import file_sha256
 
-__all__ = ["VerifyReport", "load_manifest", "manifest_dir", "sha256_file", "verify_dataset"]
+__all__ = ["VerifyReport", "load_manifest", "manifest_dir", "verify_dataset"]
 
 
 def manifest_dir() -> Path:
@@ -54,15 +54,6 @@ def load_manifest(name: str) -> dict:
                                "run from a checkout of the repository (data_manifests/ lives at its root)")
     with path.open() as f:
         return yaml.safe_load(f)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -118,7 +109,7 @@ def _check_files(report: VerifyReport, manifest: dict, bases: dict[str, Path]) -
         path = bases[entry.get("base", "root")] / entry["path"]
         if not report.check(path.is_file(), f"{entry['path']}: {'present' if path.is_file() else f'missing ({path})'}"):
             continue
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         report.check(digest == entry["sha256"], f"{entry['path']}: sha256 "
                      + ("matches" if digest == entry["sha256"] else f"{digest} != manifest {entry['sha256']}"))
 

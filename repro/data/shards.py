@@ -30,7 +30,6 @@ tar header in front of every field it reads, so an offset that points at another
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ from PIL import Image
 
 from repro.atomic import atomic_path, owner_tag, remove_stale
 from repro.data.sample import IGNORE, Sample
+from repro.identity import file_sha256
 
 __all__ = ["ShardError", "write_shards", "read_index", "verify_shards", "verify_once", "iter_shards",
            "ShardRandomAccess", "decode_fields"]
@@ -57,14 +57,6 @@ LABEL_IGNORE_BYTE = 255
 
 class ShardError(RuntimeError):
     """A shard is missing, truncated or corrupt; the message names the shard and key."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -168,7 +160,7 @@ def write_shards(
         if writer is not None:
             writer.close()
             path = partial / names[-1]
-            shards.append({"name": names[-1], "sha256": _sha256(path), "members": _member_offsets(path)})
+            shards.append({"name": names[-1], "sha256": file_sha256(path), "members": _member_offsets(path)})
 
     try:
         for sample, depth01 in items:
@@ -253,7 +245,7 @@ def verify_shards(shard_dir: str | Path) -> None:
         path = shard_dir / shard["name"]
         if not path.is_file():
             raise ShardError(f"shard {path} is missing")
-        if _sha256(path) != shard["sha256"]:
+        if file_sha256(path) != shard["sha256"]:
             raise ShardError(f"shard {path} does not match its checksum (truncated or modified); rebuild it")
         actual = _member_offsets(path)
         for key, fields in recorded.items():
@@ -273,7 +265,7 @@ def _fingerprint(shard_dir: Path) -> dict:
     for shard in read_index(shard_dir)["shards"]:
         st = (shard_dir / shard["name"]).stat()
         files[shard["name"]] = [st.st_size, st.st_mtime_ns]
-    return {"index_sha256": _sha256(index), "shards": files}
+    return {"index_sha256": file_sha256(index), "shards": files}
 
 
 def _record_verified(shard_dir: Path) -> None:

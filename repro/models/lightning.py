@@ -32,12 +32,13 @@ import torch
 from torch import Tensor
 
 from repro.errors import MissingFileError
+from repro.identity import file_sha256
 from repro.models.backbone import ARCHS, DinoBackbone
 from repro.models.bundle import TrainedParts
 from repro.models.heads import ProjectionHead, SegmentationHead
 from repro.models.probes import ClusterProbe, LinearProbe
 from repro.models.safe_load import (
-    CheckpointFormatError, UnsafeCheckpointError, allowed_globals, file_sha256, safe_torch_load, to_plain,
+    CheckpointFormatError, UnsafeCheckpointError, allowed_globals, safe_torch_load, to_plain,
 )
 
 __all__ = [

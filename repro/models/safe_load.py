@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import copyreg
-import hashlib
 import pickle
 import typing
 import zipfile
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CheckpointFormatError", "UnsafeCheckpointError", "OMEGACONF_GLOBALS", "PickledStandIn", "allowed_globals",
-           "to_plain", "file_sha256", "safe_torch_load"]
+           "to_plain", "safe_torch_load"]
 
 
 class CheckpointFormatError(ValueError):
@@ -125,15 +124,6 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, Tensor):
         return obj.tolist() if obj.numel() <= 16 else f"<tensor {tuple(obj.shape)}>"
     return obj
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unsafe_globals(path: Path, allow: list[tuple[Any, str]]) -> list[str]:

@@ -15,6 +15,7 @@ USR1/TERM to that child and calls submitit's handler once the child has checkpoi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
@@ -23,7 +24,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["PREEMPT_SIGNAL", "SIGNAL_DELAY_S", "JobError", "Resources", "resources_for", "EntryJob", "DataJob",
            "ReleasedJob", "RELEASED_RESOURCES"]
@@ -107,10 +108,11 @@ def resources_for(config: Any, *, stage: str = "entry", overrides: dict[str, int
     return res
 
 
-def _apptainer_prefix(sif: str, work_dir: Path) -> list[str]:
+def _apptainer_prefix(sif: str, work_dir: Path, binds: Sequence[Path] = ()) -> list[str]:
     binary = os.environ.get("REPRO_APPTAINER", "apptainer")
     extra = shlex.split(os.environ.get("REPRO_APPTAINER_ARGS", ""))
-    return [binary, "exec", "--nv", "--bind", str(work_dir), *extra, sif]
+    bind_args = [arg for folder in binds for arg in ("--bind", str(folder))]
+    return [binary, "exec", *bind_args, "--nv", "--bind", str(work_dir), *extra, sif]
 
 
 def _run_forwarding(cmd: list[str]) -> None:
@@ -162,8 +164,36 @@ def _set_args(overrides: Sequence[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 
 
-class _Requeueable:
-    """submitit's requeue hook for the job dataclasses below (the folders they write hold the progress)."""
+class _NodeJob:
+    """What the job dataclasses below share: their command inside the image, their call in this Python,
+    and submitit's requeue hook (the folders they write hold the progress).
+
+    Subclasses have the fields ``work_dir``, ``sif``, ``quiet`` and ``runner``, define ``command()``,
+    and name their in-process function in ``_default_runner`` (``"module:function"``, imported only
+    when the job runs without an image).
+    """
+
+    _default_runner: ClassVar[str]
+
+    def _in_image(self, cmd: list[str], binds: Sequence[Path] = ()) -> list[str]:
+        """``cmd`` behind ``apptainer exec`` with the work folder (and ``binds``) bound, plus ``--quiet``."""
+        return [*_apptainer_prefix(self.sif, Path(self.work_dir), binds), *cmd] + (["--quiet"] if self.quiet else [])
+
+    def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        """With an image: run :meth:`command` in it, forwarding signals (returns ``None``). Without: call
+        ``runner`` (default ``_default_runner``) with ``args``, ``kwargs`` and ``quiet``; return its value.
+
+        Raises:
+            subprocess.CalledProcessError: the containerised run failed. Exception: whatever the runner raises.
+        """
+        if self.sif:
+            _run_forwarding(self.command())
+            return None
+        runner = self.runner
+        if runner is None:
+            module, name = self._default_runner.split(":")
+            runner = getattr(importlib.import_module(module), name)
+        return runner(*args, quiet=self.quiet, **kwargs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on preemption or the time-limit signal: the same job again.
@@ -178,7 +208,7 @@ class _Requeueable:
 
 
 @dataclass
-class EntryJob(_Requeueable):
+class EntryJob(_NodeJob):
     """One (entry, seed) task: ``run_entry`` in this Python, or ``repro run`` inside an Apptainer image.
 
     A callable that submitit pickles and runs on the node. :meth:`checkpoint` makes it
@@ -205,11 +235,12 @@ class EntryJob(_Requeueable):
     quiet: bool = False
     runner: Callable[..., Any] | None = None
 
+    _default_runner = "repro.run:run_entry"
+
     def command(self) -> list[str]:
         """The container command line (only meaningful with ``sif``)."""
-        cmd = ["repro", "run", self.entry, "--fidelity", self.fidelity, "--seed", str(self.seed),
-               "--work-dir", str(self.work_dir), *_set_args(self.overrides)]
-        return [*_apptainer_prefix(self.sif, Path(self.work_dir)), *cmd] + (["--quiet"] if self.quiet else [])
+        return self._in_image(["repro", "run", self.entry, "--fidelity", self.fidelity, "--seed", str(self.seed),
+                               "--work-dir", str(self.work_dir), *_set_args(self.overrides)])
 
     def run_dir(self) -> Path:
         """``<work_dir>/<entry>/<fidelity>/seed<seed>``, where the run writes ``status.json`` and ``metrics.json``."""
@@ -226,16 +257,9 @@ class EntryJob(_Requeueable):
             JobError: the run returned before it was done (``status.json`` is not ``done``).
             Exception: whatever ``run_entry`` raises (config, data or training errors).
         """
-        if self.sif:
-            _run_forwarding(self.command())
-            run_dir = self.run_dir()
-        else:
-            if self.runner is None:
-                from repro.run import run_entry as runner
-            else:
-                runner = self.runner
-            run_dir = Path(runner(self.entry, seed=self.seed, work_dir=self.work_dir,
-                                  overrides=[f"fidelity={self.fidelity}", *self.overrides], quiet=self.quiet))
+        result = self._execute(self.entry, seed=self.seed, work_dir=self.work_dir,
+                               overrides=[f"fidelity={self.fidelity}", *self.overrides])
+        run_dir = self.run_dir() if self.sif else Path(result)
         status_file = run_dir / "status.json"
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
         if status.get("state") != "done":
@@ -245,7 +269,7 @@ class EntryJob(_Requeueable):
 
 
 @dataclass
-class DataJob(_Requeueable):
+class DataJob(_NodeJob):
     """The shared data stages of one data key: :func:`repro.run.prepare_data` for a representative entry.
 
     Attributes:
@@ -266,11 +290,12 @@ class DataJob(_Requeueable):
     quiet: bool = False
     runner: Callable[..., Any] | None = None
 
+    _default_runner = "repro.run:prepare_data"
+
     def command(self) -> list[str]:
         """The container command line (only meaningful with ``sif``)."""
-        cmd = ["python3", "-m", "repro.jobs", "prepare-data", self.entry, "--work-dir", str(self.work_dir),
-               *_set_args(self.overrides)]
-        return [*_apptainer_prefix(self.sif, Path(self.work_dir)), *cmd] + (["--quiet"] if self.quiet else [])
+        return self._in_image(["python3", "-m", "repro.jobs", "prepare-data", self.entry, "--work-dir",
+                               str(self.work_dir), *_set_args(self.overrides)])
 
     def __call__(self) -> str:
         """Prepare the data (stages already done are skipped).
@@ -282,14 +307,7 @@ class DataJob(_Requeueable):
             subprocess.CalledProcessError: the containerised run failed.
             Exception: whatever ``prepare_data`` raises.
         """
-        if self.sif:
-            _run_forwarding(self.command())
-        else:
-            if self.runner is None:
-                from repro.run import prepare_data as runner
-            else:
-                runner = self.runner
-            runner(self.entry, work_dir=self.work_dir, overrides=list(self.overrides), quiet=self.quiet)
+        self._execute(self.entry, work_dir=self.work_dir, overrides=list(self.overrides))
         return self.key
 
 
@@ -298,7 +316,7 @@ RELEASED_RESOURCES = Resources(gpus=1, cpus=8, mem_gb=32, time_min=120)
 
 
 @dataclass
-class ReleasedJob(_Requeueable):
+class ReleasedJob(_NodeJob):
     """One published checkpoint scored on its entry's validation set (:func:`repro.released.evaluate_released`).
 
     Requeueable like :class:`EntryJob`; a rerun skips a checkpoint whose ``metrics.json`` already
@@ -319,13 +337,13 @@ class ReleasedJob(_Requeueable):
     quiet: bool = False
     runner: Callable[..., Any] | None = None
 
+    _default_runner = "repro.released:evaluate_released"
+
     def command(self) -> list[str]:
         """The container command line (only meaningful with ``sif``)."""
-        prefix = _apptainer_prefix(self.sif, Path(self.work_dir))
-        prefix[2:2] = ["--bind", str(Path(self.ckpt_file).absolute().parent)]
-        cmd = ["repro", "eval-released", self.entry, "--checkpoint", str(self.ckpt_file), "--work-dir",
-               str(self.work_dir), *_set_args(self.overrides)]
-        return [*prefix, *cmd] + (["--quiet"] if self.quiet else [])
+        return self._in_image(["repro", "eval-released", self.entry, "--checkpoint", str(self.ckpt_file),
+                               "--work-dir", str(self.work_dir), *_set_args(self.overrides)],
+                              binds=[Path(self.ckpt_file).absolute().parent])
 
     def __call__(self) -> str:
         """Evaluate (or skip a finished evaluation); return the ``metrics.json`` path.
@@ -335,14 +353,7 @@ class ReleasedJob(_Requeueable):
         """
         from repro.released import released_metrics_path
 
-        if self.sif:
-            _run_forwarding(self.command())
-        else:
-            if self.runner is None:
-                from repro.released import evaluate_released as runner
-            else:
-                runner = self.runner
-            runner(self.entry, self.ckpt_file, work_dir=self.work_dir, overrides=list(self.overrides), quiet=self.quiet)
+        self._execute(self.entry, self.ckpt_file, work_dir=self.work_dir, overrides=list(self.overrides))
         out = released_metrics_path(self.work_dir, self.entry)
         if not out.is_file():
             raise JobError(f"{self.entry} ({self.ckpt_file}): no {out} after the evaluation; resubmit it")

@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from repro.config.fidelity import profiles_for
 from repro.jobs import PREEMPT_SIGNAL, SIGNAL_DELAY_S, DataJob, EntryJob, JobError, Resources, resources_for
 
 __all__ = [
@@ -196,12 +197,19 @@ def _failures(launched: Sequence[LaunchedJob]) -> list[str]:
     return out
 
 
-def _fidelities(fidelity: str) -> list[str]:
-    if fidelity == "both":
-        return ["paper", "released"]
-    if fidelity not in ("paper", "released"):
-        raise LaunchError(f"fidelity must be paper, released or both, got {fidelity!r}")
-    return [fidelity]
+def _raise_failures(launched: Sequence[LaunchedJob], what: str, record: Path) -> None:
+    """Raise one :class:`LaunchError` naming every failed job of ``launched`` (``what``: "job(s)", ...)."""
+    failed = _failures(launched)
+    if failed:
+        raise LaunchError(f"{len(failed)} {what} failed (record: {record}):\n  " + "\n  ".join(failed))
+
+
+def _submit_array(executor: Any, kind: str, jobs: list[Any], parallelism: int) -> list[Any]:
+    """Submit ``jobs`` as one SLURM array (one ``sbatch``), or run them locally, ``parallelism`` at a time."""
+    if kind == "local":
+        return _run_local(executor, jobs, parallelism)
+    with executor.batch():
+        return [executor.submit(job) for job in jobs]
 
 
 def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: str = "both", executor: str = "auto",
@@ -249,7 +257,10 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
 
     kind = _executor_kind(executor)
     seed_list = _seeds(seeds)
-    profiles = _fidelities(fidelity)
+    try:
+        profiles = profiles_for(fidelity)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
     logs = Path(log_dir).absolute() if log_dir is not None else work / "launch" / "logs"
     sif = sif or os.environ.get("REPRO_SIF") or None
@@ -299,11 +310,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
                     if kind == "slurm" else [])
             ex = _make_executor(kind, logs, res, f"repro-{table}", partition=partition, parallelism=parallel,
                                 dependency=deps, signal_delay_s=signal_delay_s)
-            if kind == "local":
-                submitted_jobs = _run_local(ex, jobs, parallel)
-            else:
-                with ex.batch():
-                    submitted_jobs = [ex.submit(job) for job in jobs]
+            submitted_jobs = _submit_array(ex, kind, jobs, parallel)
         launched += [LaunchedJob("entry", name, seed, keys[name, f], sj, fidelity=f)
                      for (name, f, seed), sj in zip(tasks, submitted_jobs, strict=True)]
 
@@ -311,9 +318,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
     for item in launched:
         item.record = record
     if wait and not dry_run:
-        failed = _failures(launched)
-        if failed:
-            raise LaunchError(f"{len(failed)} job(s) failed (record: {record}):\n  " + "\n  ".join(failed))
+        _raise_failures(launched, "job(s)", record)
     return launched
 
 

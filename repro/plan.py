@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from repro.config.fidelity import profiles_for
 from repro.plan_model import (PROFILE_SCHEMA, StageHours, WORK, DataStage, PlanError, Profile, data_stages, dataset_sizes,
                                feature_dim, hours_by_stage, run_costs)
 
@@ -276,7 +277,10 @@ def format_plan(plan: Plan) -> str:
 def print_plan(targets: Sequence[str], *, seeds: int = 3, fidelity: str = "both", overrides: Sequence[str] = (),
                profile: str | Path | None = None, json_out: str | Path | None = None) -> Plan:
     """Build the plan of ``targets``, print it, optionally write it as JSON; return it."""
-    fidelities = ("paper", "released") if fidelity == "both" else (fidelity,)
+    try:
+        fidelities = profiles_for(fidelity)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     plan = make_plan(plan_targets(targets), load_profile(profile), seeds=seeds, fidelities=fidelities,
                      overrides=overrides)
     print(format_plan(plan))

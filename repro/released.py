@@ -267,7 +267,7 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     from dataclasses import replace
 
     from repro.jobs import RELEASED_RESOURCES, SIGNAL_DELAY_S, ReleasedJob
-    from repro.launch import LaunchedJob, LaunchError, _executor_kind, _failures, _make_executor, _run_local
+    from repro.launch import LaunchedJob, LaunchError, _executor_kind, _make_executor, _raise_failures, _submit_array
     from repro.run import default_work_dir
 
     kind = _executor_kind(executor)
@@ -285,11 +285,7 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     if not dry_run:
         ex = _make_executor(kind, logs, res, "repro-released", partition=partition,
                             parallelism=len(jobs) if kind == "slurm" else 1, dependency=[], signal_delay_s=SIGNAL_DELAY_S)
-        if kind == "local":
-            submitted = _run_local(ex, jobs, 1)
-        else:
-            with ex.batch():
-                submitted = [ex.submit(job) for job in jobs]
+        submitted = _submit_array(ex, kind, jobs, 1)
     launched = [LaunchedJob("released", item.entry, None, item.name, job) for (item, _), job in zip(present, submitted)]
     record = work / "launch" / f"released-{time.strftime('%Y%m%d-%H%M%S')}.json"
     from repro.evaluate.report import write_json
@@ -302,7 +298,5 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     for item in launched:
         item.record = record
     if wait and not dry_run:
-        failed = _failures(launched)
-        if failed:
-            raise LaunchError(f"{len(failed)} evaluation(s) failed (record: {record}):\n  " + "\n  ".join(failed))
+        _raise_failures(launched, "evaluation(s)", record)
     return launched

@@ -28,9 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["PROFILES", "UNSET", "Setting", "Item", "ITEMS", "item_ids", "get_item", "profile_layers",
-           "controlled_keys", "format_table"]
+           "controlled_keys", "format_table", "profiles_for"]
 
 PROFILES = ("paper", "released")
+
+
+def profiles_for(choice: str) -> tuple[str, ...]:
+    """The profiles a ``--fidelity`` choice stands for: ``"both"`` is every one of :data:`PROFILES`.
+
+    Raises:
+        ValueError: for a name that is neither a profile nor ``"both"``.
+    """
+    if choice == "both":
+        return PROFILES
+    if choice not in PROFILES:
+        raise ValueError(f"fidelity must be paper, released or both, got {choice!r}")
+    return (choice,)
 
 
 class _Unset:

@@ -18,7 +18,6 @@ when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -60,40 +59,37 @@ def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params:
         FileExistsError: ``out`` holds a store made from other inputs.
         FileNotFoundError: an incomplete crops folder.
     """
-    out = Path(out)
-    if (out / INDEX).is_file():
-        recorded = json.loads((out / INDEX).read_text()).get("params")
-        if recorded != params:
-            raise FileExistsError(f"{out} holds features made from other inputs ({recorded}); remove it")
-        return out
-    from repro.data.pipeline import iter_crops
+    from repro.data.pipeline import _batches, _existing, _finish, iter_crops
 
-    folder = crops
-    crops = [(c.key, c.image) for c in iter_crops(folder)]
-    if not crops:
-        raise FileNotFoundError(f"{folder} holds no crops")
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    out = Path(out)
+    if _existing(out, params):
+        return out
+    crops_index = Path(crops) / INDEX
+    if not crops_index.is_file():
+        raise FileNotFoundError(f"{crops} is not a finished crops folder (no {INDEX}); run `repro prepare`")
+    keys = json.loads(crops_index.read_text())["keys"]
+    if not keys:
+        raise FileNotFoundError(f"{crops} holds no crops")
+    partial = out.with_name(f".{out.name}.partial")  # the data stages run under the data folder's lock
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     array = None
-    bar = tqdm(total=len(crops), desc="features", unit="img", disable=not progress)
-    for start in range(0, len(crops), batch_size):
-        batch = crops[start : start + batch_size]
-        feats = backbone(images_to_tensor([image for _, image in batch], device)).float().cpu().numpy()
+    done = 0
+    bar = tqdm(total=len(keys), desc="features", unit="img", disable=not progress)
+    for batch in _batches(iter_crops(crops), batch_size):  # streamed: one batch of decoded crops in memory
+        feats = backbone(images_to_tensor([c.image for c in batch], device)).float().cpu().numpy()
         if array is None:
             array = np.lib.format.open_memmap(partial / FEATURES, mode="w+", dtype=np.float16,
-                                              shape=(len(crops), *feats.shape[1:]))
-        array[start : start + len(batch)] = feats.astype(np.float16)
+                                              shape=(len(keys), *feats.shape[1:]))
+        array[done : done + len(batch)] = feats.astype(np.float16)
+        done += len(batch)
         bar.update(len(batch))
     bar.close()
     array.flush()
     shape = list(array.shape)
     del array
-    index = {"params": params, "keys": [key for key, _ in crops], "shape": shape, "dtype": "float16",
-             "sha256": file_sha256(partial / FEATURES)}
-    (partial / INDEX).write_text(json.dumps(index))
-    os.replace(partial, out)
-    return out
+    return _finish(partial, out, {"params": params, "keys": keys, "shape": shape, "dtype": "float16",
+                                  "sha256": file_sha256(partial / FEATURES)})
 
 
 class FeatureStore:

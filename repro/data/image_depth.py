@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repro.data.crops import RESIZE_MODES, resize_center_crop_array
+from repro.data.sample import Sample
 from repro.depth.encoding import int_cast, quantize_estimate, quantize_sensor, uint8_to_unit
 
 __all__ = ["image_depth_stage", "image_depth_store", "load_image_depth", "crop_image_depth", "encode_map"]
@@ -69,6 +71,18 @@ def encode_map(depth: np.ndarray, *, kind: str, store: str) -> np.ndarray:
     if kind == "normalized":
         return (np.clip(np.asarray(depth, np.float32), 0, 1) * 255).astype(np.uint8)
     return quantize_estimate(depth)
+
+
+def _same_size_batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    """Consecutive samples whose images share a shape, at most ``size`` per batch; each sample read once."""
+    batch: list[Sample] = []
+    for sample in samples:
+        if batch and (len(batch) == size or sample.image.shape != batch[0].image.shape):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
 
 
 def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | Path | None = None, tta: bool = True,
@@ -127,15 +141,8 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
     todo = [i for i, key in enumerate(dataset.keys()) if key not in ranges]
     bar = tqdm(total=len(todo), desc=f"depth per image ({source})", unit="img", disable=not progress)
     with open(ranges_path, "a") as log:
-        pos = 0
-        while pos < len(todo):
-            first_sample = dataset[todo[pos]]
-            batch = [first_sample]
-            while (estimator is not None and len(batch) < batch_size and pos + len(batch) < len(todo)):
-                nxt = dataset[todo[pos + len(batch)]]
-                if nxt.image.shape != first_sample.image.shape:
-                    break
-                batch.append(nxt)
+        for batch in _same_size_batches((dataset[i] for i in todo), batch_size if estimator is not None else 1):
+            first_sample = batch[0]
             if estimator is None:
                 if first_sample.depth is None:
                     raise MissingFileError("sensor depth of image", first_sample.meta.get("depth", first_sample.key),
@@ -154,7 +161,6 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
                 ranges[sample.key] = [float(raw_map.min()), float(raw_map.max())]
                 log.write(json.dumps({"key": sample.key, "range": ranges[sample.key]}) + "\n")
             log.flush()
-            pos += len(batch)
             bar.update(len(batch))
     bar.close()
     ranges_path.unlink()

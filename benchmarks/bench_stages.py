@@ -154,14 +154,11 @@ def network_stages(s: dict, arch: str, ckpt: Path, crops: Path, val_crops: Path,
 
 
 def crf_stages(s: dict, parts, feats: torch.Tensor, images: np.ndarray, device: str, stages: dict) -> None:
-    import torch.nn.functional as F
+    from repro.evaluate.protocol import probe_log_probs, upsampled_code
 
-    from repro.evaluate.protocol import CLUSTER_ALPHA
-
-    with torch.no_grad():
-        code = F.interpolate(parts.head(feats)[1], size=images.shape[1:3], mode="bilinear", align_corners=False)
-        cluster = torch.log(parts.cluster_probe(code, alpha=CLUSTER_ALPHA)[1].clamp_min(1e-8)).cpu()
-        linear = parts.linear_probe(code).cpu()
+    with torch.no_grad():  # the unaries the evaluation gives the CRF
+        code = upsampled_code(parts.head, feats, None, images.shape[1:3])
+        cluster, linear = (t.cpu() for t in probe_log_probs(parts.cluster_probe, parts.linear_probe, code))
     procs = len(os.sched_getaffinity(0))
     per = {probe: L.bench_crf(images, logits, procs, s["min_time"]) for probe, logits in
            (("cluster", cluster), ("linear", linear))}

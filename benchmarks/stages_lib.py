@@ -12,7 +12,6 @@ photographs, which costs the same to crop, resize and encode within a few per ce
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -304,10 +303,10 @@ def eval_parts(cfg, backbone, device: str):
 
 
 def bench_eval_parts(parts, feats: torch.Tensor, size: int, device: str, min_time: float) -> dict[str, dict]:
-    """Head, then upsampling to the label size plus both probes (as ``predict_logits``), images/s."""
+    """Head, then upsampling to the label size plus both probes (as the evaluation runs them), images/s."""
     import torch.nn.functional as F
 
-    from repro.evaluate.protocol import CLUSTER_ALPHA
+    from repro.evaluate.protocol import probe_log_probs
 
     n = feats.shape[0]
     with torch.no_grad():
@@ -315,8 +314,7 @@ def bench_eval_parts(parts, feats: torch.Tensor, size: int, device: str, min_tim
 
         def up() -> None:
             full = F.interpolate(code, size=(size, size), mode="bilinear", align_corners=False)
-            parts.cluster_probe(full, alpha=CLUSTER_ALPHA)
-            parts.linear_probe(full)
+            probe_log_probs(parts.cluster_probe, parts.linear_probe, full)
 
         where = device_kind(device)
         return {"head": timed(lambda: parts.head(feats), items=n, unit="img/s", where=where, min_time=min_time,

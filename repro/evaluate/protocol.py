@@ -23,7 +23,8 @@ from repro.evaluate.crf import CRF_IMAGES, CRFParams, crf_images, dense_crf
 from repro.evaluate.metrics import ConfusionMatrix, SegmentationMetrics, compute_metrics
 from repro.models.probes import ClusterProbe, LinearProbe
 
-__all__ = ["EvalResult", "ScoredModel", "predict_logits", "evaluate_models", "evaluate_segmentation"]
+__all__ = ["EvalResult", "ScoredModel", "upsampled_code", "probe_log_probs", "predict_logits", "evaluate_models",
+           "evaluate_segmentation"]
 
 CLUSTER_ALPHA = 2.0
 
@@ -37,6 +38,29 @@ class EvalResult:
     cluster_matrix: ConfusionMatrix
     linear_matrix: ConfusionMatrix
     predictions: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def upsampled_code(head: nn.Module, features: Tensor, flipped: Tensor | None, size: tuple[int, int]) -> Tensor:
+    """The head's code ``(B, D, H, W)`` at label size (bilinear), flip-averaged when ``flipped`` is given.
+
+    Args:
+        head: segmentation head returning ``(target, code)``.
+        features: ``backbone(images)`` ``(B, C, h, w)``.
+        flipped: ``backbone(images.flip(-1))`` ``(B, C, h, w)``, or ``None`` for no flip averaging
+            (the flipped image's code is flipped back, then the two codes are averaged: SPEC R12).
+        size: label size ``(H, W)``.
+    """
+    code = head(features)[1]
+    if flipped is not None:
+        code = 0.5 * (code + head(flipped)[1].flip(-1))
+    return F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+
+
+def probe_log_probs(cluster_probe: ClusterProbe, linear_probe: LinearProbe, code: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log_softmax(2 cos), log_softmax(logits))``, each ``(B, K, H, W)``: the CRF's unaries and the argmax
+    predictions, as the released ``eval_segmentation.py`` computes them from the upsampled ``code``."""
+    return (torch.log_softmax(cluster_probe.similarities(code) * CLUSTER_ALPHA, dim=1),
+            torch.log_softmax(linear_probe(code), dim=1))
 
 
 @torch.no_grad()
@@ -72,13 +96,10 @@ def predict_logits(
         ``(cluster_log_probs, linear_log_probs)``.
     """
     head.eval()
-    code = head(features if (features is not None and not flip) else backbone(images))[1]
-    if flip:
-        code = 0.5 * (code + head(backbone(images.flip(-1)))[1].flip(-1))
-    code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+    plain = features if (features is not None and not flip) else backbone(images)
+    code = upsampled_code(head, plain, backbone(images.flip(-1)) if flip else None, size)
     if log_probs:
-        return (torch.log_softmax(cluster_probe.similarities(code) * CLUSTER_ALPHA, dim=1),
-                torch.log_softmax(linear_probe(code), dim=1))
+        return probe_log_probs(cluster_probe, linear_probe, code)
     _, cluster_probs = cluster_probe(code, alpha=CLUSTER_ALPHA)
     return cluster_probs, linear_probe(code)
 
@@ -216,15 +237,11 @@ def evaluate_models(
         cached = [s.get("features") for s in batch]
         features = torch.stack(cached).to(device) if all(c is not None for c in cached) else backbone(images)
         flipped = backbone(images.flip(-1)) if flip else None
-        raw = crf_images(np.stack([s["image"] for s in batch]), images.cpu(), crf_image) if crf else None
+        raw = crf_images(np.stack([s["image"] for s in batch]), images, crf_image) if crf else None  # moved per image
         predictions = {}
         for name, m in models.items():
-            code = m.head(features)[1]
-            if flipped is not None:
-                code = 0.5 * (code + m.head(flipped)[1].flip(-1))
-            code = F.interpolate(code, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
-            cluster_log = torch.log_softmax(m.cluster_probe.similarities(code) * CLUSTER_ALPHA, dim=1)
-            linear_log = torch.log_softmax(m.linear_probe(code), dim=1)
+            code = upsampled_code(m.head, features, flipped, tuple(label.shape[-2:]))
+            cluster_log, linear_log = probe_log_probs(m.cluster_probe, m.linear_probe, code)
             if crf:  # dense_crf applies a softmax to what it is given: log-probabilities, as the released code
                 predictions[name] = (runner.submit(raw, cluster_log, crf_params), runner.submit(raw, linear_log, crf_params))
             else:

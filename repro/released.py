@@ -138,12 +138,12 @@ def check_against_entry(model, config) -> list[str]:
     Raises:
         ValueError: another backbone, another class count, or another dataset than the entry's.
     """
-    from repro.data.registry import DATASETS
+    from repro.data.registry import DATASETS, num_classes_for
 
     c, notes = model.checkpoint, []
     if model.arch != config.model.arch:
         raise ValueError(f"{c.path} is a {model.arch} checkpoint but entry {config.name} uses {config.model.arch}")
-    k = DATASETS[config.data.dataset].num_classes + int(config.data.score_void)  # R13: void scored as a class
+    k = num_classes_for(config)  # R13: void scored as a class
     if model.n_classes != k:
         raise ValueError(f"{c.path} has {model.n_classes} classes but {config.data.dataset} ({config.name}) has {k}")
     saved = c.cfg.get("dataset_name")
@@ -226,7 +226,6 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     samples = ValidationSet(prepare_val_crops(config, work, quiet=quiet)).samples
     timings["prepare_val"] = time.perf_counter() - start
     processes = config.eval.crf_processes if crf_processes is None else crf_processes
-    processes = len(os.sched_getaffinity(0)) if processes < 0 else processes
     backbone = model.backbone(config.model.pos_embed).to(device)
     parts = model.parts.to(device)
     start = time.perf_counter()

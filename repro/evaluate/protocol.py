@@ -10,6 +10,7 @@ matching, the linear probe with the identity mapping.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -129,6 +130,8 @@ class _CRFRunner:
 
     def __init__(self, processes: int) -> None:
         self.pool = None
+        if processes < 0:
+            processes = len(os.sched_getaffinity(0))
         if processes > 0:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -184,7 +187,7 @@ def evaluate_models(
         batch_size: images per forward pass.
         crf: refine both probes' predictions with DenseCRF (STEGO A.10 parameters).
         crf_params: CRF parameters.
-        crf_processes: worker processes for the CRF (0 = in-process).
+        crf_processes: worker processes for the CRF (0 = in-process, -1 = every CPU this process may use).
         flip: horizontal-flip averaging of the code.
         device: where the networks run.
         keep_first: also return the predictions (``"cluster"``, ``"linear"``: ``(H, W)`` int64

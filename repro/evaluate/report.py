@@ -8,7 +8,6 @@ set during training, the papers' selection; that set is also the test set, SPEC 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,8 +105,6 @@ def evaluate_many(models: dict[str, TrainedParts], backbone, val: ValidationSet,
         label -> :class:`~repro.evaluate.protocol.EvalResult`.
     """
     val.cache_features(backbone, device, batch_size)
-    if crf_processes < 0:
-        crf_processes = len(os.sched_getaffinity(0))
     for parts in models.values():
         for module in parts.modules().values():
             module.eval()

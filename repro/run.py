@@ -23,7 +23,7 @@ import torch
 
 from repro.config.loader import ConfigError, load_config, save_config
 from repro.config.schema import ExperimentConfig
-from repro.identity import check_run_name, config_diff, config_hash
+from repro.identity import config_diff, config_hash
 from repro.rundir import check_saved_config as _check_saved_config
 from repro.rundir import record_failure as _status_failed
 from repro.rundir import run_lock as _run_lock
@@ -112,8 +112,13 @@ def evaluate_run(config: ExperimentConfig, run_dir: str | Path, paths: DataPaths
                               title=f"{config.name} ({config.fidelity}) seed {config.train.seed} ({label})")
     metrics["summary"] = metrics["final"]["summary"]
     metrics["env"] = collect_env()
-    write_json(run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json"), metrics)
+    write_json(_metrics_file(run_dir, variant), metrics)
     return metrics
+
+
+def _metrics_file(run_dir: Path, variant: str | None) -> Path:
+    """``metrics.json``, or ``metrics.<variant>.json`` for an evaluation with other ``eval.*`` settings."""
+    return run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json")
 
 
 def _log_to(run_dir: Path) -> logging.Handler:
@@ -151,7 +156,6 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
     if until is not None and until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     config = entry if isinstance(entry, ExperimentConfig) else resolve_entry(entry, seed=seed, overrides=overrides)
-    check_run_name(config.name or "unnamed")
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
     run_dir = run_dir_for(config, work_dir)
     if _process_rank() > 0:  # accelerate launch: process 0 owns the run folder; this one helps train
@@ -262,7 +266,6 @@ def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, 
         RunBusyError: another live process holds the run folder.
     """
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
-    check_run_name(config.name or "unnamed")
     run_dir = run_dir_for(config, work_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -279,7 +282,7 @@ def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, 
                        for k, v in diff.items()) or None
     with _run_lock(run_dir):
         metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=quiet, variant=variant)
-    return metrics, run_dir / ("metrics.json" if variant is None else f"metrics.{variant}.json")
+    return metrics, _metrics_file(run_dir, variant)
 
 
 def _validator(config: ExperimentConfig, context: ValidationContext):

@@ -241,8 +241,13 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
 
 
 def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
-    """``<work_dir>/<entry>/<fidelity>/seed<S>``: the two fidelities of an entry never share a folder."""
-    return Path(work_dir) / (config.name or "unnamed") / config.fidelity / f"seed{config.train.seed}"
+    """``<work_dir>/<entry>/<fidelity>/seed<S>``: the two fidelities of an entry never share a folder.
+
+    Raises:
+        ConfigError: a run name that would leave the work folder (:func:`repro.identity.check_run_name`).
+    """
+    name = check_run_name(config.name or "unnamed")
+    return Path(work_dir) / name / config.fidelity / f"seed{config.train.seed}"
 
 
 def prepare_val_crops(config: ExperimentConfig, work_dir: str | Path, *, quiet: bool = False) -> Path:

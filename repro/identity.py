@@ -85,16 +85,15 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def config_diff(config: Any, reference: Any, *, keys: frozenset[str] | None = None) -> dict[str, tuple[Any, Any]]:
+def config_diff(config: Any, reference: Any) -> dict[str, tuple[Any, Any]]:
     """Identity keys on which ``config`` differs from ``reference``: ``{key: (value, reference value)}``.
 
     Args:
         config: the run's config (object or dict).
         reference: e.g. the registered entry in the same fidelity.
-        keys: compare only these keys (default: every identity key of either side).
     """
     a, b = identity(config), identity(reference)
-    names = sorted(set(a) | set(b)) if keys is None else sorted(keys)
+    names = sorted(set(a) | set(b))
     return {k: (a.get(k), b.get(k)) for k in names if a.get(k) != b.get(k)}
 
 

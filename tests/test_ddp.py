@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.models.backbone import init_random_checkpoint
 from repro.run import prepare_data, resolve_entry
+from sample_helpers import quick_demo_overrides, random_dino
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
@@ -46,12 +46,9 @@ B = 4
 @pytest.fixture(scope="module")
 def data(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
-    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
-    overrides = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
-                 "train.val_every=0", "data.crop_size=112", "data.val_size=160", "train.max_steps=5",
-                 "loss.lambda_random=0.0", "loss.keep_global_mean=false", "sampling.mode=full", "model.dropout=0.0",
-                 "train.checkpoint_every=1",
-                 "train.keep_checkpoints=10"]
+    overrides = quick_demo_overrides(shared_data, random_dino(work), "train.val_every=0", "train.max_steps=5",
+                                     "loss.lambda_random=0.0", "loss.keep_global_mean=false", "sampling.mode=full",
+                                     "model.dropout=0.0", "train.checkpoint_every=1", "train.keep_checkpoints=10")
     paths = prepare_data(resolve_entry(DEMO, overrides=overrides), work_dir=work, quiet=True)
     return work, overrides, paths
 

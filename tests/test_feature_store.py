@@ -11,9 +11,10 @@ import torch
 from repro.data.features import FeatureStore, FeatureStoreError
 from repro.data.pipeline import iter_crops
 from repro.data.transforms import images_to_tensor
-from repro.models.backbone import DinoBackbone, init_random_checkpoint
+from repro.models.backbone import DinoBackbone
 from repro.run import prepare_data, resolve_entry
 from repro.train import FINAL, train
+from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"
 
@@ -21,10 +22,9 @@ ENTRY = "demo/nyuv2-mini"
 @pytest.fixture(scope="module")
 def store(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("store")
-    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
-    overrides = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
-                 "train.val_every=0", "data.crop_size=112", "data.val_size=160", "train.feature_store=true",
-                 "train.max_steps=4"]
+    ckpt = random_dino(work)
+    overrides = quick_demo_overrides(shared_data, ckpt, "train.val_every=0", "train.feature_store=true",
+                                     "train.max_steps=4")
     config = resolve_entry(ENTRY, overrides=overrides)
     paths = prepare_data(config, work_dir=work, quiet=True)
     return config, paths, ckpt

@@ -27,6 +27,7 @@ from repro.data.shards import ShardRandomAccess, iter_shards
 from repro.depth import get_estimator
 from repro.depth.encoding import quantize_estimate, unit_to_uint8
 from repro.depth.hf import save_random_model
+from sample_helpers import FirstN
 
 
 def released_transform(res: int, is_label: bool):
@@ -46,24 +47,6 @@ def jpeg_reread(arr: np.ndarray) -> Image.Image:
     Image.fromarray(arr).save(buf, "JPEG")
     buf.seek(0)
     return Image.open(buf).convert("RGB")
-
-
-class FirstN:
-    """The first n images of a dataset adapter."""
-
-    def __init__(self, dataset, n):
-        self.dataset, self.n = dataset, n
-        self.name, self.split = dataset.name, f"{dataset.split}-first{n}"
-        self.num_classes, self.class_names = dataset.num_classes, dataset.class_names
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-    def keys(self):
-        return self.dataset.keys()[: self.n]
 
 
 @pytest.fixture(scope="module")

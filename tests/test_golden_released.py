@@ -56,6 +56,17 @@ def _weights(g) -> LossWeights:
     return LossWeights(*map(float, lam), *map(float, b))
 
 
+def _assert_loss_and_gradients(g, prefix: str, terms, names, code, code_pos) -> None:
+    """Loss terms and total within 1e-6, gradients of the total within 1e-5 of their max (the issue's bounds)."""
+    for name in names:
+        assert abs(float(terms.terms[name].detach()) - float(g[f"{prefix}__loss_{name}"])) <= 1e-6, name
+    assert abs(float(terms.total.detach()) - float(g[f"{prefix}__loss_total"])) <= 1e-6
+    terms.total.backward()
+    for grad, key in ((code.grad, "grad_code_total"), (code_pos.grad, "grad_code_pos_total")):
+        ref = torch.from_numpy(g[f"{prefix}__{key}"])
+        assert float((grad - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), key
+
+
 def _replay_item3(g, tag: str):
     feats = torch.from_numpy(g["feats"])
     code = torch.from_numpy(g["code"]).requires_grad_()
@@ -76,13 +87,7 @@ def _replay_item3(g, tag: str):
 def test_correlation_loss_terms_and_gradients_match_stego(shared_golden, tag):
     g = _load(shared_golden, "item3_correlation_loss")
     terms, code, code_pos = _replay_item3(g, tag)
-    for name, key in (("self", "loss_self"), ("knn", "loss_knn"), ("random", "loss_random")):
-        assert abs(float(terms.terms[name].detach()) - float(g[f"{tag}__{key}"])) <= 1e-6, name
-    assert abs(float(terms.total.detach()) - float(g[f"{tag}__loss_total"])) <= 1e-6
-    terms.total.backward()
-    for grad, key in ((code.grad, "grad_code_total"), (code_pos.grad, "grad_code_pos_total")):
-        ref = torch.from_numpy(g[f"{tag}__{key}"])
-        assert float((grad - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), key
+    _assert_loss_and_gradients(g, tag, terms, ("self", "knn", "random"), code, code_pos)
     for part in ("self", "knn", "random"):  # each term's gradient on its own
         _, code_k, _ = (t := _replay_item3(g, tag))
         t[0].terms[part].backward()
@@ -141,13 +146,7 @@ def test_depthg_loss_as_the_trainer_calls_it(shared_golden, n):
                               negative_perms=list(torch.from_numpy(g[f"N{n}__super_perms"])),
                               spatial_centering=config.loss.spatial_centering,
                               keep_global_mean=config.loss.keep_global_mean)
-    for name in ("self", "knn", "random", "depthg"):
-        assert abs(float(terms.terms[name].detach()) - float(g[f"N{n}__loss_{name}"])) <= 1e-6, name
-    assert abs(float(terms.total.detach()) - float(g[f"N{n}__loss_total"])) <= 1e-6
-    terms.total.backward()
-    for grad, key in ((code.grad, "grad_code_total"), (code_pos.grad, "grad_code_pos_total")):
-        ref = torch.from_numpy(g[f"N{n}__{key}"])
-        assert float((grad - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), key
+    _assert_loss_and_gradients(g, f"N{n}", terms, ("self", "knn", "random", "depthg"), code, code_pos)
 
 
 def test_3d_lhp_mixing(shared_golden):

@@ -16,21 +16,7 @@ from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stag
 from repro.data.shards import ShardError, ShardRandomAccess, iter_shards, verify_shards
 from repro.depth import normalize_depth
 from repro.models.backbone import init_random_checkpoint
-
-
-class FirstN:
-    """The first n images of a dataset adapter (keeps the estimator run short)."""
-
-    def __init__(self, dataset, n):
-        self.dataset, self.n = dataset, n
-        self.name, self.split = dataset.name, f"{dataset.split}-first{n}"
-        self.num_classes, self.class_names = dataset.num_classes, dataset.class_names
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.dataset[i]
+from sample_helpers import FirstN
 
 
 @pytest.fixture(scope="module")

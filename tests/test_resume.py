@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.models.backbone import init_random_checkpoint
 from repro.run import prepare_data, resolve_entry, run_dir_for
 from repro.train_state import CheckpointError, latest_checkpoint
+from sample_helpers import quick_demo_overrides, random_dino
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
@@ -58,10 +58,8 @@ STEPS = 20
 @pytest.fixture(scope="module")
 def demo(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("resume")
-    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
-    overrides = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
-                 f"train.max_steps={STEPS}", "train.val_every=3", "train.checkpoint_every=8", "eval.crf=false",
-                 "eval.num_figures=0", "data.crop_size=112", "data.val_size=160"]
+    overrides = quick_demo_overrides(shared_data, random_dino(work), f"train.max_steps={STEPS}", "train.val_every=3",
+                                     "train.checkpoint_every=8", "eval.crf=false", "eval.num_figures=0")
     prepare_data(resolve_entry(DEMO, overrides=overrides), work_dir=work, quiet=True)
     return work, overrides
 

@@ -19,8 +19,8 @@ import repro.atomic
 import repro.train
 from repro.cli import main
 from repro.errors import RunBusyError
-from repro.models.backbone import init_random_checkpoint
 from repro.run import resolve_entry, run_dir_for, run_entry
+from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"
 REPO = Path(__file__).resolve().parents[1]
@@ -29,10 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def done(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("robust-run")
-    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
-    overrides = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
-                 "data.crop_size=112", "data.val_size=160", "train.max_steps=4", "train.val_every=0",
-                 "eval.crf=false", "eval.num_figures=0", "eval.flip=false"]
+    overrides = quick_demo_overrides(shared_data, random_dino(work), "train.max_steps=4", "train.val_every=0",
+                                     "eval.crf=false", "eval.num_figures=0", "eval.flip=false")
     run_dir = run_entry(ENTRY, work_dir=work, overrides=overrides, quiet=True)
     return work, overrides, run_dir
 

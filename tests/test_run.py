@@ -12,9 +12,10 @@ from scipy.optimize import linear_sum_assignment
 from repro.cli import main
 from repro.data.registry import DATASETS
 from repro.evaluate.report import ValidationSet, evaluate_parts
-from repro.models.backbone import DinoBackbone, init_random_checkpoint
+from repro.models.backbone import DinoBackbone
 from repro.models.bundle import load_parts
 from repro.run import data_paths, resolve_entry, run_entry
+from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"
 
@@ -22,10 +23,8 @@ ENTRY = "demo/nyuv2-mini"
 @pytest.fixture(scope="module")
 def done(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
-    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
-    overrides = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
-                 "data.crop_size=112", "data.val_size=160", "train.max_steps=6", "train.val_every=3",
-                 "eval.crf=false", "eval.num_figures=2"]
+    overrides = quick_demo_overrides(shared_data, random_dino(work), "train.max_steps=6", "train.val_every=3",
+                                     "eval.crf=false", "eval.num_figures=2")
     run_dir = run_entry(ENTRY, work_dir=work, overrides=overrides, quiet=True)
     return work, overrides, run_dir
 

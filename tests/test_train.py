@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.models.backbone import init_random_checkpoint
 from repro.run import prepare_data, resolve_entry
 from repro.train import FINAL, train
 from repro.train_state import latest_checkpoint
+from sample_helpers import quick_demo_overrides, random_dino
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
@@ -23,10 +23,7 @@ DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
 @pytest.fixture(scope="module")
 def setup(shared_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
-    ckpt = init_random_checkpoint("vit_small_patch8", work / "dino_random.pth")
-    base = [f"data.root={shared_data / 'nyuv2-mini'}", f"model.checkpoint={ckpt}", "train.num_workers=0",
-            "train.val_every=0", "eval.num_figures=0",
-            "data.crop_size=112", "data.val_size=160"]  # 14x14 feature maps: the same code path, 4x faster on CPU
+    base = quick_demo_overrides(shared_data, random_dino(work), "train.val_every=0", "eval.num_figures=0")
     paths = prepare_data(resolve_entry(DEMO, overrides=base), work_dir=work, quiet=True)
     return work, base, paths
 

@@ -50,8 +50,7 @@ from repro.data.sample import (BaseDataset, DatasetError, Sample, make_key, read
 from repro.depth.sensor import sensor_depth_from_png_array
 from repro.errors import MissingFileError
 
-__all__ = ["NYUv2", "nyu_label13_to_index", "nyu_depth_mm_to_m", "nyu_depth_png_to_m", "read_split_indices",
-           "NYU13_CLASS_NAMES", "DEPTH_UNITS_PER_M"]
+__all__ = ["NYUv2", "nyu_label13_to_index", "read_split_indices", "NYU13_CLASS_NAMES", "DEPTH_UNITS_PER_M"]
 
 NYU13_CLASS_NAMES: tuple[str, ...] = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects",
                                       "picture", "sofa", "table", "tv", "wall", "window")
@@ -72,25 +71,6 @@ def nyu_label13_to_index(label: np.ndarray) -> np.ndarray:
         that :func:`repro.data.sample.validate_sample` reports them.
     """
     return np.asarray(label).astype(np.int64) - 1
-
-
-def nyu_depth_mm_to_m(depth_mm: np.ndarray) -> np.ndarray:
-    """Convert integer sensor depth in millimetres to float32 metres (``mm / 1000``; 0 stays 0)."""
-    return nyu_depth_png_to_m(depth_mm, 1000)
-
-
-def nyu_depth_png_to_m(depth: np.ndarray, units_per_m: int) -> np.ndarray:
-    """Convert an integer depth PNG to float32 metres: ``value / units_per_m`` (0 stays 0).
-
-    Args:
-        depth: ``(H, W)`` integer array (uint16 PNG values).
-        units_per_m: 1000 for millimetres (repro's layout), 10000 for DepthG's 1e-4 m.
-
-    Returns:
-        ``(H, W)`` float32 metres, a single float32 division (so ``10 * mm`` in 1e-4 m and ``mm``
-        in millimetres give bit-identical metres).
-    """
-    return np.asarray(depth).astype(np.float32) / np.float32(units_per_m)
 
 
 def read_split_indices(path: Path, split: str) -> set[int]:

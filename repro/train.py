@@ -246,17 +246,17 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
     total_batches = training_batches(cfg.train.max_steps, cfg.train.step_unit)
     end = min(total_batches, stop_after) if stop_after is not None else total_batches
 
+    attention = cfg.lhp.enabled and cfg.lhp.propagation == "attention"
+    if features is not None and attention:
+        log.info("feature store %s not used: attention LHP needs the backbone's attention too", features)
+    store = FeatureStore(features) if features is not None and not attention else None
     crops = TrainingCrops(shards, load_knn(knn), seed=cfg.train.seed, num_neighbors=cfg.data.num_neighbors,
-                          require_depth=False)
+                          require_depth=False, images=store is None)  # stored features: no pixels to decode
     bsz = cfg.train.batch_size
     positions = [((t * world + rank) * bsz + i) for t in range(state.step, end) for i in range(bsz)]
     loader = DataLoader(crops, batch_size=bsz, sampler=positions, num_workers=min(cfg.train.num_workers, os.cpu_count() or 1),
                         generator=torch.Generator().manual_seed(cfg.train.seed),
                         persistent_workers=False, pin_memory=cuda)
-    attention = cfg.lhp.enabled and cfg.lhp.propagation == "attention"
-    if features is not None and attention:
-        log.info("feature store %s not used: attention LHP needs the backbone's attention too", features)
-    store = FeatureStore(features) if features is not None and not attention else None
 
     def backbone_outputs(ids: Tensor, images: Tensor):
         if store is not None:
@@ -280,8 +280,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
             step = state.step
             want_hist = cfg.train.hist_every > 0 and step % cfg.train.hist_every == 0
             with accelerator.autocast():  # the frozen backbone too (bf16 on a GPU unless the profile says fp32)
-                out_a = features(batch["index"], batch["image"])
-                out_k = features(batch["partner_index"], batch["partner_image"])
+                out_a = features(batch["index"], batch.get("image"))
+                out_k = features(batch["partner_index"], batch.get("partner_image"))
                 logs = model(out_a[0].float(), out_k[0].float(), batch, step, want_hist,
                              out_a[-1] if attention else None, out_k[-1] if attention else None)
             for opt in optimizers:

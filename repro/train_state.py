@@ -86,13 +86,14 @@ class FeatureCache:
 
         Args:
             ids: ``(B,)`` crop ids.
-            images: ``(B, 3, H, W)`` the loader's uint8 images (read only for the misses).
+            images: ``(B, 3, H, W)`` the loader's uint8 images (read only for the misses), or None when
+                ``compute`` does not need them (features from a store).
         """
         keys = ids.tolist()
         todo = [i for i, k in enumerate(keys) if k not in self.entries]
         fresh: dict[int, tuple[Tensor, ...]] = {}
         if todo:
-            out = self.compute(ids[todo], images[todo])
+            out = self.compute(ids[todo], None if images is None else images[todo])
             out = out if isinstance(out, tuple) else (out,)
             for row, i in enumerate(todo):
                 fresh[keys[i]] = tuple(t[row] for t in out)

@@ -96,18 +96,24 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
     return fields
 
 
-def decode_fields(key: str, fields: dict[str, bytes]) -> dict:
+def decode_fields(key: str, fields: dict[str, bytes], *, image: bool = True) -> dict:
     """Decode raw field bytes into arrays.
 
+    Args:
+        key: the sample key (for error messages).
+        fields: field name (``img.png``, ``label.png``, ``depth.npy``, ``json``) -> bytes.
+        image: decode ``img.png``; with ``False`` it is not needed in ``fields`` and ``image`` is None
+            (training on stored features never looks at the pixels).
+
     Returns:
-        ``{"key", "image": (H, W, 3) uint8, "label": (H, W) int64 with -1 ignore or None,
+        ``{"key", "image": (H, W, 3) uint8 or None, "label": (H, W) int64 with -1 ignore or None,
         "depth": (H, W) float32 in [0, 1] or None, "meta": dict}``.
 
     Raises:
         ShardError: if a field cannot be decoded (names the key).
     """
     try:
-        image = np.asarray(Image.open(io.BytesIO(fields["img.png"])).convert("RGB"))
+        pixels = np.asarray(Image.open(io.BytesIO(fields["img.png"])).convert("RGB")) if image else None
         label = None
         if "label.png" in fields:
             raw = np.asarray(Image.open(io.BytesIO(fields["label.png"]))).astype(np.int64)
@@ -119,7 +125,7 @@ def decode_fields(key: str, fields: dict[str, bytes]) -> dict:
         meta = json.loads(fields["json"]) if "json" in fields else {}
     except (KeyError, OSError, ValueError) as exc:
         raise ShardError(f"sample {key!r}: cannot decode fields {sorted(fields)}: {exc}") from exc
-    return {"key": key, "image": image, "label": label, "depth": depth, "meta": meta}
+    return {"key": key, "image": pixels, "label": label, "depth": depth, "meta": meta}
 
 
 def write_shards(
@@ -362,8 +368,8 @@ class ShardRandomAccess:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def get(self, key: str) -> dict:
-        """Decoded sample for ``key`` (see :func:`decode_fields`).
+    def get(self, key: str, *, image: bool = True) -> dict:
+        """Decoded sample for ``key`` (see :func:`decode_fields`); ``image=False`` neither reads nor decodes the pixels.
 
         Raises:
             KeyError: for an unknown key.
@@ -381,6 +387,8 @@ class ShardRandomAccess:
                 raise ShardError(f"shard {path} cannot be opened: {exc}") from exc
         raw = {}
         for field, (offset, size) in fields.items():
+            if field == "img.png" and not image:
+                continue
             info = None
             if offset >= tarfile.BLOCKSIZE:
                 fh.seek(offset - tarfile.BLOCKSIZE)
@@ -395,7 +403,7 @@ class ShardRandomAccess:
             raw[field] = fh.read(size)
             if len(raw[field]) != size:
                 raise ShardError(f"shard {self.shard_names[shard_idx]}: sample {key!r} field {field} is truncated")
-        return decode_fields(key, raw)
+        return decode_fields(key, raw, image=image)
 
     def close(self) -> None:
         """Close open shard files."""

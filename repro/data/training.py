@@ -51,9 +51,11 @@ class TrainingCrops(Dataset):
         seed: run seed; fixes the epoch orders and the partner draws.
         num_neighbors: the partner is drawn uniformly from kNN ranks ``1..num_neighbors`` (7).
         require_depth: fail if a crop has no depth map (FPS sampling and the DepthG loss need it).
+        images: read and decode the crops' pixels; ``False`` when the backbone's features come from
+            a feature store (the items then have no ``image``/``partner_image``).
 
     Items (``dataset[position]``) are dicts of tensors: ``index``/``partner_index`` (crop ids
-    into :attr:`keys`), ``image``/``partner_image`` ``(3, H, W)`` uint8, ``label`` ``(H, W)``
+    into :attr:`keys`), ``image``/``partner_image`` ``(3, H, W)`` uint8 (with ``images``), ``label`` ``(H, W)``
     int64 with -1 = ignore, and when present ``depth``/``partner_depth`` ``(H, W)`` float32
     in [0, 1].
 
@@ -65,7 +67,7 @@ class TrainingCrops(Dataset):
     """
 
     def __init__(self, shards: str | Path, knn: KnnTable, *, seed: int, num_neighbors: int = 7,
-                 require_depth: bool = True) -> None:
+                 require_depth: bool = True, images: bool = True) -> None:
         verify_once(shards)
         self.shards = ShardRandomAccess(shards)
         index = read_index(shards)
@@ -82,6 +84,7 @@ class TrainingCrops(Dataset):
         self.seed = seed
         self.num_neighbors = num_neighbors
         self.require_depth = require_depth
+        self.images = images
         self._orders: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
@@ -96,7 +99,7 @@ class TrainingCrops(Dataset):
         return self._orders[epoch][offset]
 
     def _read(self, key: str) -> dict:
-        sample = self.shards.get(key)
+        sample = self.shards.get(key, image=self.images)
         if sample["depth"] is None and self.require_depth:
             raise ShardError(f"crop {key!r} in {self.shards.shard_dir} has no depth map; this run needs depth "
                              "(rebuild the shards with a depth folder: `repro depth`, then `repro shards --depth`)")
@@ -111,10 +114,11 @@ class TrainingCrops(Dataset):
         item = {
             "index": torch.tensor(self.key_index[key]),
             "partner_index": torch.tensor(self.key_index[partner]),
-            "image": torch.from_numpy(np.ascontiguousarray(anchor["image"].transpose(2, 0, 1))),
-            "partner_image": torch.from_numpy(np.ascontiguousarray(positive["image"].transpose(2, 0, 1))),
             "label": torch.from_numpy(anchor["label"]),
         }
+        if self.images:
+            item["image"] = torch.from_numpy(np.ascontiguousarray(anchor["image"].transpose(2, 0, 1)))
+            item["partner_image"] = torch.from_numpy(np.ascontiguousarray(positive["image"].transpose(2, 0, 1)))
         if anchor["depth"] is not None and positive["depth"] is not None:
             item["depth"] = torch.from_numpy(anchor["depth"])
             item["partner_depth"] = torch.from_numpy(positive["depth"])

@@ -72,20 +72,32 @@ class Plan:
     seeds: int
     fidelities: tuple[str, ...]
     runs: list[RunPlan] = field(default_factory=list)
-    tables: dict[str, list[RunPlan]] = field(default_factory=dict)
     data: dict[str, DataStage] = field(default_factory=dict)
-    table_data: dict[str, set[str]] = field(default_factory=dict)
     storage: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def tables(self) -> dict[str, list[RunPlan]]:
+        """table -> its runs, in plan order."""
+        out: dict[str, list[RunPlan]] = {}
+        for run in self.runs:
+            out.setdefault(run.table, []).append(run)
+        return out
+
+    def data_idents(self, table: str | None) -> list[str]:
+        """The shared data folders the runs of ``table`` (or of every table) use, sorted (sums in a fixed order)."""
+        if table is None:
+            return sorted(self.data)
+        return sorted({ident for run in self.runs if run.table == table for ident in run.data})
+
     def data_hours(self, table: str | None) -> tuple[float, float]:
-        idents = self.table_data[table] if table is not None else set(self.data)
+        idents = self.data_idents(table)
         return (sum(self.data[i].gpu_h for i in idents), sum(self.data[i].cpu_h for i in idents))
 
     def totals(self, table: str | None) -> tuple[float, float, dict[str, float], dict[str, float]]:
         """GPU-h, CPU-h and hours by stage of one table (or of everything), shared data counted once."""
-        runs = self.tables[table] if table is not None else self.runs
-        idents = self.table_data[table] if table is not None else set(self.data)
+        runs = self.runs if table is None else [run for run in self.runs if run.table == table]
+        idents = self.data_idents(table)
         gpu: dict[str, float] = defaultdict(float)
         cpu: dict[str, float] = defaultdict(float)
         for item in [*runs, *(self.data[i] for i in idents)]:
@@ -125,7 +137,6 @@ def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
     plan = Plan(profile, seeds, tuple(fidelities))
     notes: list[str] = []
     for table, names in groups.items():
-        plan.tables[table], plan.table_data[table] = [], set()
         for name in names:
             for fid in fidelities:
                 cfg = load_entry(name, [f"fidelity={fid}", *overrides])
@@ -138,19 +149,18 @@ def make_plan(groups: dict[str, list[str]], profile: Profile, *, seeds: int = 3,
                     notes.append(f"{name}: dataset sizes from the {source}")
                 stages = data_stages(cfg, profile, n_train, n_val, notes)
                 plan.data.update(stages)
-                plan.table_data[table] |= set(stages)
                 t = cfg.train
                 run = RunPlan(name, fid, table, training_batches(t.max_steps, t.step_unit), t.batch_size, t.val_every,
                               cfg.eval.crf, cfg.eval.flip, n_train, n_val, key, sorted(stages),
                               hours_by_stage(costs.gpu, seeds), hours_by_stage(costs.cpu, seeds))
                 plan.runs.append(run)
-                plan.tables[table].append(run)
                 c = feature_dim(cfg.model.arch)
                 crops = n_train * (5 if cfg.data.five_crop else 1)
                 label = str(data_paths(cfg, WORK).crops.relative_to(WORK / "data"))
                 plan.storage[(label, cfg.model.arch)] = (crops, crops * 28 * 28 * c * 2)
     plan.warnings = list(dict.fromkeys(notes))
-    if not math.isfinite(plan.totals(None)[0] + plan.totals(None)[1]):
+    gpu_total, cpu_total, _, _ = plan.totals(None)
+    if not math.isfinite(gpu_total + cpu_total):
         raise PlanError(f"stage profile {profile.path} holds a zero or invalid rate")
     return plan
 
@@ -254,8 +264,9 @@ def format_plan(plan: Plan) -> str:
                          f"{_h(run.gpu_h):>8s} {_h(run.cpu_h):>8s}  {_dominant(run.gpu_by_stage)} | "
                          f"{_dominant(run.cpu_by_stage)}")
         gpu_t, cpu_t, g_st, c_st = plan.totals(table)
-        lines.append(f"{'shared data of ' + table:30s} {'':8s} {len(plan.table_data[table]):7d} folders "
-                     f"{'':19s} {_h(plan.data_hours(table)[0]):>8s} {_h(plan.data_hours(table)[1]):>8s}")
+        data_gpu, data_cpu = plan.data_hours(table)
+        lines.append(f"{'shared data of ' + table:30s} {'':8s} {len(plan.data_idents(table)):7d} folders "
+                     f"{'':19s} {_h(data_gpu):>8s} {_h(data_cpu):>8s}")
         lines.append(f"{table + ' total':30s} {'':48s} {_h(gpu_t):>8s} {_h(cpu_t):>8s}  {_dominant(g_st)} | "
                      f"{_dominant(c_st)}")
     lines += ["", "shared data stages (each counted once):"]

@@ -243,7 +243,7 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     costs = Costs()
     key, relaxed = match_train_step(profile, config)
     rec = profile.stage(key)
-    costs.add_seconds("train-step", rec.get("kind", "gpu"), batches * t.batch_size / float(rec["batch"]) / float(rec["rate"]))
+    costs.add("train-step", profile, key, batches, scale=t.batch_size / float(rec["batch"]))  # rate checked there
     lookups = 2 * t.batch_size * batches
     attention = config.lhp.enabled and config.lhp.propagation == "attention"
     per_crop = 28 * 28 * c * 4 + (784 * 784 * 4 if attention else 0)

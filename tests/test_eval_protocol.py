@@ -66,12 +66,13 @@ def test_unlabelled_sample_is_an_error(parts, val_samples):
 
 def test_one_pass_over_two_checkpoints_with_the_crf_pool_equals_each_scored_alone(parts, val_samples):
     """Final and best-on-val in one pass, CRF in a 2-process pool overlapped with the networks (issue 12)."""
-    from repro.evaluate.protocol import ScoredModel, evaluate_models
+    from repro.evaluate.protocol import evaluate_models
+    from repro.models.bundle import TrainedParts
 
     backbone, head, cluster, linear = parts
     torch.manual_seed(1)
-    other = ScoredModel(SegmentationHead(384, 16), ClusterProbe(16, 13), LinearProbe(16, 13))
-    models = {"final": ScoredModel(head, cluster, linear), "best_on_val": other}
+    other = TrainedParts(SegmentationHead(384, 16), ClusterProbe(16, 13), LinearProbe(16, 13))
+    models = {"final": TrainedParts(head, cluster, linear), "best_on_val": other}
     common = dict(batch_size=2, crf=True, flip=True, crf_image="bgr_truncated")
     pooled = evaluate_models(val_samples, backbone, models, crf_processes=2, keep_first=1, **common)
     for name, model in models.items():

@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRF_IMAGES, CRFParams, crf_images, dense_crf
 from repro.evaluate.metrics import ConfusionMatrix, SegmentationMetrics, compute_metrics
+from repro.models.bundle import TrainedParts
 from repro.models.probes import ClusterProbe, LinearProbe
 
-__all__ = ["EvalResult", "ScoredModel", "upsampled_code", "probe_log_probs", "predict_logits", "evaluate_models",
+__all__ = ["EvalResult", "upsampled_code", "probe_log_probs", "predict_logits", "evaluate_models",
            "evaluate_segmentation"]
 
 CLUSTER_ALPHA = 2.0
@@ -105,15 +106,6 @@ def predict_logits(
     return cluster_probs, linear_probe(code)
 
 
-@dataclass(frozen=True)
-class ScoredModel:
-    """The parts of one checkpoint that evaluation needs (head and both probes)."""
-
-    head: nn.Module
-    cluster_probe: ClusterProbe
-    linear_probe: LinearProbe
-
-
 def _crf_argmax(job: tuple[np.ndarray, np.ndarray, CRFParams]) -> np.ndarray:
     """Pool worker: DenseCRF of one image and probe, reduced to its argmax ``(H, W)`` int16 (small to send back)."""
     image, log_probs, params = job
@@ -160,7 +152,7 @@ class _CRFRunner:
 def evaluate_models(
     samples: Iterable[dict],
     backbone: nn.Module,
-    models: dict[str, ScoredModel],
+    models: dict[str, TrainedParts],
     *,
     batch_size: int = 16,
     crf: bool = False,
@@ -183,7 +175,7 @@ def evaluate_models(
             (-1 = ignore), all of one size (the 320 px validation crops); optionally
             ``features``, the precomputed ``(C, h, w)`` backbone output of the image.
         backbone: the frozen backbone.
-        models: label -> :class:`ScoredModel`.
+        models: label -> the checkpoint's :class:`~repro.models.bundle.TrainedParts` (put in eval mode here).
         batch_size: images per forward pass.
         crf: refine both probes' predictions with DenseCRF (STEGO A.10 parameters).
         crf_params: CRF parameters.
@@ -211,7 +203,8 @@ def evaluate_models(
                        ConfusionMatrix(m.linear_probe.num_classes)) for name, m in models.items()}
     kept: dict[str, dict[str, list[np.ndarray]]] = {name: {"cluster": [], "linear": [], "label": []} for name in models}
     for m in models.values():
-        m.head.eval()
+        for module in m.modules().values():
+            module.eval()
     runner = _CRFRunner(crf_processes if crf else 0)
     pending: list[tuple[Tensor, dict[str, tuple[list, list]]]] = []
 
@@ -294,7 +287,7 @@ def evaluate_segmentation(
     The other arguments, the result and the errors are those of :func:`evaluate_models`.
     """
     samples = list(samples)
-    return evaluate_models(samples, backbone, {"model": ScoredModel(head, cluster_probe, linear_probe)},
+    return evaluate_models(samples, backbone, {"model": TrainedParts(head, cluster_probe, linear_probe)},
                            batch_size=batch_size, crf=crf, crf_params=crf_params, crf_processes=crf_processes,
                            flip=flip, device=device, keep_first=len(samples) if keep_predictions else 0,
                            crf_image=crf_image)["model"]

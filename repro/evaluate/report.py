@@ -18,7 +18,7 @@ from repro.atomic import atomic_path
 from repro.data.pipeline import iter_crops
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRFParams
-from repro.evaluate.protocol import EvalResult, ScoredModel, evaluate_models
+from repro.evaluate.protocol import EvalResult, evaluate_models
 from repro.models.bundle import TrainedParts
 
 __all__ = ["ValidationSet", "evaluate_many", "evaluate_parts", "result_summary", "write_json", "save_eval_figures"]
@@ -105,11 +105,7 @@ def evaluate_many(models: dict[str, TrainedParts], backbone, val: ValidationSet,
         label -> :class:`~repro.evaluate.protocol.EvalResult`.
     """
     val.cache_features(backbone, device, batch_size)
-    for parts in models.values():
-        for module in parts.modules().values():
-            module.eval()
-    scored = {name: ScoredModel(p.head, p.cluster_probe, p.linear_probe) for name, p in models.items()}
-    return evaluate_models(val.samples, backbone, scored, batch_size=batch_size, crf=crf, crf_params=CRFParams(),
+    return evaluate_models(val.samples, backbone, models, batch_size=batch_size, crf=crf, crf_params=CRFParams(),
                            crf_processes=crf_processes, flip=flip, device=device, keep_first=keep_first,
                            crf_image=crf_image)
 

@@ -102,11 +102,15 @@ def _crop_tag(config: ExperimentConfig, *, train: bool) -> str:
     return tag + ("-void" if d.score_void else "")
 
 
+def _tta_tag(d) -> str:
+    """``-notta`` for an estimator run without its test-time augmentation, else nothing."""
+    return "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas") else "-notta"
+
+
 def _depth_tag(config: ExperimentConfig) -> str:
     """What makes depth maps differ: source, scope (R4), encoding (R4/R5), estimator test-time augmentation."""
     d = config.data
-    tta = "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas") else "-notta"
-    return f"{d.depth_source}-{d.depth_scope}-{d.depth_encoding}{tta}"
+    return f"{d.depth_source}-{d.depth_scope}-{d.depth_encoding}{_tta_tag(d)}"
 
 
 def data_key(config: ExperimentConfig) -> str:
@@ -132,8 +136,7 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
     if depth and d.depth_scope == "image":
         from repro.data.image_depth import image_depth_store
 
-        tta = "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas") else "-notta"
-        tag = f"{d.depth_source}-{image_depth_store(d.depth_encoding)}{tta}"
+        tag = f"{d.depth_source}-{image_depth_store(d.depth_encoding)}{_tta_tag(d)}"
         image_depth = {"image_depth": base / f"depth-image-{d.train_split}-{tag}",
                        "val_image_depth": base / f"depth-image-{d.val_split}-{tag}"}
     return DataPaths(
@@ -160,6 +163,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _crop_splits(config: ExperimentConfig, paths: DataPaths) -> tuple[tuple, tuple]:
+    """``(split, folder, size, five_crop, codec)`` of the training and the validation crops."""
+    d = config.data
+    return ((d.train_split, paths.crops, d.crop_size, d.five_crop, d.train_crop_codec),
+            (d.val_split, paths.val_crops, d.val_size, False, "png"))
+
+
+def _prepare_crops(config: ExperimentConfig, split: str, crops: Path, size: int, five: bool, codec: str,
+                   quiet: bool) -> Path:
+    """Crop one split of the config's dataset into ``crops`` (:func:`repro.data.pipeline.prepare_stage`)."""
+    from repro.data.pipeline import prepare_stage
+
+    d = config.data
+    return prepare_stage(_dataset(config, split), crops, five_crop=five, size=size, resize=d.resize, codec=codec,
+                         score_void=d.score_void, progress=not quiet)
+
+
 def _dataset(config: ExperimentConfig, split: str):
     from repro.data import get_dataset
 
@@ -182,7 +202,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
         :class:`DataPaths`.
     """
     from repro.data.image_depth import image_depth_stage, image_depth_store
-    from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
+    from repro.data.pipeline import depth_stage, knn_stage, shards_stage
     from repro.train import resolve_checkpoint
 
     if not isinstance(config, ExperimentConfig):
@@ -199,11 +219,9 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
         return out
 
     with _locked(work_dir / "data" / f".{d.dataset}.lock"):
-        for split, crops, size, five, codec in ((d.train_split, paths.crops, d.crop_size, d.five_crop, d.train_crop_codec),
-                                                (d.val_split, paths.val_crops, d.val_size, False, "png")):
+        for split, crops, size, five, codec in _crop_splits(config, paths):
             if not (crops / "index.json").is_file():
-                timed("prepare", prepare_stage, _dataset(config, split), crops, five_crop=five, size=size,
-                      resize=d.resize, codec=codec, score_void=d.score_void, progress=not quiet)
+                timed("prepare", _prepare_crops, config, split, crops, size, five, codec, quiet)
         if paths.depth is not None:
             store = image_depth_store(d.depth_encoding)
             for split, crops, image_depth, out in ((d.train_split, paths.crops, paths.image_depth, paths.depth),
@@ -256,12 +274,10 @@ def prepare_val_crops(config: ExperimentConfig, work_dir: str | Path, *, quiet: 
     Returns:
         The crops folder (:attr:`DataPaths.val_crops`), made as :func:`prepare_data` makes it.
     """
-    from repro.data.pipeline import prepare_stage
-
     work_dir = Path(work_dir)
-    paths, d = data_paths(config, work_dir), config.data
-    with _locked(work_dir / "data" / f".{d.dataset}.lock"):
-        if not (paths.val_crops / "index.json").is_file():
-            prepare_stage(_dataset(config, d.val_split), paths.val_crops, five_crop=False, size=d.val_size,
-                          resize=d.resize, codec="png", score_void=d.score_void, progress=not quiet)
-    return paths.val_crops
+    paths = data_paths(config, work_dir)
+    split, crops, size, five, codec = _crop_splits(config, paths)[1]
+    with _locked(work_dir / "data" / f".{config.data.dataset}.lock"):
+        if not (crops / "index.json").is_file():
+            _prepare_crops(config, split, crops, size, five, codec, quiet)
+    return crops

@@ -104,8 +104,11 @@ def _reference(entry: str, fidelity: str):
         return None
 
 
-def _read_seed(seed: int, path: Path, entry: str, fidelity: str | None) -> SeedRun:
-    """One run folder; ``fidelity`` None (older layout) takes it from the run's config.yaml."""
+def _read_seed(seed: int, path: Path, entry: str, fidelity: str | None, references: dict) -> SeedRun:
+    """One run folder; ``fidelity`` None (older layout) takes it from the run's config.yaml.
+
+    ``references`` caches :func:`_reference` per fidelity for the entry (filled on first use).
+    """
     from repro.config.loader import ConfigError, load_config
 
     run = SeedRun(seed, path, "pending", fidelity=fidelity or "paper")
@@ -119,7 +122,9 @@ def _read_seed(seed: int, path: Path, entry: str, fidelity: str | None) -> SeedR
         else:
             run.fidelity = fidelity or config.fidelity
             run.config = config_hash(config)
-            reference = _reference(entry, run.fidelity)
+            if run.fidelity not in references:
+                references[run.fidelity] = _reference(entry, run.fidelity)
+            reference = references[run.fidelity]
             run.diff = config_diff(config, reference) if reference is not None else {}
     status, metrics = _read_json(path / "status.json"), _read_json(path / "metrics.json")
     if (path / "status.json").is_file() and status is None:
@@ -146,7 +151,8 @@ def _read_seed(seed: int, path: Path, entry: str, fidelity: str | None) -> SeedR
     return run
 
 
-def collect_runs(work_dir: str | Path, entry: str, fidelity: str = "paper") -> list[SeedRun]:
+def collect_runs(work_dir: str | Path, entry: str, fidelity: str = "paper", *,
+                 references: dict | None = None) -> list[SeedRun]:
     """Read every ``seed<S>`` directory of an entry in one fidelity.
 
     Args:
@@ -155,19 +161,22 @@ def collect_runs(work_dir: str | Path, entry: str, fidelity: str = "paper") -> l
         fidelity: ``paper`` or ``released``; reads ``<entry>/<fidelity>/seed<S>/`` and those
             ``<entry>/seed<S>/`` (older layout) whose config.yaml says this fidelity (no
             config.yaml: ``paper``).
+        references: the registered entry's config by fidelity, to compare each run with
+            (resolved here and added when missing; pass one dict for several calls on one entry).
 
     Returns:
         The runs sorted by seed (and path); empty if none. A seed whose ``status.json`` says done
         but whose ``metrics.json`` is unreadable, or lacks a metric, or holds NaN/inf, is failed.
     """
     root = Path(work_dir) / entry
+    references = {} if references is None else references
     runs = []
     for folder, legacy in ((root / fidelity, False), (root, True)):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
             if p.is_dir() and re.fullmatch(r"seed\d+", p.name):
-                run = _read_seed(int(p.name[4:]), p, entry, None if legacy else fidelity)
+                run = _read_seed(int(p.name[4:]), p, entry, None if legacy else fidelity, references)
                 if run.fidelity == fidelity:
                     runs.append(run)
     return sorted(runs, key=lambda r: (r.seed, str(r.path)))
@@ -268,10 +277,11 @@ def _entry_record(name: str, table: str, previous: dict, work_dir: Path, toleran
     old_groups = dict(previous.get("fidelities") or {})
     old_variants = {(v.get("fidelity"), v.get("config"), v.get("label")): v for v in previous.get("variants") or []}
     fidelities, variants = {}, {}
+    references = {fid: _reference(name, fid) for fid in FIDELITIES}  # each resolved once per entry
     for fid in FIDELITIES:
-        ref = _reference(name, fid)
+        ref = references[fid]
         ref_hash = config_hash(ref) if ref is not None else None
-        runs = collect_runs(work_dir, name, fid)
+        runs = collect_runs(work_dir, name, fid, references=references)
         old = old_groups.get(fid) or {}
         if old and old.get("config") not in (None, ref_hash):  # the registered config changed since
             label = f"recorded with config {old['config']} (the registered entry changed since)"

@@ -24,7 +24,7 @@ from repro.config.registry import TABLES, entry_path, list_entries
 from repro.identity import file_sha256
 from repro.papertables import paper_cell, paper_citation, paper_order
 from repro.resultsfile import FIDELITIES, METRICS
-from repro.resultsrecord import registered_config
+from repro.resultsruns import registered_config
 
 __all__ = ["INDEX_FORMAT", "build_index", "dump_index", "validate", "validate_file"]
 

@@ -3,9 +3,9 @@
 Two steps, kept apart so that the output can be checked for staleness:
 
 1. the record (the ``json`` block of RESULTS.md, :mod:`repro.resultsfile`) takes in the runs found in
-   the work dir (:func:`repro.resultsrecord.merge_entry`) and is brought in line with today's
-   registry (:func:`repro.resultsrecord.normalise`: records of configs no longer registered move to
-   the *superseded* section once, empty ones are dropped);
+   the work dir (:mod:`repro.resultsruns`, :func:`repro.resultsrecord.merge_entry`) and is brought in
+   line with today's registry (:func:`repro.resultsrecord.normalise`: records of configs no longer
+   registered move to the *superseded* section once, empty ones are dropped);
 2. every generated block, every figure and the model index are rendered from that record and the
    registry alone (:func:`render_text`, :mod:`repro.resultsfigures`, :mod:`repro.modelindex`).
 
@@ -32,8 +32,8 @@ from repro.papertables import paper_order
 from repro.resultsfigures import figure_data, figure_digest, read_digest, write_figure
 from repro.resultsfile import FIDELITIES, METRICS, aggregate, check_against, check_markers, parse_record, \
     read_results, splice
-from repro.resultsrecord import SeedRun, collect_checkpoint, collect_runs, collect_smoke, merge_entry, new_record, \
-    normalise
+from repro.resultsrecord import merge_entry, new_record, normalise
+from repro.resultsruns import SeedRun, collect_checkpoint, collect_runs, collect_smoke
 from repro.resultstables import about_block, env_block, json_block, overrides_block, smoke_block, superseded_block, \
     table_block, table_metrics, used_envs
 
@@ -75,7 +75,7 @@ def render_text(text: str, record: dict, tables: Sequence[str], out: Path, figur
         tables: the table blocks to render (the others stay as they are).
         out: where the file lives (figure links are relative to it).
         figures: the figures folder (None: no figure links).
-        smoke: rows for the ``smoke`` block (:func:`repro.resultsrecord.collect_smoke`); None or
+        smoke: rows for the ``smoke`` block (:func:`repro.resultsruns.collect_smoke`); None or
             empty leaves an existing ``smoke`` block as it is.
         full: retire generated blocks whose name is not in :data:`BLOCK_ORDER` (a table key the
             registry dropped).
@@ -123,7 +123,7 @@ def render_results(work_dir: str | Path | None, out: str | Path = "RESULTS.md", 
     """Merge the runs under ``work_dir`` into RESULTS.md's record; regenerate the file, its figures and the index.
 
     Args:
-        work_dir: the work directory (layout in :mod:`repro.resultsrecord`); None reads no runs
+        work_dir: the work directory (layout in :mod:`repro.resultsruns`); None reads no runs
             (``--record-only``: re-render the record against today's registry).
         out: the markdown file; created if missing, else only its marked blocks are replaced
             (missing blocks are inserted next to their neighbours, or appended).

@@ -25,9 +25,8 @@ CELL_LEGEND = ("Each metric cell reads **paper · released checkpoint · reprodu
 HYPERPARAMETER_NOTE = (
     "The published configurations are the outputs of hyper-parameter searches that the papers do not report "
     "(for example `neg_inter_weight=0.2485038032028848`, λ_random of the COCO-Stuff ViT-B run in DepthG's "
-    "`paper_reproduction.sh`, printed as 0.24 in supplement Table 2), and nothing says what those searches cost. A retrain here reproduces "
-    "the final configuration, not the search: a reproduced number within the seed spread of the paper's "
-    "confirms the configuration, and says nothing about how the configuration was found.")
+    "`paper_reproduction.sh`, printed as 0.24 in supplement Table 2), and nothing says what those searches "
+    "cost. A retrain here reproduces the final configuration, not the search that found it.")
 
 
 def _num(value) -> str:
@@ -49,7 +48,7 @@ def _delta(stats: dict | None, paper) -> str:
 
 
 def format_cell(paper, checkpoint, stats: dict | None) -> str:
-    """One metric cell in the fixed form ``paper · released checkpoint · mean ± std (n) · Δ`` (see the module docstring)."""
+    """One metric cell in the fixed form ``paper · released checkpoint · mean ± std (n) · Δ`` (module docstring)."""
     return " · ".join([_num(paper), _num(checkpoint), _reproduced(stats), _delta(stats, paper)])
 
 
@@ -199,7 +198,7 @@ def smoke_block(rows: list[dict]) -> str:
     """The pipeline check: every smoke-scale run, one row per (entry, fidelity), entry named verbatim.
 
     Args:
-        rows: from :func:`repro.resultsrecord.collect_smoke`.
+        rows: from :func:`repro.resultsruns.collect_smoke`.
     """
     head = ["entry", "fidelity", "status"] + [LABELS[m] for m in METRICS]
     table = []

@@ -274,3 +274,20 @@ def test_figures_show_every_seed_mark_pending_lanes_and_are_not_redrawn_when_cur
     write_run(work, ENTRY, 3, "done", numbers(50.0))
     render_results(work, out, tables=["table1"])
     assert read_digest(figure) != figure_digest(data)
+
+
+def test_every_quoted_number_is_placed_in_its_paper_table():
+    """repro/config/paper_tables.yaml places every registered entry's quoted values (table, row, column), and names
+    only registered entries: a new entry without its place would read 'pending' in the model index."""
+    from repro.papertables import paper_cell, table_layout
+
+    for key in TABLES:
+        layout = table_layout(key) or {}
+        placed = layout.get("columns" if layout.get("transposed") else "rows") or {}
+        assert set(placed) <= set(list_entries(key)), key
+        for name in list_entries(key):
+            for metric in load_entry(name).paper:
+                cell = paper_cell(key, name, metric)
+                assert cell is not None and cell.row and cell.column and cell.table, (name, metric)
+    assert paper_cell("table4", "table4/fps", "unsup_miou").column == "U. mIoU."
+    assert paper_cell("demo", "demo/nyuv2-mini", "unsup_acc") is None

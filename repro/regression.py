@@ -1,6 +1,9 @@
-"""``repro check-results``: re-run the demo-scale entry and compare it with RESULTS.md.
+"""``repro check-results``: RESULTS.md is current, and a fresh run of the demo-scale entry still gives its numbers.
 
-The recorded numbers of ``demo/nyuv2-mini`` in RESULTS.md come from a run with the random-weight
+First the staleness check (:func:`repro.results.check_stale`, also ``repro compare --check``):
+RESULTS.md, ``results/model-index.yml`` and the figures must be exactly what the recorded runs and
+today's registry render, so a registry change that was not regenerated in the same commit fails.
+Then the regression run: the recorded numbers of ``demo/nyuv2-mini`` in RESULTS.md come from a run with the random-weight
 ViT-S/8 checkpoint (seed 0) that ``make demo`` writes when no real one is present; the check
 re-creates that checkpoint, runs the entry from scratch in a fresh work folder and fails when
 any metric moves beyond the tolerance recorded next to it. It guards the whole pipeline
@@ -59,18 +62,28 @@ def check_results(results: str | Path, data_root: str | Path, *, work_dir: str |
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from repro.results import check_stale
+
+    stale = check_stale(args.results)
+    for failure in stale:
+        print(f"STALE {failure}")
+    print(f"{args.results}: " + ("stale" if stale else "current (RESULTS.md, model index and figures render from the "
+                                                        "record and today's registry)"))
     summary, failures = check_results(args.results, args.data, work_dir=args.work_dir, checkpoint=args.checkpoint,
                                       quiet=not args.progress)
     print(f"{ENTRY} (fresh run): " + ", ".join(f"{k} {float(v):.2f}" for k, v in summary.items()))
     for failure in failures:
         print(f"REGRESSION {failure}")
-    print("check-results: " + ("FAILED" if failures else f"all metrics within the tolerance recorded in {args.results}"))
-    return 1 if failures else 0
+    ok = not failures and not stale
+    print("check-results: " + (f"all metrics within the tolerance recorded in {args.results}, and it is current"
+                               if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 def add_check_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``check-results`` on a subparsers object."""
-    parser = subparsers.add_parser("check-results", help="re-run the demo-scale entry and compare with RESULTS.md")
+    parser = subparsers.add_parser("check-results", help="RESULTS.md is current; re-run the demo-scale entry and "
+                                                          "compare with it")
     parser.add_argument("--results", default="RESULTS.md")
     parser.add_argument("--data", required=True, help="folder holding nyuv2-mini/")
     parser.add_argument("--work-dir", help="empty folder for the run (default: temporary)")

@@ -1,53 +1,45 @@
-"""``repro compare``: paper numbers, published checkpoints and reproduced runs, rendered into RESULTS.md.
+"""``repro compare``: RESULTS.md, its figures and ``results/model-index.yml`` from the recorded runs and the registry.
 
-Read under the work directory (``$REPRO_WORK``)::
+Two steps, kept apart so that the output can be checked for staleness:
 
-    <entry>/<fidelity>/seed<S>/       a trained run (fidelity ``paper`` or ``released``): config.yaml,
-                                      status.json, metrics.json, env.json
-    <entry>/released-checkpoint/      the published checkpoint evaluated by repro: metrics.json with
-                                      ``summary`` and ``checkpoint: {file, sha256}``
-    <entry>/seed<S>/                  the older layout; its fidelity comes from its config.yaml
+1. the record (the ``json`` block of RESULTS.md, :mod:`repro.resultsfile`) takes in the runs found in
+   the work dir (:mod:`repro.resultsruns`, :func:`repro.resultsrecord.merge_entry`) and is brought in
+   line with today's registry (:func:`repro.resultsrecord.normalise`: records of configs no longer
+   registered move to the *superseded* section once, empty ones are dropped);
+2. every generated block, every figure and the model index are rendered from that record and the
+   registry alone (:func:`render_text`, :mod:`repro.resultsfigures`, :mod:`repro.modelindex`).
 
-``status.json`` is ``{"state": "running" | "done" | "failed", "stage", "log", ...}``; a done run
-has ``metrics.json`` (``{"summary": {metric: value}, "best_on_val": {"summary": ...}, "env"}``).
-
-Runs are identified by what they ran (:mod:`repro.identity`): seeds are averaged only when
-their saved configs agree on every identity key. The row of an entry and fidelity holds the
-runs whose config equals the registered entry in that fidelity; every other config becomes a
-variant row labelled with the keys it overrides. A run without a readable ``config.yaml``
-cannot be attributed and is shown as such, never averaged in.
-
-Nothing recorded is lost: the numbers come from the record already in RESULTS.md (per seed,
-see :mod:`repro.resultsfile`) updated with the finished runs of this work dir; a seed that is
-not in this work dir keeps its recorded numbers (status ``recorded``). Rows carry the fidelity
-profile; beside the paper's number, the "released ckpt" column shows the published checkpoint
-evaluated by ``repro eval`` (n = 1, its sha256 in the last column), ``–`` where none was evaluated.
-Numbers are percentages (x100).
+Nothing recorded is lost: a seed that is not in the work dir read keeps its recorded numbers. Smoke
+runs (``<work>/smoke/``, or ``scale: smoke``) only ever fill the ``smoke`` block, which is rewritten
+when the work dir holds smoke runs and otherwise left as it is. :func:`check_stale` (``repro compare
+--check``, part of ``repro check-results``) renders the committed record again and fails when
+RESULTS.md, the model index or a figure differ from it: a registry change must regenerate them in
+the same commit (``repro compare --record-only``).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
-import json
-import math
+import difflib
 import os
-import re
-import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from repro.atomic import atomic_path
-from repro.config.registry import TABLES, list_entries, load_entry
-from repro.identity import config_diff, config_hash, describe_diff
-from repro.released import released_metrics_path
-from repro.resultsfile import FIDELITIES, FORMAT, METRICS, check_against, check_markers, env_block, json_block, \
-    parse_record, read_results, splice, table_block
+from repro.config.registry import TABLES, list_entries
+from repro.modelindex import build_index, dump_index, validate
+from repro.papertables import paper_order
+from repro.resultsfigures import figure_data, figure_digest, read_digest, write_figure
+from repro.resultsfile import FIDELITIES, METRICS, aggregate, check_against, check_markers, parse_record, \
+    read_results, splice
+from repro.resultsrecord import merge_entry, new_record, normalise
+from repro.resultsruns import SeedRun, collect_checkpoint, collect_runs, collect_smoke
+from repro.resultstables import about_block, env_block, json_block, overrides_block, smoke_block, superseded_block, \
+    table_block, table_metrics, used_envs
 
-__all__ = ["METRICS", "FIDELITIES", "SeedRun", "collect_runs", "collect_checkpoint", "aggregate",
-           "render_results", "read_results", "check_against", "add_compare_command"]
+__all__ = ["METRICS", "FIDELITIES", "SeedRun", "collect_runs", "collect_checkpoint", "aggregate", "render_results",
+           "render_text", "check_stale", "read_results", "check_against", "add_compare_command", "BLOCK_ORDER",
+           "default_outputs"]
 
 PREAMBLE = """# Results: paper vs reproduced
 
@@ -55,310 +47,194 @@ Generated by `repro compare` from the runs in the work directory. Percentages (x
 Text outside the `repro:begin` / `repro:end` marker comments is kept when the file is
 regenerated; write notes there, never inside a marked block.
 """
-_PER_RUN_ENV = {"hostname", "slurm_job_id", "slurm_array_job_id", "slurm_array_task_id", "slurm_job_name",
-                "slurm_nodelist"}
+BLOCK_ORDER = ["about", *TABLES, "overrides", "superseded", "smoke", "env", "json"]
+"""Generated blocks in file order; any other ``repro:begin`` block is retired on a full regeneration."""
 
 
-@dataclass
-class SeedRun:
-    """One run directory ``<work>/<entry>/<fidelity>/seed<S>/`` as read from disk.
-
-    ``config`` is the identity hash of its ``config.yaml`` (None if missing or unreadable);
-    ``diff`` the identity keys where it differs from the registered entry (``{key: (run, entry)}``).
-    """
-
-    seed: int
-    path: Path
-    state: str  # done | running | failed | pending
-    log: str = ""
-    summary: dict[str, float] = field(default_factory=dict)
-    best: dict[str, float] = field(default_factory=dict)
-    env: dict = field(default_factory=dict)
-    fidelity: str = "paper"
-    config: str | None = None
-    diff: dict = field(default_factory=dict)
-    config_error: str = ""
+def default_outputs(out: str | Path) -> tuple[Path, Path]:
+    """``(figures folder, model index)`` beside a RESULTS.md: ``results/figures/`` and ``results/model-index.yml``."""
+    base = Path(out).parent / "results"
+    return base / "figures", base / "model-index.yml"
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def _numbers(block: object) -> dict[str, float]:
-    if not isinstance(block, dict):
-        return {}
-    return {k: float(v) for k, v in block.items()
-            if k in METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _table_names(key: str) -> list[str]:
+    return paper_order(key, list_entries(key))
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(entry: str, fidelity: str):
-    """The registered entry's config in ``fidelity`` (None for an unregistered name)."""
-    try:
-        return load_entry(entry, [f"fidelity={fidelity}"])
-    except (KeyError, ValueError, FileNotFoundError):
-        return None
-
-
-def _read_seed(seed: int, path: Path, entry: str, fidelity: str | None, references: dict) -> SeedRun:
-    """One run folder; ``fidelity`` None (older layout) takes it from the run's config.yaml.
-
-    ``references`` caches :func:`_reference` per fidelity for the entry (filled on first use).
-    """
-    from repro.config.loader import ConfigError, load_config
-
-    run = SeedRun(seed, path, "pending", fidelity=fidelity or "paper")
-    if not (path / "config.yaml").is_file():
-        run.config_error = "config.yaml missing"
-    else:
-        try:
-            config = load_config(path / "config.yaml", base=None)
-        except (ConfigError, OSError) as exc:
-            run.config_error = f"config.yaml unreadable: {str(exc).splitlines()[0][:80]}"
-        else:
-            run.fidelity = fidelity or config.fidelity
-            run.config = config_hash(config)
-            if run.fidelity not in references:
-                references[run.fidelity] = _reference(entry, run.fidelity)
-            reference = references[run.fidelity]
-            run.diff = config_diff(config, reference) if reference is not None else {}
-    status, metrics = _read_json(path / "status.json"), _read_json(path / "metrics.json")
-    if (path / "status.json").is_file() and status is None:
-        run.state, run.log = "failed", f"{path / 'status.json'} is not valid JSON"
-        return run
-    state = (status or {}).get("state") or ("done" if metrics else "pending")
-    run.log = str((status or {}).get("log") or "")
-    if state not in ("done", "running", "failed", "pending"):
-        state, run.log = "failed", f"unknown state {state!r} in status.json"
-    if state == "done" and metrics is None:
-        state, run.log = "failed", f"status done but {path / 'metrics.json'} missing or invalid"
-    run.state = state
-    if state != "done":
-        return run
-    run.summary = _numbers(metrics.get("summary"))
-    run.best = _numbers((metrics.get("best_on_val") or {}).get("summary"))
-    bad = [k for k, v in {**run.summary, **run.best}.items() if not math.isfinite(v)]
-    missing = [m for m in METRICS if m not in run.summary]
-    if bad or missing:
-        run.state = "failed"
-        run.log = f"{path / 'metrics.json'}: " + ("non-finite " + ", ".join(bad) if bad else "missing " + ", ".join(missing))
-        run.summary, run.best = {}, {}
-    run.env = metrics.get("env") or _read_json(path / "env.json") or {}
-    return run
-
-
-def collect_runs(work_dir: str | Path, entry: str, fidelity: str = "paper", *,
-                 references: dict | None = None) -> list[SeedRun]:
-    """Read every ``seed<S>`` directory of an entry in one fidelity.
+def render_text(text: str, record: dict, tables: Sequence[str], out: Path, figures: Path | None,
+                smoke: list[dict] | None = None, full: bool = True) -> str:
+    """The new RESULTS.md text: ``text`` with every generated block rendered from ``record``.
 
     Args:
-        work_dir: the work directory (``$REPRO_WORK``).
-        entry: entry name, e.g. ``table1/depthg-vits8``.
-        fidelity: ``paper`` or ``released``; reads ``<entry>/<fidelity>/seed<S>/`` and those
-            ``<entry>/seed<S>/`` (older layout) whose config.yaml says this fidelity (no
-            config.yaml: ``paper``).
-        references: the registered entry's config by fidelity, to compare each run with
-            (resolved here and added when missing; pass one dict for several calls on one entry).
-
-    Returns:
-        The runs sorted by seed (and path); empty if none. A seed whose ``status.json`` says done
-        but whose ``metrics.json`` is unreadable, or lacks a metric, or holds NaN/inf, is failed.
+        text: the current file (markers checked), or :data:`PREAMBLE`.
+        record: the normalised record (:func:`repro.resultsrecord.normalise`).
+        tables: the table blocks to render (the others stay as they are).
+        out: where the file lives (figure links are relative to it).
+        figures: the figures folder (None: no figure links).
+        smoke: rows for the ``smoke`` block (:func:`repro.resultsruns.collect_smoke`); None or
+            empty leaves an existing ``smoke`` block as it is.
+        full: retire generated blocks whose name is not in :data:`BLOCK_ORDER` (a table key the
+            registry dropped).
     """
-    root = Path(work_dir) / entry
-    references = {} if references is None else references
-    runs = []
-    for folder, legacy in ((root / fidelity, False), (root, True)):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.is_dir() and re.fullmatch(r"seed\d+", p.name):
-                run = _read_seed(int(p.name[4:]), p, entry, None if legacy else fidelity, references)
-                if run.fidelity == fidelity:
-                    runs.append(run)
-    return sorted(runs, key=lambda r: (r.seed, str(r.path)))
+    blocks = {"about": about_block()}
+    for key in tables:
+        link = _relative(figures / f"{key}.png", out.parent) if figures is not None else None
+        blocks[key] = table_block(key, TABLES[key], _table_names(key), record, link)
+    blocks.update(overrides=overrides_block(record), superseded=superseded_block(record), env=env_block(record),
+                  json=json_block(record))
+    if smoke:
+        blocks["smoke"] = smoke_block(smoke)
+    present = set(check_markers(text, out))
+    retired = {n for n in present if n not in BLOCK_ORDER} if full else set()
+    return splice(text, blocks, BLOCK_ORDER, remove=retired)
 
 
-def collect_checkpoint(work_dir: str | Path, entry: str) -> dict | None:
-    """The published checkpoint's evaluation, ``<work>/<entry>/released-checkpoint/metrics.json``.
-
-    Returns:
-        ``{"file", "sha256", "metrics": {metric: value}}``, or None when there is no such file
-        (or it holds no finite metric).
-    """
-    data = _read_json(released_metrics_path(work_dir, entry))
-    if data is None:
-        return None
-    numbers = {k: v for k, v in _numbers(data.get("summary")).items() if math.isfinite(v)}
-    ckpt = data.get("checkpoint") or {}
-    if not numbers:
-        return None
-    return {"file": str(ckpt.get("file") or ""), "sha256": str(ckpt.get("sha256") or ""), "metrics": numbers}
-
-
-def aggregate(values: Sequence[float]) -> dict:
-    """Mean and sample standard deviation (n - 1) of per-seed values.
-
-    Args:
-        values: one number per finished seed.
-
-    Returns:
-        ``{"mean": float | None, "std": float | None, "n": int}``; ``std`` is None for n < 2.
-    """
-    n = len(values)
-    return {"mean": statistics.fmean(values) if n else None,
-            "std": statistics.stdev(values) if n > 1 else None, "n": n}
-
-
-def _env_id(env: dict) -> tuple[str, dict, str]:
-    flat = _flatten(env)
-    kept = {k: v for k, v in flat.items() if k not in _PER_RUN_ENV}
-    if "platform" in kept:  # OS and architecture; the kernel build names the machine, env.json keeps it
-        parts = kept["platform"].split("-")
-        kept["platform"] = "-".join(p for p in (parts[0], next((p for p in parts if p in ("x86_64", "aarch64",
-                                                                                       "arm64")), "")) if p)
-    digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
-    # hosts are told apart, never named: RESULTS.md is shared, the run's env.json keeps the name
-    host = hashlib.sha256(flat.get("hostname", "?").encode()).hexdigest()[:8]
-    return digest, kept, host
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        elif value is not None:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
+def _figures(record: dict, tables: Sequence[str]) -> dict[str, dict]:
+    out = {}
+    for key in tables:
+        names = _table_names(key)
+        out[key] = figure_data(key, TABLES[key], names, table_metrics(names, record), record)
     return out
 
 
-def _round(values: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 4) for k, v in values.items()}
+def _index(record: dict, out: Path, figures: Path) -> tuple[dict, str]:
+    """The model index and its YAML text."""
+    links = {key: _relative(figures / f"{key}.png", out.parent) for key in TABLES if list_entries(key)}
+    index = build_index(record, links)
+    return index, dump_index(index)
 
 
-def _group(previous: dict | None, runs: list[SeedRun], config: str | None, envs: dict) -> dict:
-    """Merge this work dir's runs of one config into its recorded group (seeds keep their recorded numbers)."""
-    previous = previous or {}
-    seeds = {} if previous.get("legacy") and any(r.state == "done" for r in runs) else dict(previous.get("seeds") or {})
-    legacy = bool(previous.get("legacy")) and not any(r.state == "done" for r in runs)
-    here = {str(r.seed): r for r in runs}
-    for key, run in here.items():
-        if run.state == "done":
-            env_id, kept, host = _env_id(run.env)
-            envs[env_id] = kept
-            seeds[key] = {"final": _round(run.summary), "best_on_val": _round(run.best), "env": env_id, "host": host}
-    counts = {"done": sum(r.state == "done" for r in runs)}
-    counts["recorded"] = sum(1 for k in seeds if k not in here or here[k].state != "done")
-    parts = [f"{n} {state}" for state, n in counts.items() if n]
-    parts += [f"{n} {state}" for state in ("running", "pending") if (n := sum(r.state == state for r in runs))]
-    failed = [r for r in runs if r.state == "failed"]
-    if failed:
-        parts.append(f"{len(failed)} failed (" + "; ".join(f"seed{r.seed}: `{r.log or 'no log'}`" for r in failed) + ")")
-    if legacy:
-        return {**previous, "status": previous.get("status", "recorded")}
-
-    def stats(kind: str) -> dict:
-        names = METRICS if kind == "final" else sorted({m for s in seeds.values() for m in s[kind]}, key=METRICS.index)
-        return {m: {k: round(v, 4) if isinstance(v, float) else v
-                    for k, v in aggregate([s[kind][m] for s in seeds.values() if m in s[kind]]).items()} for m in names}
-
-    return {"config": config, "status": ", ".join(parts) or "pending", "metrics": stats("final"),
-            "best_on_val": stats("best_on_val"), "seeds": dict(sorted(seeds.items(), key=lambda kv: kv[0]))}
+def _prepare(record: dict, names: list[str], full: bool, drop_stale: bool) -> dict:
+    normalise(record, names, prune=full)
+    if drop_stale:
+        scope = set(names)
+        record["superseded"] = [g for g in record["superseded"] if not full and g.get("entry") not in scope]
+    record["envs"] = {k: v for k, v in record["envs"].items() if k in used_envs(record)}
+    return record
 
 
-def _entry_record(name: str, table: str, previous: dict, work_dir: Path, tolerance: float, envs: dict,
-                  drop_stale: bool = False) -> dict:
-    paper = dict(load_entry(name).paper)
-    old_groups = dict(previous.get("fidelities") or {})
-    old_variants = {(v.get("fidelity"), v.get("config"), v.get("label")): v for v in previous.get("variants") or []}
-    fidelities, variants = {}, {}
-    references = {fid: _reference(name, fid) for fid in FIDELITIES}  # each resolved once per entry
-    for fid in FIDELITIES:
-        ref = references[fid]
-        ref_hash = config_hash(ref) if ref is not None else None
-        runs = collect_runs(work_dir, name, fid, references=references)
-        old = old_groups.get(fid) or {}
-        if old and old.get("config") not in (None, ref_hash):  # the registered config changed since
-            label = f"recorded with config {old['config']} (the registered entry changed since)"
-            if not drop_stale:
-                old_variants.setdefault((fid, old["config"], label), {**old, "fidelity": fid, "label": label})
-            old = {}
-        main = [r for r in runs if ref_hash is not None and r.config == ref_hash]
-        fidelities[fid] = _group(old, main, ref_hash, envs)
-        by_config: dict[tuple, list[SeedRun]] = {}
-        for r in (r for r in runs if r not in main):
-            label = r.config_error or describe_diff(r.diff) or f"config {r.config}"
-            by_config.setdefault((fid, r.config, label), []).append(r)
-        for key, group_runs in by_config.items():
-            variants[key] = {**_group(old_variants.pop(key, None), group_runs, key[1], envs), "fidelity": fid,
-                             "label": key[2]}
-    for key, old in old_variants.items():  # recorded variants without runs here: kept (unless stale and dropped)
-        if not (drop_stale and str(key[2]).startswith("recorded with config")):
-            variants[key] = old
-    tol = previous.get("tolerance", tolerance)
-    return {"table": table, "tolerance": tolerance if tol is None else tol, "paper": paper,
-            "fidelities": fidelities, "variants": [variants[k] for k in sorted(variants, key=str)],
-            "released_checkpoint": collect_checkpoint(work_dir, name) or previous.get("released_checkpoint")}
-
-
-def render_results(work_dir: str | Path, out: str | Path = "RESULTS.md", tables: Sequence[str] | None = None,
-                   tolerance: float = 1.0, drop_stale: bool = False) -> Path:
-    """Regenerate the marked blocks of RESULTS.md from its record and the runs under ``work_dir``.
+def render_results(work_dir: str | Path | None, out: str | Path = "RESULTS.md", tables: Sequence[str] | None = None,
+                   tolerance: float = 1.0, drop_stale: bool = False, *, figures: str | Path | None = None,
+                   index: str | Path | None = None) -> Path:
+    """Merge the runs under ``work_dir`` into RESULTS.md's record; regenerate the file, its figures and the index.
 
     Args:
-        work_dir: the work directory (layout in the module docstring).
+        work_dir: the work directory (layout in :mod:`repro.resultsruns`); None reads no runs
+            (``--record-only``: re-render the record against today's registry).
         out: the markdown file; created if missing, else only its marked blocks are replaced
             (missing blocks are inserted next to their neighbours, or appended).
-        tables: table keys to regenerate (default: all of :data:`TABLES`); the blocks of the
-            other tables are left as they are, and their entries stay in the record.
+        tables: table keys whose runs are read and whose blocks and figures are rendered (default:
+            all of :data:`TABLES`, which also retires entries and blocks the registry dropped).
         tolerance: tolerance (points) recorded for entries that have none yet; a recorded
             tolerance (also one edited by hand) is kept.
-        drop_stale: forget recorded numbers of configs the registered entry no longer has (after a
-            deliberate change of an entry or of the method); by default they stay, labelled.
+        drop_stale: forget the superseded records (of ``tables``) instead of listing them.
+        figures: folder of the per-table PNGs (default ``results/figures`` beside ``out``).
+        index: the model index to write (default ``results/model-index.yml`` beside ``out``).
 
     Returns:
-        The path written (atomically: temporary file, then rename).
+        The path written (every file atomically: temporary file, then rename).
 
     Raises:
         UnknownEntryError: for an unknown table key.
         ValueError: if ``out`` has unpaired markers, lost its ``json`` block, or holds a malformed
-            record (:func:`repro.resultsfile.check_markers`); ``out`` is then left unchanged.
+            record (:func:`repro.resultsfile.check_markers`); nothing is written then.
     """
     out = Path(out)
-    tables = list(tables) if tables else list(TABLES)
+    full = not tables or set(tables) >= set(TABLES)
+    tables = list(TABLES) if full else [t for t in TABLES if t in set(tables)]
     for key in tables:
         list_entries(key)  # validates the key
+    default_figures, default_index = default_outputs(out)
+    figures, index = Path(figures or default_figures), Path(index or default_index)
     text = out.read_text() if out.is_file() else PREAMBLE
-    previous = parse_record(text, out) if "json" in check_markers(text, out) else {"envs": {}, "entries": {}}
-    record = {"format": FORMAT, "envs": dict(previous.get("envs") or {}), "entries": dict(previous["entries"])}
-    blocks = {}
-    for key in tables:
-        names = list_entries(key)
-        for name in names:
-            record["entries"][name] = _entry_record(name, key, record["entries"].get(name) or {}, Path(work_dir),
-                                                    tolerance, record["envs"], drop_stale)
-        blocks[key] = table_block(key, TABLES[key], names, record)
-    used = {s.get("env") for rec in record["entries"].values() for g in [*rec.get("fidelities", {}).values(),
-                                                                         *rec.get("variants", [])]
-            for s in (g.get("seeds") or {}).values()}
-    record["envs"] = {k: v for k, v in record["envs"].items() if k in used}
-    blocks["env"] = env_block(record)
-    blocks["json"] = json_block(record)
+    record = parse_record(text, out) if "json" in check_markers(text, out) else new_record()
+    names = [n for key in tables for n in _table_names(key)]
+    work = Path(work_dir) if work_dir is not None else None
+    if work is not None:
+        for key in tables:
+            for name in _table_names(key):
+                merge_entry(record, name, key, work, tolerance)
+    _prepare(record, names, full, drop_stale)
+    smoke = collect_smoke(work, list_entries()) if work is not None and work.is_dir() else None
+    new_text = render_text(text, record, tables, out, figures, smoke, full)
+    for key, data in _figures(record, tables).items():
+        write_figure(figures / f"{key}.png", data)
+    with atomic_path(index) as tmp:
+        tmp.write_text(_index(record, out, figures)[1])
     with atomic_path(out) as tmp:
-        tmp.write_text(splice(text, blocks, [*TABLES, "env", "json"]))
+        tmp.write_text(new_text)
     return out
+
+
+def check_stale(out: str | Path = "RESULTS.md", *, figures: str | Path | None = None,
+                index: str | Path | None = None) -> list[str]:
+    """Fail when RESULTS.md, the model index or a figure is not what the record and today's registry render.
+
+    The committed record is re-rendered exactly as ``repro compare --record-only`` would (no work
+    dir read). Also validates the model index's schema (:func:`repro.modelindex.validate`).
+
+    Returns:
+        One message per problem (the first differing lines of a text, a missing or stale figure,
+        schema violations), each with the command that fixes it; empty when everything is current.
+    """
+    out = Path(out)
+    default_figures, default_index = default_outputs(out)
+    figures, index = Path(figures or default_figures), Path(index or default_index)
+    fix = f"regenerate with `repro compare --record-only --out {out}` (or `make results`) and commit the result"
+    if not out.is_file():
+        return [f"{out} does not exist; {fix}"]
+    text = out.read_text()
+    try:
+        record = parse_record(text, out)
+    except ValueError as exc:
+        return [str(exc)]
+    names = [n for key in TABLES for n in _table_names(key)]
+    _prepare(record, names, True, False)
+    failures = []
+    expected = render_text(text, record, list(TABLES), out, figures, None, True)
+    if expected != text:
+        failures.append(f"{out} is stale: " + _first_difference(text, expected) + f"; {fix}")
+    built, want_index = _index(record, out, figures)
+    have_index = index.read_text(encoding="utf-8") if index.is_file() else None
+    if have_index is None:
+        failures.append(f"{index} is missing; {fix}")
+    elif have_index != want_index:
+        failures.append(f"{index} is stale: " + _first_difference(have_index, want_index) + f"; {fix}")
+    failures += [f"{index}: {e}" for e in validate(built)]
+    for key, data in _figures(record, list(TABLES)).items():
+        path = figures / f"{key}.png"
+        if read_digest(path) != figure_digest(data):
+            failures.append(f"{path} is {'stale' if path.is_file() else 'missing'} (it does not show the recorded "
+                            f"numbers of {key}); {fix}")
+    return failures
+
+
+def _first_difference(have: str, want: str) -> str:
+    diff = [line for line in difflib.unified_diff(have.splitlines(), want.splitlines(), "committed", "rendered",
+                                                  n=0, lineterm="") if not line.startswith(("---", "+++", "@@"))]
+    shown = "; ".join(line[:160] for line in diff[:4])
+    return f"{len(diff)} differing line(s), first: {shown}"
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Handler of ``repro compare``."""
-    work = Path(args.work_dir or os.environ.get("REPRO_WORK") or "runs")
-    path = render_results(work, args.out, tables=args.tables, tolerance=args.tolerance, drop_stale=args.drop_stale)
-    print(f"wrote {path} from runs in {work}" + ("" if work.is_dir() else " (no such directory: recorded numbers kept)"))
+    if args.check:
+        failures = check_stale(args.out, figures=args.figures, index=args.index)
+        for failure in failures:
+            print(f"STALE {failure}")
+        print("compare --check: " + ("FAILED" if failures else f"{args.out}, its model index and figures are current"))
+        return 1 if failures else 0
+    work = None if args.record_only else Path(args.work_dir or os.environ.get("REPRO_WORK") or "runs")
+    path = render_results(work, args.out, tables=args.tables, tolerance=args.tolerance, drop_stale=args.drop_stale,
+                          figures=args.figures, index=args.index)
+    figures, index = default_outputs(path)
+    where = ("the record only" if work is None else f"runs in {work}"
+             + ("" if work.is_dir() else " (no such directory: recorded numbers kept)"))
+    print(f"wrote {path}, {args.index or index} and {args.figures or figures}/ from {where}")
     return 0
 
 
@@ -369,19 +245,29 @@ def add_compare_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         subparsers: the object returned by ``ArgumentParser.add_subparsers``.
 
     Returns:
-        The new sub-parser; its ``func`` default is the handler (returns the exit code 0).
+        The new sub-parser; its ``func`` default is the handler (returns the exit code).
     """
-    parser = subparsers.add_parser("compare", help="paper vs reproduced numbers -> RESULTS.md",
-                                   description="Render RESULTS.md from <work>/<entry>/<fidelity>/seed<S>/ run "
-                                               "directories merged into its record; text outside the "
-                                               "repro:begin/end markers is kept, recorded numbers are never dropped.")
+    parser = subparsers.add_parser("compare", help="paper vs reproduced numbers -> RESULTS.md, figures, model index",
+                                   description="Merge <work>/<entry>/<fidelity>/seed<S>/ run directories into the "
+                                               "record of RESULTS.md and render the file, one figure per table and "
+                                               "results/model-index.yml from it; text outside the repro:begin/end "
+                                               "markers is kept, recorded numbers are never dropped.")
     parser.add_argument("--work-dir", default=None, help="run directory root (default: $REPRO_WORK, else runs)")
+    parser.add_argument("--record-only", action="store_true",
+                        help="read no runs: re-render the recorded numbers against today's registry")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if RESULTS.md, the model index or a figure is not what the "
+                             "record and today's registry render")
     parser.add_argument("--out", default="RESULTS.md", help="markdown file to write (default: RESULTS.md)")
+    parser.add_argument("--figures", default=None, help="folder of the per-table PNGs (default: results/figures "
+                                                         "beside --out)")
+    parser.add_argument("--index", default=None, help="model index to write (default: results/model-index.yml "
+                                                       "beside --out)")
     parser.add_argument("--tables", nargs="+", choices=list(TABLES), metavar="TABLE",
-                        help=f"regenerate these tables only ({', '.join(TABLES)})")
+                        help=f"read and render these tables only ({', '.join(TABLES)})")
     parser.add_argument("--tolerance", type=float, default=1.0,
                         help="absolute tolerance (points) recorded for entries without one (default 1.0)")
     parser.add_argument("--drop-stale", action="store_true",
-                        help="forget recorded numbers of configs the registered entries no longer have")
+                        help="forget the superseded records instead of listing them")
     parser.set_defaults(func=_cmd_compare)
     return parser

@@ -137,6 +137,9 @@ def _executor_kind(executor: str) -> str:
         return "slurm" if shutil.which("sbatch") else "local"
     if executor not in ("slurm", "local"):
         raise LaunchError(f"executor must be slurm, local or auto, got {executor!r}")
+    if executor == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("--executor slurm (make: EXECUTOR=slurm) but there is no sbatch on PATH: run on a SLURM "
+                          "login node, or use --executor local (make: EXECUTOR=local) to run the jobs on this machine")
     return executor
 
 
@@ -219,12 +222,17 @@ def submitting(what: str, res: Resources, partition: str | None) -> Iterator[Non
     The message names the refused request and the flags (``repro launch``) and make variables
     (``make reproduce-*``) that change it; ``REPRO_DEBUG=1`` keeps the traceback (``repro.cli.main``).
     """
+    import io
     import subprocess
+    import sys
 
     import submitit
 
+    echoed = io.StringIO()  # submitit prints sbatch's stderr itself before raising: kept for success only
     try:
-        yield
+        with contextlib.redirect_stderr(echoed):
+            yield
+        sys.stderr.write(echoed.getvalue())
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,
             subprocess.CalledProcessError, FileNotFoundError) as exc:
         text = " ".join(str(getattr(exc, "stderr", None) or exc).split())

@@ -141,7 +141,8 @@ def test_potsdam_iic_mat_layout(tmp_path):
     s = ds[0]
     np.testing.assert_array_equal(s.image, img[:, :, :3])
     np.testing.assert_array_equal(s.label, np.array([[0, 1, 2, 2, 0, 1]] * 5).T)
-    assert Potsdam3(tmp_path, "unlabelled_train", layout="iic")[0].label is None
+    unlabelled = Potsdam3(tmp_path, "unlabelled_train", layout="iic")[0]  # STEGO: 255 -> -1 everywhere
+    assert unlabelled.label.shape == (6, 5) and (unlabelled.label == IGNORE).all() and unlabelled.meta["unlabelled"]
     with pytest.raises(MissingFileError, match="labelled_train.txt"):
         Potsdam3(tmp_path, "train", layout="iic")
 

@@ -160,7 +160,9 @@ def _write_coco_split(root: Path, folder: str, ids: list[str], rng: np.random.Ge
     fine_values = list(range(182)) + [255]
     for i in ids:
         _jpg(root / "images" / folder / f"{i}.jpg", _rgb(rng, hw))
-        _png(root / "annotations" / folder / f"{i}.png", _blocks(rng, hw, fine_values).astype(np.uint8))
+        label = _blocks(rng, hw, fine_values).astype(np.uint8)
+        label[:8, :8] = 255  # every map has an unlabelled corner
+        _png(root / "annotations" / folder / f"{i}.png", label)
 
 
 def write_cocostuff_stego(root: str | Path, n_train: int = 4, n_val: int = 3, *, size: tuple[int, int] = (64, 80),

@@ -263,3 +263,11 @@ def test_official_nyuv2_files_convert_read_and_verify(tmp_path, labels13, capsys
     assert report.ok and report.subsets == {"train": (3, 795), "test": (3, 654)}
     assert main(["data", "verify", "nyuv2", "--root", str(out)]) == 0
     assert "nyuv2: subset: 6 of 1,449 images, layout OK" in capsys.readouterr().out
+
+
+def test_an_empty_split_is_missing_not_a_subset(tmp_path):
+    root = pub.write_potsdam(tmp_path / "potsdam", n_labelled_train=2, n_labelled_test=1, n_unlabelled=1)
+    (root / "labelled_test.txt").write_text("")
+    report = verify_dataset("potsdam3", root, splits=["val"])
+    assert not report.ok and not report.subsets
+    assert "FAIL labelled_test: expected 855 ids with image+gt, found 0" in report.lines

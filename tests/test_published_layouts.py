@@ -87,6 +87,8 @@ def test_stego_cocostuff_copy_reads_verifies_and_prepares(tmp_path, capsys):
     assert "ok   val: subset: 3 of 2,175 images, layout OK" in report.lines
     assert "ok   train: subset: 4 of 49,629 images, layout OK" in report.lines
     assert any(line.startswith("info fine_to_coarse_dict.json/.pickle not present") for line in report.lines)
+    assert any(line.startswith("info train: curated/train2017/Coco164kFull_Stuff_Coarse.txt (4 ids) is the list "
+                               "STEGO's code trains") for line in report.lines)
     assert main(["data", "verify", "cocostuff27", "--root", str(root)]) == 0
     assert "cocostuff27: subset: 7 of 51,804 images, layout OK" in capsys.readouterr().out
     out = tmp_path / "crops"
@@ -135,6 +137,12 @@ def test_mapping_file_that_disagrees_is_a_clear_error(tmp_path, capsys):
     report = verify_dataset("cocostuff27", root)
     assert not report.ok and any(line.startswith("FAIL") and "156: 22" in line for line in report.lines)
     assert main(["data", "verify", "cocostuff27", "--root", str(root)]) == 1
+    capsys.readouterr()
+    assert main(["prepare", "cocostuff27", "--root", str(root), "--split", "val", "--out", str(tmp_path / "crops"),
+                 "--size", "32", "--no-five-crop", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("repro: error: ") and "fine_to_coarse_dict.json" in err[0]
+    assert not (tmp_path / "crops").exists()
 
 
 def test_mapping_pickle_with_code_is_refused(tmp_path):

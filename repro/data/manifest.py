@@ -30,6 +30,9 @@ from repro.identity import file_sha256
 
 __all__ = ["VerifyReport", "load_manifest", "manifest_dir", "verify_dataset"]
 
+STEGO_FULL_LIST = "Coco164kFull_Stuff_Coarse.txt"
+"""The curated list of STEGO's ``cocostuff/`` copy that its ``Coco`` dataset reads with ``subset=None``."""
+
 
 def manifest_dir() -> Path:
     """``$REPRO_MANIFESTS`` if set (the container images set it), else ``data_manifests/`` at the
@@ -173,6 +176,11 @@ def _verify_coco(report: VerifyReport, m: dict, root: Path, splits: list[str], c
                             "(a subset list, so its sha256 differs from the published file's)")
             else:
                 report.check(False, f"{spec['id_list']}: sha256 {digest} != manifest {recorded[spec['id_list']]}")
+        stego_list = curated_root / "curated" / spec["folder"] / STEGO_FULL_LIST
+        if split == "train" and stego_list.is_file():
+            report.info(f"train: curated/{spec['folder']}/{STEGO_FULL_LIST} ({len(read_id_list(stego_list)):,} ids) "
+                        "is the list STEGO's code trains cocostuff27 on (src/data.py Coco, subset None); repro "
+                        f"reads {spec['id_list']} (SPEC section 3)")
         image_dir = root / "images" / spec["folder"]
         label_dir = coco_label_dir(root, spec["folder"])
         images, labels = _names(image_dir), _names(label_dir)

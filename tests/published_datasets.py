@@ -81,7 +81,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["write_cocostuff_stego", "write_cocostuff_picie", "write_cityscapes", "write_potsdam", "write_nyuv2",
-           "nyuv2_content", "CITYSCAPES_LABELS", "PUBLISHED_FINE_TO_COARSE_RUNS", "published_fine_to_coarse", "STEGO_COCO_LISTS", "NYU13_NAMES"]
+           "nyuv2_content", "CITYSCAPES_LABELS", "PUBLISHED_FINE_TO_COARSE_RUNS", "published_fine_to_coarse",
+           "STEGO_COCO_LISTS", "NYU13_NAMES"]
 
 # STEGO src/data.py Coco.fine_to_coarse, as runs (first fine id, last fine id, coarse index); the same
 # values as fine_index_to_coarse_index of PiCIE's fine_to_coarse_dict.pickle (checked when recorded).

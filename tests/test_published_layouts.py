@@ -74,13 +74,15 @@ def _expected_coco_label(png) -> np.ndarray:
 
 def test_stego_cocostuff_copy_reads_verifies_and_prepares(tmp_path, capsys):
     root = pub.write_cocostuff_stego(tmp_path / "cocostuff", n_train=4, n_val=3)
-    assert not (root / "fine_to_coarse_dict.json").exists() and not (root / "annotations/stuffthingmaps_trainval2017").exists()
+    assert not (root / "fine_to_coarse_dict.json").exists()
+    assert not (root / "annotations/stuffthingmaps_trainval2017").exists()
     for split, folder, n in (("train", "train2017", 4), ("val", "val2017", 3)):
         ds = CocoStuff27(root, split)
         ids = (root / "curated" / folder / "Coco164kFull_Stuff_Coarse_7.txt").read_text().split()
         assert len(ds) == n and ds.keys() == [f"cocostuff27_{split}_{i}" for i in sorted(ids)]
         s = ds[0]
-        np.testing.assert_array_equal(s.label, _expected_coco_label(root / "annotations" / folder / f"{sorted(ids)[0]}.png"))
+        first = sorted(ids)[0]
+        np.testing.assert_array_equal(s.label, _expected_coco_label(root / "annotations" / folder / f"{first}.png"))
         assert s.image.shape == (64, 80, 3) and (s.label == IGNORE).any()
     report = verify_dataset("cocostuff27", root)
     assert report.ok, report.lines
@@ -132,7 +134,8 @@ def test_mapping_file_that_disagrees_is_a_clear_error(tmp_path, capsys):
     table[156] = 22  # sky-other -> plant-stuff
     root = pub.write_cocostuff_picie(tmp_path / "coco", n_train=1, n_val=1,
                                      mapping={"fine_index_to_coarse_index": table}, formats=("json",))
-    with pytest.raises(DatasetError, match=r"fine_to_coarse_dict.json: .*differs .* at 1 fine ids: 156: 22 \(benchmark 23\)"):
+    with pytest.raises(DatasetError, match=r"fine_to_coarse_dict.json: .*differs .* at 1 fine ids: "
+                                           r"156: 22 \(benchmark 23\)"):
         CocoStuff27(root, "val")
     report = verify_dataset("cocostuff27", root)
     assert not report.ok and any(line.startswith("FAIL") and "156: 22" in line for line in report.lines)
@@ -146,7 +149,8 @@ def test_mapping_file_that_disagrees_is_a_clear_error(tmp_path, capsys):
 
 
 def test_mapping_pickle_with_code_is_refused(tmp_path):
-    (tmp_path / "fine_to_coarse_dict.pickle").write_bytes(pickle.dumps({"fine_index_to_coarse_index": {0: np.int64(9)}}))
+    code = pickle.dumps({"fine_index_to_coarse_index": {0: np.int64(9)}})  # references numpy: not plain data
+    (tmp_path / "fine_to_coarse_dict.pickle").write_bytes(code)
     with pytest.raises(DatasetError, match="refusing to load numpy"):
         check_mapping_file(tmp_path / "fine_to_coarse_dict.pickle")
 

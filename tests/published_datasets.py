@@ -2,9 +2,9 @@
 
 Every layout fact below comes from the original code or the dataset's documentation, never from
 repro's adapters (``repro/data/*.py``), so that a test reading these fakes checks the adapters
-against the published layouts. Images are small, contents random but seeded (same arguments,
-same bytes, except the gzip/HDF5 containers' own timestamps), and writing any one dataset takes
-well under a second.
+against the published layouts. Images are small, contents random but seeded (same arguments, same
+contents; only the creation dates in MATLAB v5 and gzip headers differ), and writing any one dataset
+takes well under a second.
 
 COCO-Stuff-27, STEGO's ``cocostuff/`` copy (:func:`write_cocostuff_stego`):
     ``images/{train2017,val2017}/<id>.jpg`` and ``annotations/{train2017,val2017}/<id>.png`` (no

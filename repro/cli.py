@@ -42,6 +42,7 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
     report = verify_dataset(args.dataset, args.root)
     print("\n".join(report.lines))
+    print(report.summary())
     return 0 if report.ok else 1
 
 

@@ -211,12 +211,18 @@ ITEMS: tuple[Item, ...] = (
          "not stated (repro: bf16 autocast on a GPU)",
          "fp32",
          (Setting("train.precision", "bf16", "fp32"),)),
+    Item("R17", "Potsdam unlabelled tiles",
+         "not stated (the unlabelled_train tiles of IIC's Potsdam have no gt file)",
+         "src/data.py Potsdam: a missing gt .mat (any split) becomes to_pil_image(torch.ones) = 255, mapped to -1: "
+         "an all-ignored label map, scored nowhere",
+         fact="a tile without gt in unlabelled_train / all is all -1 (ignored), as released; in labelled_train / "
+              "labelled_test a missing gt file is an error (STEGO would ignore the tile silently)"),
 )
 """SPEC section 7, item by item."""
 
 
 def item_ids() -> list[str]:
-    """``["R1", ..., "R16"]``."""
+    """``["R1", ..., "R17"]``."""
     return [item.id for item in ITEMS]
 
 

@@ -187,3 +187,21 @@ def test_sbatch_script_without_any_repro_stops_before_work_naming_the_fix(slurm_
     lines = [line for line in text.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("repro: error: no repro for this task") and "make setup" in lines[0]
     assert not (tmp_path / "work").exists()
+
+
+def test_a_request_the_scheduler_refuses_is_one_line_naming_the_request_and_the_knob(slurm_cluster, datasets,
+                                                                                      tmp_path):
+    env = _env(slurm_cluster, datasets, tmp_path / "work", tmp_path / "weights")  # the test cluster has no GPU
+    proc = subprocess.run(["make", "--no-print-directory", "reproduce-table2", "EXECUTOR=slurm"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("repro: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr and "sbatch: error:" in errors[0]
+    assert "1 GPU(s)" in errors[0] and "--gpus" in errors[0] and "GPUS=" in errors[0]
+    proc = subprocess.run(["make", "--no-print-directory", "reproduce-table2", "EXECUTOR=slurm", "GPUS=0", "CPUS=1",
+                           "MEM_GB=2", "TIME_MIN=5", "DRY_RUN=1", "SET=train.max_steps=3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(next((tmp_path / "work" / "launch").glob("*.json")).read_text())
+    assert record["dry_run"] and record["overrides"] == ["train.max_steps=3"]
+    assert all(j["job_id"] is None for j in record["jobs"])

@@ -17,7 +17,8 @@
 #   SCALE                 full (default) or smoke: a dress rehearsal of every stage on a few images
 #                         (repro/config/scales.yaml); SEEDS then defaults to 1. Ask for what it needs:
 #                         SCALE=smoke sbatch --gpus-per-node=0 --cpus-per-task=1 --mem=6G --time=30 slurm/<dataset>.sh
-#   REPRO_SIF             Apptainer image; unset: the checkout's .venv/bin/repro (`make setup`), else
+#   VENV                  the environment `make setup VENV=...` made (default: the checkout's .venv)
+#   REPRO_SIF             Apptainer image; unset: $VENV/bin/repro (`make setup`), else
 #                         `repro` on PATH; when none exists the task stops at once with the fix
 #   REPRO_APPTAINER_ARGS  extra `apptainer exec` options, e.g. "--bind /datasets"
 #   REPRO_SET             extra config overrides, space-separated key=value pairs
@@ -43,8 +44,8 @@ if [[ -n "${REPRO_SIF:-}" ]]; then
         exit 2
     fi
     repro_bin=repro
-elif [[ -x "${root}/.venv/bin/repro" ]]; then
-    repro_bin=$(realpath "${root}/.venv/bin/repro")
+elif [[ -x "${VENV:-${root}/.venv}/bin/repro" ]]; then
+    repro_bin=$(realpath -s "${VENV:-${root}/.venv}/bin/repro")
 elif command -v repro > /dev/null; then
     repro_bin=$(command -v repro)
 else

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import published_datasets as pub
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
+REPRO = Path(sys.prefix) / "bin" / "repro"  # the environment `make test` made (VENV, default .venv)
 OTHER_TABLES = ["table2/depthg-vitb8", "table3/depthg-lhp-vits8", "table4/fps", "table5/midas",
                 "table6/attention-lhp", "supp3/perspective-plane-potsdam", "supp4/n6", "supp5/scheduling",
                 "supp6/sensor"]
@@ -100,7 +102,7 @@ def test_smoke_rehearsal_of_every_table_through_make_and_slurm(slurm_cluster, da
     env = _env(slurm_cluster, datasets, work, weights)
     start = time.monotonic()
     _make("reproduce-table1", "SCALE=smoke", "EXECUTOR=slurm", env=env)
-    launch = [str(REPO / ".venv" / "bin" / "repro"), "launch", *OTHER_TABLES, "--scale", "smoke", "--executor", "slurm",
+    launch = [str(REPRO), "launch", *OTHER_TABLES, "--scale", "smoke", "--executor", "slurm",
               "--seeds", "1", "--work-dir", str(work)]
     proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -137,7 +139,7 @@ def test_smoke_rehearsal_of_every_table_through_make_and_slurm(slurm_cluster, da
         target.parent.mkdir(parents=True)
         shutil.copy(REPO / "RESULTS.md", target)
     _make("results", f"RESULTS={out}", env=env)
-    subprocess.run([str(REPO / ".venv" / "bin" / "repro"), "compare", "--record-only", "--out", str(clean)], cwd=REPO,
+    subprocess.run([str(REPRO), "compare", "--record-only", "--out", str(clean)], cwd=REPO,
                    env=env, check=True, capture_output=True, timeout=600)
     got, want = _blocks(out.read_text()), _blocks(clean.read_text())
     assert "smoke" in got
@@ -155,7 +157,7 @@ def test_sbatch_script_with_only_the_system_path(slurm_cluster, datasets, tmp_pa
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SLURM_CONF": slurm_cluster.env["SLURM_CONF"],
            "LANG": "C.UTF-8"}
     exports = f"ALL,SCALE=smoke,FIDELITY=paper,ENTRIES=table2/stego-vitb8,REPRO_DATA={datasets}," \
-              f"REPRO_WORK={work},REPRO_WEIGHTS={tmp_path / 'none'}"
+              f"REPRO_WORK={work},REPRO_WEIGHTS={tmp_path / 'none'},VENV={sys.prefix}"
     proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G", "--time=30",
                            "--array=0", f"--export={exports}", "slurm/cityscapes.sh"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
@@ -166,7 +168,7 @@ def test_sbatch_script_with_only_the_system_path(slurm_cluster, datasets, tmp_pa
     text = log.read_text()
     log.unlink()
     assert set(states.values()) == {"COMPLETED"}, text
-    assert ".venv/bin/repro run table2/stego-vitb8 --fidelity paper --seed 0" in text and "--scale smoke" in text
+    assert f"{REPRO} run table2/stego-vitb8 --fidelity paper --seed 0" in text and "--scale smoke" in text
     status = json.loads((work / "smoke/table2/stego-vitb8/paper/seed0/status.json").read_text())
     assert status["state"] == "done"
 

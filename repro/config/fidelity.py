@@ -162,8 +162,10 @@ ITEMS: tuple[Item, ...] = (
     Item("R9", "step counting",
          "7000 steps = 7000 batches",
          "Lightning 2.0.1 with 3 optimisers: 3 counter steps per batch (7000 -> 2334 batches), schedules on the "
-         "counter; STEGO's own runs: one step per batch",
+         "counter, N decayed as int(N x fps_sample_decay_factor), 0.9 where the run script sets no factor "
+         "(src/configs/train_config.yml); STEGO's own runs: one step per batch",
          (Setting("train.step_unit", "batch", "released", when=_when(method="depthg")),
+          Setting("sampling.released_factor", released=0.9, when=_when(method="depthg")),
           Setting("train.step_unit", "batch", "batch", when=_when(method=("stego", "dino"))))),
     Item("R10", "random negatives",
          "a shuffled batch in which no image meets itself, read at its own samples",

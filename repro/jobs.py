@@ -361,10 +361,12 @@ class ReleasedJob(_NodeJob):
         Raises:
             JobError: no ``metrics.json`` after the run. Exception: whatever the evaluation raises.
         """
+        from repro.config.registry import load_entry
         from repro.released import released_metrics_path
 
         self._execute(self.entry, self.ckpt_file, work_dir=self.work_dir, overrides=list(self.overrides))
-        out = released_metrics_path(self.work_dir, self.entry)
+        scale = load_entry(self.entry, ["fidelity=released", *self.overrides]).scale
+        out = released_metrics_path(self.work_dir, self.entry, scale)
         if not out.is_file():
             raise JobError(f"{self.entry} ({self.ckpt_file}): no {out} after the evaluation; resubmit it")
         return str(out)

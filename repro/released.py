@@ -103,9 +103,11 @@ def local_path(item: PublishedCheckpoint, folder: str | Path | None = None) -> P
     return Path(folder if folder is not None else released_dir()) / item.file
 
 
-def released_metrics_path(work_dir: str | Path, entry: str) -> Path:
-    """``<work_dir>/<entry>/released-checkpoint/metrics.json``."""
-    return Path(work_dir) / entry / LABEL / "metrics.json"
+def released_metrics_path(work_dir: str | Path, entry: str, scale: str = "full") -> Path:
+    """``<work_dir>/<entry>/released-checkpoint/metrics.json`` (``<work_dir>/<scale>/...`` for another scale)."""
+    from repro.config.scales import scale_root
+
+    return scale_root(work_dir, scale) / entry / LABEL / "metrics.json"
 
 
 def _registry_check(model, registry: Sequence[PublishedCheckpoint]) -> dict[str, Any]:
@@ -210,7 +212,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
                                        lhp=config.lhp.enabled)
     elif not checkpoint.is_file() and item is not None:
         raise MissingFileError(f"published checkpoint {item.name}", checkpoint, item.fetch_hint(checkpoint))
-    out = released_metrics_path(scale_root(work, config.scale), config.name)
+    out = released_metrics_path(work, config.name, config.scale)
     crf = config.eval.crf if crf is None else crf
     crf_image = crf_image or config.eval.crf_image
     protocol = {"crf": crf, "flip": config.eval.flip, "size": config.data.val_size,
@@ -309,7 +311,7 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     write_json(record, {"executor": kind, "dry_run": dry_run, "work_dir": str(work), "log_dir": str(logs), "sif": sif,
                         "jobs": [{"name": item.name, "entry": item.entry, "file": str(path),
                                   "job_id": None if j.job is None else j.job_id,
-                                  "metrics": str(released_metrics_path(root, item.entry))}
+                                  "metrics": str(released_metrics_path(work, item.entry, scale))}
                                  for (item, path), j in zip(present, launched)]})
     for item in launched:
         item.record = record

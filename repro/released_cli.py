@@ -70,7 +70,6 @@ def _cmd_eval_released(args: argparse.Namespace) -> int:
     from repro.released import evaluate_released, released_metrics_path
 
     from repro.cli import scale_overrides
-    from repro.config.scales import scale_root
 
     metrics = evaluate_released(args.entry, args.checkpoint, work_dir=args.work_dir,
                                 overrides=scale_overrides(args) + list(args.overrides),
@@ -84,8 +83,7 @@ def _cmd_eval_released(args: argparse.Namespace) -> int:
           f"linear mIoU {s['linear_miou']:.2f}")
     if metrics.get("paper"):
         print("  paper:   " + "  ".join(f"{k} {v}" for k, v in metrics["paper"].items()))
-    root = scale_root(args.work_dir or _default_work(), metrics.get("scale", "full"))
-    print(f"metrics: {released_metrics_path(root, metrics['entry'])}")
+    print(f"metrics: {released_metrics_path(args.work_dir or _default_work(), metrics['entry'], metrics['scale'])}")
     return 0
 
 

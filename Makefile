@@ -50,17 +50,32 @@ clean:
 # Every table entry as SLURM array jobs (submitit), or locally where there is no SLURM.
 # Variables: REPRO_DATA (dataset roots), REPRO_WORK (shared work folder), SEEDS, PARTITION,
 # REPRO_SIF (Apptainer image; unset = host environment), EXECUTOR (auto | slurm | local),
-# FIDELITY (both | paper | released: every entry as the paper is written and/or as the released code ran).
+# FIDELITY (both | paper | released: every entry as the paper is written and/or as the released code ran),
+# SCALE (full | smoke: the dress rehearsal, every stage on a few images, one seed, one CPU per job, under
+# $(REPRO_WORK)/smoke), SET ("key=value key=value": config overrides for every entry), the request of every
+# job GPUS, CPUS, MEM_GB, TIME_MIN (default: by dataset and backbone; at SCALE=smoke 0 GPUs, 1 CPU, 6 GB,
+# 30 min), DRY_RUN=1 (write the launch record and the plan, submit nothing).
 REPRO_DATA ?=
 REPRO_WORK ?= runs
-SEEDS ?= 3
+SCALE ?= full
+SEEDS ?= $(if $(filter smoke,$(SCALE)),1,3)
 PARTITION ?=
 REPRO_SIF ?=
 EXECUTOR ?= auto
 FIDELITY ?= both
+SET ?=
+GPUS ?=
+CPUS ?=
+MEM_GB ?=
+TIME_MIN ?=
+DRY_RUN ?=
 export REPRO_DATA REPRO_WORK
-LAUNCH = $(BIN)/repro launch --seeds $(SEEDS) --fidelity $(FIDELITY) --executor $(EXECUTOR) --work-dir $(REPRO_WORK) \
+# what every launch verb passes on: scale, overrides, resources, dry run
+JOB_ARGS = --scale $(SCALE) $(foreach kv,$(SET),--set $(kv)) $(if $(GPUS),--gpus $(GPUS)) $(if $(CPUS),--cpus $(CPUS)) \
+	$(if $(MEM_GB),--mem-gb $(MEM_GB)) $(if $(TIME_MIN),--time-min $(TIME_MIN)) $(if $(filter-out 0,$(DRY_RUN)),--dry-run) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(REPRO_SIF),--sif $(REPRO_SIF))
+LAUNCH = $(BIN)/repro launch --seeds $(SEEDS) --fidelity $(FIDELITY) --executor $(EXECUTOR) --work-dir $(REPRO_WORK) \
+	$(JOB_ARGS)
 TABLES := table1 table2 table3 table4 table5 table6
 
 $(addprefix reproduce-,$(TABLES)): reproduce-%: setup
@@ -82,11 +97,14 @@ RELEASED_DIR ?=
 reproduce-checkpoints: setup
 	@test -n "$(REPRO_DATA)" || { echo "set REPRO_DATA to the folder holding cocostuff/ cityscapes/ potsdam/ nyuv2/" >&2; exit 1; }
 	$(BIN)/repro released launch --executor $(EXECUTOR) --work-dir $(REPRO_WORK) $(if $(RELEASED_DIR),--dir $(RELEASED_DIR)) \
-		$(if $(PARTITION),--partition $(PARTITION)) $(if $(REPRO_SIF),--sif $(REPRO_SIF))
+		$(JOB_ARGS)
 
-# RESULTS.md from the runs in REPRO_WORK (paper vs reproduced; hand-written text is kept).
+# RESULTS.md from the runs in REPRO_WORK (paper vs reproduced; hand-written text is kept). Smoke runs
+# ($(REPRO_WORK)/smoke) only fill its "Pipeline check" block. RESULTS=file writes another file (its figures
+# and model index beside it).
+RESULTS ?= RESULTS.md
 results: setup
-	$(BIN)/repro compare --work-dir $(REPRO_WORK) --out RESULTS.md
+	$(BIN)/repro compare --work-dir $(REPRO_WORK) --out $(RESULTS)
 
 # CI regression: re-run the demo-scale entry and compare with the numbers recorded in RESULTS.md.
 check-results: setup

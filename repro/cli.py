@@ -42,6 +42,7 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
     report = verify_dataset(args.dataset, args.root)
     print("\n".join(report.lines))
+    print(report.summary())
     return 0 if report.ok else 1
 
 
@@ -117,15 +118,30 @@ def _entry_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fidelity", choices=["paper", "released"],
                         help="paper (as written) or released (as the public code ran); default: the entry's (paper)")
     parser.add_argument("--work-dir", help="work folder (default: $REPRO_WORK or ./runs)")
+    add_scale_argument(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set train.max_steps=100 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_scale_argument(parser: argparse.ArgumentParser) -> None:
+    """``--scale full|smoke`` (repro/config/scales.yaml); its value reaches the config as ``scale=NAME``."""
+    from repro.config.scales import scales
+
+    parser.add_argument("--scale", choices=list(scales()), default=None,
+                        help="full (the registered entry, default) or smoke (a dress rehearsal of every stage on a "
+                             "few images, minutes on one CPU; runs under <work>/smoke, never in a results table)")
+
+
+def scale_overrides(args: argparse.Namespace) -> list[str]:
+    """``["scale=NAME"]`` when ``--scale`` was given (before ``--set``, so a ``--set`` still wins)."""
+    return [f"scale={args.scale}"] if getattr(args, "scale", None) else []
+
+
 def _resolved(args: argparse.Namespace):
     from repro.run import default_work_dir, resolve_entry
 
-    overrides = ([f"fidelity={args.fidelity}"] if args.fidelity else []) + list(args.overrides)
+    overrides = ([f"fidelity={args.fidelity}"] if args.fidelity else []) + scale_overrides(args) + list(args.overrides)
     config = resolve_entry(args.entry, seed=args.seed, overrides=overrides)
     return config, args.work_dir or default_work_dir()
 

@@ -6,7 +6,9 @@ keys that cannot: the seed (it is what varies across seeds), where files live on
 (``data.root``, ``model.checkpoint``, ``data.depth_weights``), descriptive text, and
 bookkeeping that leaves the computation unchanged (worker counts, cache sizes, log and
 checkpoint intervals, batch size of the evaluation, figures). Everything else, including
-``fidelity`` and every switch it resolves to, is part of the identity.
+``fidelity`` and every switch it resolves to, is part of the identity. Keys added after runs were
+recorded (:data:`ADDED_KEYS`) take part only where they differ from the value that reproduces the
+computation from before they existed, so a record's hashes stay valid.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["NOT_IDENTITY", "flat_config", "identity", "config_hash", "config_diff", "describe_diff",
+__all__ = ["NOT_IDENTITY", "ADDED_KEYS", "flat_config", "identity", "config_hash", "config_diff", "describe_diff",
            "check_run_name", "file_sha256"]
 
 NOT_IDENTITY = frozenset({
@@ -30,6 +32,9 @@ NOT_IDENTITY = frozenset({
     "eval.crf_processes", "eval.batch_size", "eval.num_figures",
 })
 """Config keys that do not take part in a run's identity (see the module docstring)."""
+
+ADDED_KEYS: dict[str, object] = {"scale": "full", "data.train_subset": 0, "data.val_subset": 0}
+"""Keys added to the config after the first recorded runs, with the value that changes nothing."""
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -59,7 +64,8 @@ def flat_config(config: Any) -> dict[str, Any]:
 
 def identity(config: Any) -> dict[str, Any]:
     """The keys of :func:`flat_config` that identify a run (all but :data:`NOT_IDENTITY`)."""
-    return {k: v for k, v in flat_config(config).items() if k not in NOT_IDENTITY}
+    return {k: v for k, v in flat_config(config).items()
+            if k not in NOT_IDENTITY and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def config_hash(config: Any) -> str:

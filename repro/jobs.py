@@ -77,11 +77,12 @@ def resources_for(config: Any, *, stage: str = "entry", overrides: dict[str, int
         potsdam3        4 h, 32 GB   6 h, 32 GB     12 h, 32 GB
         nyuv2           2 h, 16 GB   2 h, 16 GB      4 h, 16 GB
 
-    Entries of the ``demo`` table ask for 1 h, 16 GB and 4 CPUs. A task that runs out of time is
+    Entries of the ``demo`` table ask for 1 h, 16 GB and 4 CPUs; a config of another scale than
+    ``full`` asks for that scale's ``resources`` (``smoke``: no GPU, 1 CPU, 6 GB, 30 min). A task that runs out of time is
     requeued and resumes, so these are slices, not hard limits on a run.
 
     Args:
-        config: an :class:`~repro.config.schema.ExperimentConfig` (reads ``name``,
+        config: an :class:`~repro.config.schema.ExperimentConfig` (reads ``name``, ``scale``,
             ``data.dataset`` and ``model.arch``).
         stage: ``"entry"`` (train + eval of one seed) or ``"data"`` (the shared data stages).
         overrides: values that replace the defaults, keys of :class:`Resources`
@@ -100,6 +101,11 @@ def resources_for(config: Any, *, stage: str = "entry", overrides: dict[str, int
     res = Resources(gpus=1, cpus=8, mem_gb=mem, time_min=hours * 60)
     if str(config.name).startswith("demo/"):
         res = Resources(gpus=1, cpus=4, mem_gb=16, time_min=60)
+    scale = getattr(config, "scale", "full")
+    if scale != "full":  # e.g. smoke: one CPU core, no GPU (repro/config/scales.yaml)
+        from repro.config.scales import get_scale
+
+        res = replace(res, **get_scale(scale).resources)
     if overrides:
         unknown = set(overrides) - {f for f in Resources.__dataclass_fields__}
         if unknown:
@@ -243,8 +249,12 @@ class EntryJob(_NodeJob):
                                "--work-dir", str(self.work_dir), *_set_args(self.overrides)])
 
     def run_dir(self) -> Path:
-        """``<work_dir>/<entry>/<fidelity>/seed<seed>``, where the run writes ``status.json`` and ``metrics.json``."""
-        return Path(self.work_dir) / self.entry / self.fidelity / f"seed{self.seed}"
+        """The task's run folder (:func:`repro.workdir.run_dir_for`), where the run writes ``status.json`` and ``metrics.json``."""
+        from repro.config.registry import load_entry
+        from repro.workdir import run_dir_for
+
+        config = load_entry(self.entry, [f"fidelity={self.fidelity}", *self.overrides, f"train.seed={self.seed}"])
+        return run_dir_for(config, self.work_dir)
 
     def __call__(self) -> str:
         """Run the entry to the end (resuming what a previous attempt finished).
@@ -351,10 +361,12 @@ class ReleasedJob(_NodeJob):
         Raises:
             JobError: no ``metrics.json`` after the run. Exception: whatever the evaluation raises.
         """
+        from repro.config.registry import load_entry
         from repro.released import released_metrics_path
 
         self._execute(self.entry, self.ckpt_file, work_dir=self.work_dir, overrides=list(self.overrides))
-        out = released_metrics_path(self.work_dir, self.entry)
+        scale = load_entry(self.entry, ["fidelity=released", *self.overrides]).scale
+        out = released_metrics_path(self.work_dir, self.entry, scale)
         if not out.is_file():
             raise JobError(f"{self.entry} ({self.ckpt_file}): no {out} after the evaluation; resubmit it")
         return str(out)

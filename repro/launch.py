@@ -26,17 +26,19 @@ submitit's pickles and logs go to ``log_dir`` (default ``<work_dir>/launch/logs/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from repro.config.fidelity import profiles_for
+from repro.config.scales import get_scale, scale_root
 from repro.jobs import PREEMPT_SIGNAL, SIGNAL_DELAY_S, DataJob, EntryJob, JobError, Resources, resources_for
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "DataJob",
     "JobError",
     "LaunchedJob",
+    "submitting",
     "LaunchError",
     "resolve_targets",
     "launch",
@@ -134,6 +137,9 @@ def _executor_kind(executor: str) -> str:
         return "slurm" if shutil.which("sbatch") else "local"
     if executor not in ("slurm", "local"):
         raise LaunchError(f"executor must be slurm, local or auto, got {executor!r}")
+    if executor == "slurm" and not shutil.which("sbatch"):
+        raise LaunchError("--executor slurm (make: EXECUTOR=slurm) but there is no sbatch on PATH: run on a SLURM "
+                          "login node, or use --executor local (make: EXECUTOR=local) to run the jobs on this machine")
     return executor
 
 
@@ -204,6 +210,40 @@ def _raise_failures(launched: Sequence[LaunchedJob], what: str, record: Path) ->
         raise LaunchError(f"{len(failed)} {what} failed (record: {record}):\n  " + "\n  ".join(failed))
 
 
+def _request(res: Resources, partition: str | None) -> str:
+    return (f"{res.gpus} GPU(s), {res.cpus} CPU(s), {res.mem_gb} GB, {res.time_min} min, "
+            f"partition {partition or '(the cluster default)'}")
+
+
+@contextlib.contextmanager
+def submitting(what: str, res: Resources, partition: str | None) -> Iterator[None]:
+    """Turn a refused submission (sbatch's error, no sbatch, submitit's failure) into one :class:`LaunchError`.
+
+    The message names the refused request and the flags (``repro launch``) and make variables
+    (``make reproduce-*``) that change it; ``REPRO_DEBUG=1`` keeps the traceback (``repro.cli.main``).
+    """
+    import io
+    import subprocess
+    import sys
+
+    import submitit
+
+    echoed = io.StringIO()  # submitit prints sbatch's stderr itself before raising: kept for success only
+    try:
+        with contextlib.redirect_stderr(echoed):
+            yield
+        sys.stderr.write(echoed.getvalue())
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError,
+            subprocess.CalledProcessError, FileNotFoundError) as exc:
+        text = " ".join(str(getattr(exc, "stderr", None) or exc).split())
+        reason = next((part.strip() for part in reversed(text.split("sbatch: error:")) if part.strip()), text)
+        if "sbatch: error:" in text:
+            reason = "sbatch: error: " + reason
+        raise LaunchError(f"the scheduler refused {what} ({_request(res, partition)}): {reason[:300]}; change the "
+                          "request with --gpus/--cpus/--mem-gb/--time-min/--partition (make: GPUS= CPUS= MEM_GB= "
+                          "TIME_MIN= PARTITION=), or try it first with --dry-run (make: DRY_RUN=1)") from exc
+
+
 def _submit_array(executor: Any, kind: str, jobs: list[Any], parallelism: int) -> list[Any]:
     """Submit ``jobs`` as one SLURM array (one ``sbatch``), or run them locally, ``parallelism`` at a time."""
     if kind == "local":
@@ -217,7 +257,8 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
            sif: str | None = None, log_dir: str | Path | None = None, wait: bool = False,
            resources: dict[str, int] | None = None, array_parallelism: int | None = None,
            signal_delay_s: int = SIGNAL_DELAY_S, quiet: bool = True, runner: Callable[..., Any] | None = None,
-           data_runner: Callable[..., Any] | None = None, dry_run: bool = False) -> list[LaunchedJob]:
+           data_runner: Callable[..., Any] | None = None, dry_run: bool = False,
+           scale: str = "full") -> list[LaunchedJob]:
     """Submit tables or entries: data jobs per shared data key, then one array job per table.
 
     Args:
@@ -242,6 +283,9 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
         runner: replaces :func:`repro.run.run_entry` in the jobs (tests, tools).
         data_runner: replaces :func:`repro.run.prepare_data` in the data jobs.
         dry_run: plan and record, submit nothing (the jobs' ``job`` is ``None``).
+        scale: ``full`` (the registered entries) or ``smoke`` (repro/config/scales.yaml: a dress rehearsal
+            of every stage on a few images, with the scale's one-CPU request; runs, data, logs and the
+            launch record under ``<work_dir>/smoke/``).
 
     Returns:
         The :class:`LaunchedJob` records: data jobs first, then one per (entry, fidelity, seed) in table order.
@@ -259,13 +303,15 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
     seed_list = _seeds(seeds)
     try:
         profiles = profiles_for(fidelity)
+        get_scale(scale)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
-    logs = Path(log_dir).absolute() if log_dir is not None else work / "launch" / "logs"
+    root = scale_root(work, scale)
+    logs = Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
     sif = sif or os.environ.get("REPRO_SIF") or None
     sif = str(Path(sif).absolute()) if sif else None
-    overrides = tuple(overrides)
+    overrides = ((f"scale={scale}",) if scale != "full" else ()) + tuple(overrides)
     groups = resolve_targets(targets)
     # runs are (entry, fidelity); the data of two runs is shared when their data keys are equal
     configs = {(name, f): load_entry(name, [f"fidelity={f}", *overrides])
@@ -290,7 +336,8 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
             after = [f"afterany:{last_of_dataset[dataset]}"] if dataset in last_of_dataset and kind == "slurm" else []
             ex = _make_executor(kind, logs, res, f"repro-data-{dataset}", partition=partition,
                                 parallelism=1, dependency=after, signal_delay_s=signal_delay_s)
-            submitted = _run_local(ex, [job], 1)[0] if kind == "local" else ex.submit(job)
+            with submitting(f"the data job of {dataset}", res, partition):
+                submitted = _run_local(ex, [job], 1)[0] if kind == "local" else ex.submit(job)
             data_ids[key] = last_of_dataset[dataset] = str(submitted.job_id)
         launched.append(LaunchedJob("data", name, None, key, submitted, fidelity=profile))
     if kind == "local" and not dry_run:
@@ -310,11 +357,12 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
                     if kind == "slurm" else [])
             ex = _make_executor(kind, logs, res, f"repro-{table}", partition=partition, parallelism=parallel,
                                 dependency=deps, signal_delay_s=signal_delay_s)
-            submitted_jobs = _submit_array(ex, kind, jobs, parallel)
+            with submitting(f"the {table} array ({len(jobs)} tasks)", res, partition):
+                submitted_jobs = _submit_array(ex, kind, jobs, parallel)
         launched += [LaunchedJob("entry", name, seed, keys[name, f], sj, fidelity=f)
                      for (name, f, seed), sj in zip(tasks, submitted_jobs, strict=True)]
 
-    record = _write_record(work, kind, list(targets), seed_list, overrides, sif, logs, launched, dry_run)
+    record = _write_record(work, root, kind, list(targets), seed_list, overrides, sif, logs, launched, dry_run)
     for item in launched:
         item.record = record
     if wait and not dry_run:
@@ -322,9 +370,9 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
     return launched
 
 
-def _write_record(work: Path, kind: str, targets: list[str], seeds: list[int], overrides: tuple[str, ...],
+def _write_record(work: Path, root: Path, kind: str, targets: list[str], seeds: list[int], overrides: tuple[str, ...],
                   sif: str | None, logs: Path, launched: list[LaunchedJob], dry_run: bool) -> Path:
-    folder = work / "launch"
+    folder = root / "launch"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = folder / f"{stamp}.json"
@@ -338,7 +386,7 @@ def _write_record(work: Path, kind: str, targets: list[str], seeds: list[int], o
         "sif": sif, "work_dir": str(work), "log_dir": str(logs),
         "jobs": [{"kind": j.kind, "entry": j.entry, "fidelity": j.fidelity, "seed": j.seed, "data_key": j.data_key,
                   "job_id": None if j.job is None else j.job_id,
-                  "run_dir": None if j.seed is None else str(work / j.entry / j.fidelity / f"seed{j.seed}")}
+                  "run_dir": None if j.seed is None else str(root / j.entry / j.fidelity / f"seed{j.seed}")}
                  for j in launched],
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -359,14 +407,16 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                       work_dir=args.work_dir,
                       overrides=args.overrides, partition=args.partition, sif=args.sif, log_dir=args.log_dir,
                       wait=args.wait, resources=resources or None, array_parallelism=args.array_parallelism,
-                      quiet=args.quiet, dry_run=args.dry_run)
+                      quiet=args.quiet, dry_run=args.dry_run, scale=args.scale or "full")
     for item in launched:
         what = item.entry if item.seed is None else f"{item.entry}/{item.fidelity} seed {item.seed}"
         job_id = "-" if item.job is None else item.job_id
         print(f"{item.kind:5s} {job_id:>14s}  {what}  [{item.data_key}]")
     if launched:
         print(f"launch record: {launched[0].record}")
-    if args.dry_run:  # the projected cost of what would be submitted ($REPRO_PROFILE, else the default profile)
+    if args.dry_run and args.scale not in (None, "full"):
+        print(f"\n{args.scale} scale: {get_scale(args.scale).about}; no cost plan (minutes per entry on one CPU)")
+    elif args.dry_run:  # the projected cost of what would be submitted ($REPRO_PROFILE, else the default profile)
         from repro.plan import PlanError, print_plan
 
         print()
@@ -387,6 +437,8 @@ def add_launch_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     Returns:
         The new sub-parser; its ``func`` default is the handler (returns the exit code).
     """
+    from repro.cli import add_scale_argument
+
     parser = subparsers.add_parser(
         "launch", help="run tables/entries as SLURM array jobs (or locally) with requeue on time limits",
         description="Submit data-stage jobs and one array job per table (entries x seeds) via submitit. "
@@ -403,6 +455,7 @@ def add_launch_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--log-dir", help="submitit logs and pickles (default: <work-dir>/launch/logs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every entry (repeatable)")
+    add_scale_argument(parser)
     parser.add_argument("--gpus", type=int, help="GPUs per job (default 1)")
     parser.add_argument("--cpus", type=int, help="CPUs per job (default 8)")
     parser.add_argument("--mem-gb", type=int, help="memory per job in GB (default: by dataset)")

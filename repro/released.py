@@ -103,9 +103,11 @@ def local_path(item: PublishedCheckpoint, folder: str | Path | None = None) -> P
     return Path(folder if folder is not None else released_dir()) / item.file
 
 
-def released_metrics_path(work_dir: str | Path, entry: str) -> Path:
-    """``<work_dir>/<entry>/released-checkpoint/metrics.json``."""
-    return Path(work_dir) / entry / LABEL / "metrics.json"
+def released_metrics_path(work_dir: str | Path, entry: str, scale: str = "full") -> Path:
+    """``<work_dir>/<entry>/released-checkpoint/metrics.json`` (``<work_dir>/<scale>/...`` for another scale)."""
+    from repro.config.scales import scale_root
+
+    return scale_root(work_dir, scale) / entry / LABEL / "metrics.json"
 
 
 def _registry_check(model, registry: Sequence[PublishedCheckpoint]) -> dict[str, Any]:
@@ -192,20 +194,25 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     from repro.env import collect_env
     from repro.evaluate.protocol import evaluate_segmentation
     from repro.evaluate.report import ValidationSet, result_summary, write_json
+    from repro.config.scales import get_scale, scale_root
+    from repro.data.registry import num_classes_for
     from repro.models.lightning import load_released
+    from repro.standins import released_stand_in
     from repro.workdir import default_work_dir, prepare_val_crops, resolve_entry
 
     config = resolve_entry(entry, overrides=["fidelity=released", *overrides])
     registry = load_registry()
-    if checkpoint is None:
-        item = find_published(config.name, registry)
-        if item is None:
-            raise ValueError(f"no published checkpoint is registered for {config.name}; pass --checkpoint FILE")
-        checkpoint = local_path(item)
-        if not checkpoint.is_file():
-            raise MissingFileError(f"published checkpoint {item.name}", checkpoint, item.fetch_hint(checkpoint))
     work = Path(work_dir) if work_dir is not None else default_work_dir()
-    out = released_metrics_path(work, config.name)
+    item = find_published(config.name, registry) if checkpoint is None else None
+    if checkpoint is None and item is None:
+        raise ValueError(f"no published checkpoint is registered for {config.name}; pass --checkpoint FILE")
+    checkpoint = Path(checkpoint) if checkpoint is not None else local_path(item)
+    if not checkpoint.is_file() and get_scale(config.scale).stand_ins:
+        checkpoint = released_stand_in(checkpoint, config, work, n_classes=num_classes_for(config),
+                                       lhp=config.lhp.enabled)
+    elif not checkpoint.is_file() and item is not None:
+        raise MissingFileError(f"published checkpoint {item.name}", checkpoint, item.fetch_hint(checkpoint))
+    out = released_metrics_path(work, config.name, config.scale)
     crf = config.eval.crf if crf is None else crf
     crf_image = crf_image or config.eval.crf_image
     protocol = {"crf": crf, "flip": config.eval.flip, "size": config.data.val_size,
@@ -235,7 +242,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     timings["eval"] = time.perf_counter() - start
     timings["eval_per_image"] = timings["eval"] / max(len(samples), 1)
     summary = result_summary(result)
-    metrics = {"entry": config.name, "seed": None, "label": LABEL, "dataset": config.data.dataset,
+    metrics = {"entry": config.name, "seed": None, "label": LABEL, "scale": config.scale, "dataset": config.data.dataset,
                "num_images": len(samples), "protocol": protocol,
                LABEL: {"step": model.checkpoint.global_step, "summary": summary, "cluster": result.cluster.to_dict(),
                        "linear": result.linear.to_dict()},
@@ -248,14 +255,17 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
 def launch_released(*, folder: str | Path | None = None, executor: str = "auto", work_dir: str | Path | None = None,
                     overrides: Sequence[str] = (), partition: str | None = None, sif: str | None = None,
                     log_dir: str | Path | None = None, wait: bool = False, resources: dict[str, int] | None = None,
-                    quiet: bool = True, runner=None, dry_run: bool = False) -> list:
+                    quiet: bool = True, runner=None, dry_run: bool = False, scale: str = "full") -> list:
     """Every present published checkpoint as one array job (submitit), one task per file.
 
     Args:
         folder: where the files are (default :func:`released_dir`); absent files are skipped.
         executor, work_dir, overrides, partition, sif, log_dir, wait, quiet, runner, dry_run: as in
             :func:`repro.launch.launch` (``runner`` replaces :func:`evaluate_released`).
-        resources: overrides of :data:`repro.jobs.RELEASED_RESOURCES` (``{"gpus": 0}``).
+        resources: overrides of :data:`repro.jobs.RELEASED_RESOURCES` (``{"gpus": 0}``), after the scale's.
+        scale: ``full``, or ``smoke``: every registered file, a missing one replaced by a random-weight stand-in
+            (:func:`repro.standins.released_stand_in`), scored on the first validation images under
+            ``<work>/smoke/`` with the scale's resources.
 
     Returns:
         :class:`repro.launch.LaunchedJob` records (kind ``"released"``), one per present file.
@@ -265,34 +275,43 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     """
     from dataclasses import replace
 
+    from repro.config.scales import get_scale, scale_root
     from repro.jobs import RELEASED_RESOURCES, SIGNAL_DELAY_S, ReleasedJob
-    from repro.launch import LaunchedJob, LaunchError, _executor_kind, _make_executor, _raise_failures, _submit_array
+    from repro.launch import (LaunchedJob, LaunchError, _executor_kind, _make_executor, _raise_failures, _submit_array,
+                              submitting)
     from repro.run import default_work_dir
 
     kind = _executor_kind(executor)
+    try:
+        spec = get_scale(scale)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
-    logs = Path(log_dir).absolute() if log_dir is not None else work / "launch" / "logs"
+    root = scale_root(work, scale)
+    logs = Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
     sif = sif or os.environ.get("REPRO_SIF") or None
     present = [(item, local_path(item, folder).absolute()) for item in load_registry()]
-    present = [(item, path) for item, path in present if path.is_file()]
+    present = [(item, path) for item, path in present if path.is_file() or spec.stand_ins]
     if not present:
         raise LaunchError(f"no published checkpoint found in {Path(folder or released_dir()).absolute()}; "
                           "`repro released list` shows the files and where they are published")
-    res = replace(RELEASED_RESOURCES, **(resources or {}))
-    jobs = [ReleasedJob(item.entry, str(path), str(work), tuple(overrides), sif, quiet, runner) for item, path in present]
+    res = replace(RELEASED_RESOURCES, **{**spec.resources, **(resources or {})})
+    overrides = ((f"scale={scale}",) if scale != "full" else ()) + tuple(overrides)
+    jobs = [ReleasedJob(item.entry, str(path), str(work), overrides, sif, quiet, runner) for item, path in present]
     submitted: list = [None] * len(jobs)
     if not dry_run:
         ex = _make_executor(kind, logs, res, "repro-released", partition=partition,
                             parallelism=len(jobs) if kind == "slurm" else 1, dependency=[], signal_delay_s=SIGNAL_DELAY_S)
-        submitted = _submit_array(ex, kind, jobs, 1)
+        with submitting(f"the released-checkpoint array ({len(jobs)} tasks)", res, partition):
+            submitted = _submit_array(ex, kind, jobs, 1)
     launched = [LaunchedJob("released", item.entry, None, item.name, job) for (item, _), job in zip(present, submitted)]
-    record = work / "launch" / f"released-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record = root / "launch" / f"released-{time.strftime('%Y%m%d-%H%M%S')}.json"
     from repro.evaluate.report import write_json
 
     write_json(record, {"executor": kind, "dry_run": dry_run, "work_dir": str(work), "log_dir": str(logs), "sif": sif,
                         "jobs": [{"name": item.name, "entry": item.entry, "file": str(path),
                                   "job_id": None if j.job is None else j.job_id,
-                                  "metrics": str(released_metrics_path(work, item.entry))}
+                                  "metrics": str(released_metrics_path(work, item.entry, scale))}
                                  for (item, path), j in zip(present, launched)]})
     for item in launched:
         item.record = record

@@ -69,7 +69,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_eval_released(args: argparse.Namespace) -> int:
     from repro.released import evaluate_released, released_metrics_path
 
-    metrics = evaluate_released(args.entry, args.checkpoint, work_dir=args.work_dir, overrides=args.overrides,
+    from repro.cli import scale_overrides
+
+    metrics = evaluate_released(args.entry, args.checkpoint, work_dir=args.work_dir,
+                                overrides=scale_overrides(args) + list(args.overrides),
                                 crf=args.crf, crf_image=args.crf_image, device=args.device, quiet=args.quiet,
                                 force=args.force, extra_globals=args.allow_global)
     s, c = metrics["summary"], metrics["checkpoint"]
@@ -80,7 +83,7 @@ def _cmd_eval_released(args: argparse.Namespace) -> int:
           f"linear mIoU {s['linear_miou']:.2f}")
     if metrics.get("paper"):
         print("  paper:   " + "  ".join(f"{k} {v}" for k, v in metrics["paper"].items()))
-    print(f"metrics: {released_metrics_path(args.work_dir or _default_work(), metrics['entry'])}")
+    print(f"metrics: {released_metrics_path(args.work_dir or _default_work(), metrics['entry'], metrics['scale'])}")
     return 0
 
 
@@ -96,7 +99,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     resources = {k: getattr(args, k) for k in ("gpus", "cpus", "mem_gb", "time_min") if getattr(args, k) is not None}
     launched = launch_released(folder=args.dir, executor=args.executor, work_dir=args.work_dir,
                                overrides=args.overrides, partition=args.partition, sif=args.sif, log_dir=args.log_dir,
-                               wait=args.wait, resources=resources or None, quiet=args.quiet, dry_run=args.dry_run)
+                               wait=args.wait, resources=resources or None, quiet=args.quiet, dry_run=args.dry_run,
+                               scale=args.scale or "full")
     for item in launched:
         print(f"released {'-' if item.job is None else item.job_id:>14s}  {item.data_key} -> {item.entry}")
     print(f"launch record: {launched[0].record}")
@@ -105,6 +109,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def add_released_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``released list|import|launch`` and ``eval-released`` on the ``repro`` subparsers object."""
+    from repro.cli import add_scale_argument
+
     released = subparsers.add_parser("released", help="the published STEGO/DepthG checkpoints").add_subparsers(
         dest="released_command", required=True, metavar="ACTION")
     lst = released.add_parser("list", help="the published checkpoints, where they are published, which are present")
@@ -127,6 +133,7 @@ def add_released_commands(subparsers: argparse._SubParsersAction) -> None:
     lau.add_argument("--sif", help="Apptainer image (default: $REPRO_SIF)")
     lau.add_argument("--log-dir")
     lau.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_scale_argument(lau)
     for name in ("gpus", "cpus", "mem-gb", "time-min"):
         lau.add_argument(f"--{name}", type=int, help="resource request per task (default 1 GPU, 8 CPUs, 32 GB, 120 min)")
     lau.add_argument("--wait", action="store_true")
@@ -140,6 +147,7 @@ def add_released_commands(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--checkpoint", help="the .ckpt file (default: the entry's registered file in $REPRO_WEIGHTS/released)")
     ev.add_argument("--work-dir", help="work folder (default: $REPRO_WORK or ./runs)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_scale_argument(ev)
     ev.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (default: eval.crf)")
     ev.add_argument("--crf-image", choices=["bgr_truncated", "rgb"],
                     help="the CRF image: as the released code builds it (default, eval.crf_image) or the RGB crop")

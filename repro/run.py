@@ -28,6 +28,7 @@ from repro.rundir import check_saved_config as _check_saved_config
 from repro.rundir import record_failure as _status_failed
 from repro.rundir import run_lock as _run_lock
 from repro.rundir import write_status as _status
+from repro.standins import with_stand_ins
 from repro.workdir import (DataPaths, data_key, data_paths, default_work_dir, prepare_data, resolve_entry,  # noqa: F401
                            run_dir_for)
 
@@ -157,6 +158,7 @@ def run_entry(entry: str | Path | ExperimentConfig, *, seed: int | None = None, 
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     config = entry if isinstance(entry, ExperimentConfig) else resolve_entry(entry, seed=seed, overrides=overrides)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    config = with_stand_ins(config, work_dir)
     run_dir = run_dir_for(config, work_dir)
     if _process_rank() > 0:  # accelerate launch: process 0 owns the run folder; this one helps train
         return _run_helper(config, run_dir, work_dir, quiet=quiet, until=until)
@@ -266,6 +268,7 @@ def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, 
         RunBusyError: another live process holds the run folder.
     """
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    config = with_stand_ins(config, work_dir)
     run_dir = run_dir_for(config, work_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():

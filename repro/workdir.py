@@ -33,7 +33,9 @@ import torch
 
 from repro.config.loader import ConfigError, load_config
 from repro.config.schema import ExperimentConfig
+from repro.config.scales import scale_root
 from repro.identity import check_run_name
+from repro.standins import with_stand_ins
 
 __all__ = ["DataPaths", "default_work_dir", "resolve_entry", "data_key", "data_paths", "prepare_data",
            "prepare_val_crops", "run_dir_for", "KNN_DROPOUT_SEED"]
@@ -99,7 +101,8 @@ def _crop_tag(config: ExperimentConfig, *, train: bool) -> str:
     tag = f"{split}-{size}-{'five' if five else 'single'}-{d.resize}"
     if train and five and d.train_crop_codec != "png":  # only five-crops were stored as JPEG
         tag += f"-{d.train_crop_codec}"
-    return tag + ("-void" if d.score_void else "")
+    subset = d.train_subset if train else d.val_subset
+    return tag + ("-void" if d.score_void else "") + (f"-first{subset}" if subset else "")
 
 
 def _tta_tag(d) -> str:
@@ -128,7 +131,7 @@ def data_key(config: ExperimentConfig) -> str:
 def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
     """The shared data folders of a config under ``work_dir`` (named after :func:`data_key`'s parts)."""
     d = config.data
-    base = Path(work_dir) / "data" / d.dataset
+    base = data_root(config, work_dir) / d.dataset
     train, val = _crop_tag(config, train=True), _crop_tag(config, train=False)
     depth = _depth_tag(config) if _uses_depth(config) else None
     knn_drop = f"-drop{d.knn_dropout:g}" if d.knn_dropout else ""
@@ -137,8 +140,9 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
         from repro.data.image_depth import image_depth_store
 
         tag = f"{d.depth_source}-{image_depth_store(d.depth_encoding)}{_tta_tag(d)}"
-        image_depth = {"image_depth": base / f"depth-image-{d.train_split}-{tag}",
-                       "val_image_depth": base / f"depth-image-{d.val_split}-{tag}"}
+        first = {n: f"-first{n}" if n else "" for n in (d.train_subset, d.val_subset)}
+        image_depth = {"image_depth": base / f"depth-image-{d.train_split}{first[d.train_subset]}-{tag}",
+                       "val_image_depth": base / f"depth-image-{d.val_split}{first[d.val_subset]}-{tag}"}
     return DataPaths(
         crops=base / f"crops-{train}",
         depth=base / f"depth-{train}-{depth}" if depth else None,
@@ -164,27 +168,30 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _crop_splits(config: ExperimentConfig, paths: DataPaths) -> tuple[tuple, tuple]:
-    """``(split, folder, size, five_crop, codec)`` of the training and the validation crops."""
+    """``(split, folder, size, five_crop, codec, subset)`` of the training and the validation crops."""
     d = config.data
-    return ((d.train_split, paths.crops, d.crop_size, d.five_crop, d.train_crop_codec),
-            (d.val_split, paths.val_crops, d.val_size, False, "png"))
+    return ((d.train_split, paths.crops, d.crop_size, d.five_crop, d.train_crop_codec, d.train_subset),
+            (d.val_split, paths.val_crops, d.val_size, False, "png", d.val_subset))
 
 
 def _prepare_crops(config: ExperimentConfig, split: str, crops: Path, size: int, five: bool, codec: str,
-                   quiet: bool) -> Path:
+                   subset: int, quiet: bool) -> Path:
     """Crop one split of the config's dataset into ``crops`` (:func:`repro.data.pipeline.prepare_stage`)."""
     from repro.data.pipeline import prepare_stage
 
     d = config.data
-    return prepare_stage(_dataset(config, split), crops, five_crop=five, size=size, resize=d.resize, codec=codec,
+    return prepare_stage(_dataset(config, split, subset), crops, five_crop=five, size=size, resize=d.resize, codec=codec,
                          score_void=d.score_void, progress=not quiet)
 
 
-def _dataset(config: ExperimentConfig, split: str):
-    from repro.data import get_dataset
+def _dataset(config: ExperimentConfig, split: str, subset: int = 0):
+    """The split's adapter; its first ``subset`` images when ``subset`` > 0 (``data.train_subset`` / ``val_subset``)."""
+    from repro.data import FirstImages, get_dataset
 
-    kwargs = {"require_depth": True} if config.data.dataset == "nyuv2" and config.data.depth_source == "sensor" else {}
-    return get_dataset(config.data.dataset, config.data.root, split, **kwargs)
+    d = config.data
+    kwargs = {"require_depth": True} if d.dataset == "nyuv2" and d.depth_source == "sensor" else {}
+    dataset = get_dataset(d.dataset, d.root, split, **kwargs)
+    return FirstImages(dataset, subset) if subset else dataset
 
 
 def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None = None, overrides: Sequence[str] = (),
@@ -208,6 +215,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
     if not isinstance(config, ExperimentConfig):
         config = resolve_entry(config, overrides=overrides)
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    config = with_stand_ins(config, work_dir)
     paths, d = data_paths(config, work_dir), config.data
     timings = {} if timings is None else timings
     weights = os.path.expandvars(d.depth_weights) if d.depth_weights else None
@@ -218,16 +226,17 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         return out
 
-    with _locked(work_dir / "data" / f".{d.dataset}.lock"):
-        for split, crops, size, five, codec in _crop_splits(config, paths):
+    with _locked(data_root(config, work_dir) / f".{d.dataset}.lock"):
+        for split, crops, size, five, codec, subset in _crop_splits(config, paths):
             if not (crops / "index.json").is_file():
-                timed("prepare", _prepare_crops, config, split, crops, size, five, codec, quiet)
+                timed("prepare", _prepare_crops, config, split, crops, size, five, codec, subset, quiet)
         if paths.depth is not None:
             store = image_depth_store(d.depth_encoding)
-            for split, crops, image_depth, out in ((d.train_split, paths.crops, paths.image_depth, paths.depth),
-                                                   (d.val_split, paths.val_crops, paths.val_image_depth, paths.val_depth)):
+            for split, subset, crops, image_depth, out in (
+                    (d.train_split, d.train_subset, paths.crops, paths.image_depth, paths.depth),
+                    (d.val_split, d.val_subset, paths.val_crops, paths.val_image_depth, paths.val_depth)):
                 if d.depth_scope == "image":  # reused when its params match, an error when they do not
-                    timed("depth_image", image_depth_stage, _dataset(config, split), image_depth, source=d.depth_source,
+                    timed("depth_image", image_depth_stage, _dataset(config, split, subset), image_depth, source=d.depth_source,
                           weights=weights, tta=d.depth_tta, store=store, progress=not quiet)
                 timed("depth", depth_stage, crops, out, source=d.depth_source, weights=weights, scope=d.depth_scope,
                       encoding=d.depth_encoding, tta=d.depth_tta, image_depth=image_depth, resize=d.resize,
@@ -258,14 +267,21 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
                                progress=not quiet)
 
 
+def data_root(config: ExperimentConfig, work_dir: str | Path) -> Path:
+    """``<work_dir>/data``, or ``<work_dir>/<scale>/data`` for a scale other than ``full`` (never shared with it)."""
+    return scale_root(work_dir, config.scale) / "data"
+
+
 def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
     """``<work_dir>/<entry>/<fidelity>/seed<S>``: the two fidelities of an entry never share a folder.
+
+    Runs of a scale other than ``full`` go to ``<work_dir>/<scale>/<entry>/<fidelity>/seed<S>``.
 
     Raises:
         ConfigError: a run name that would leave the work folder (:func:`repro.identity.check_run_name`).
     """
     name = check_run_name(config.name or "unnamed")
-    return Path(work_dir) / name / config.fidelity / f"seed{config.train.seed}"
+    return scale_root(work_dir, config.scale) / name / config.fidelity / f"seed{config.train.seed}"
 
 
 def prepare_val_crops(config: ExperimentConfig, work_dir: str | Path, *, quiet: bool = False) -> Path:
@@ -276,8 +292,8 @@ def prepare_val_crops(config: ExperimentConfig, work_dir: str | Path, *, quiet: 
     """
     work_dir = Path(work_dir)
     paths = data_paths(config, work_dir)
-    split, crops, size, five, codec = _crop_splits(config, paths)[1]
-    with _locked(work_dir / "data" / f".{config.data.dataset}.lock"):
+    split, crops, size, five, codec, subset = _crop_splits(config, paths)[1]
+    with _locked(data_root(config, work_dir) / f".{config.data.dataset}.lock"):
         if not (crops / "index.json").is_file():
-            _prepare_crops(config, split, crops, size, five, codec, quiet)
+            _prepare_crops(config, split, crops, size, five, codec, subset, quiet)
     return crops

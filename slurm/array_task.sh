@@ -14,7 +14,12 @@
 #   SEEDS                 seeds per entry and fidelity (default 3)
 #   REPRO_WORK            work folder shared by all tasks (default ./runs, relative to the
 #                         submission folder)
-#   REPRO_SIF             Apptainer image; unset: run `repro` from the host environment
+#   SCALE                 full (default) or smoke: a dress rehearsal of every stage on a few images
+#                         (repro/config/scales.yaml); SEEDS then defaults to 1. Ask for what it needs:
+#                         SCALE=smoke sbatch --gpus-per-node=0 --cpus-per-task=1 --mem=6G --time=30 slurm/<dataset>.sh
+#   VENV                  the environment `make setup VENV=...` made (default: the checkout's .venv)
+#   REPRO_SIF             Apptainer image; unset: $VENV/bin/repro (`make setup`), else
+#                         `repro` on PATH; when none exists the task stops at once with the fix
 #   REPRO_APPTAINER_ARGS  extra `apptainer exec` options, e.g. "--bind /datasets"
 #   REPRO_SET             extra config overrides, space-separated key=value pairs
 #                         (e.g. "train.max_steps=100 eval.crf=false")
@@ -27,6 +32,27 @@
 
 set -uo pipefail
 
+# Find repro before any work: the image, the checkout's environment, or PATH.
+root=${REPRO_ROOT:-${SLURM_SUBMIT_DIR:-.}}
+if [[ -n "${REPRO_SIF:-}" ]]; then
+    if [[ ! -f "$REPRO_SIF" ]]; then
+        echo "repro: error: REPRO_SIF=${REPRO_SIF} does not exist; build it (make sif) or unset REPRO_SIF to use ${root}/.venv" >&2
+        exit 2
+    fi
+    if ! command -v apptainer > /dev/null; then
+        echo "repro: error: REPRO_SIF is set but apptainer is not on this node's PATH; load it (e.g. module load apptainer) or unset REPRO_SIF" >&2
+        exit 2
+    fi
+    repro_bin=repro
+elif [[ -x "${VENV:-${root}/.venv}/bin/repro" ]]; then
+    repro_bin=$(realpath -s "${VENV:-${root}/.venv}/bin/repro")
+elif command -v repro > /dev/null; then
+    repro_bin=$(command -v repro)
+else
+    echo "repro: error: no repro for this task: run \`make setup\` in ${root} (creates .venv/bin/repro), or set REPRO_SIF to the Apptainer image (make sif), or put repro on PATH" >&2
+    exit 2
+fi
+
 if [[ -n "${ENTRIES:-}" ]]; then
     read -r -a entries <<< "$ENTRIES"
 else
@@ -37,7 +63,12 @@ case "${FIDELITY:-both}" in
     paper|released) fidelities=("$FIDELITY") ;;
     *) echo "FIDELITY must be paper, released or both, got '${FIDELITY}'" >&2; exit 2 ;;
 esac
-seeds=${SEEDS:-3}
+scale=${SCALE:-full}
+case "$scale" in
+    full) seeds=${SEEDS:-3} ;;
+    smoke) seeds=${SEEDS:-1} ;;
+    *) echo "repro: error: SCALE must be full or smoke, got '${scale}'" >&2; exit 2 ;;
+esac
 task=${SLURM_ARRAY_TASK_ID:-0}
 per_entry=$(( ${#fidelities[@]} * seeds ))
 total=$(( ${#entries[@]} * per_entry ))
@@ -50,7 +81,7 @@ fidelity=${fidelities[(task / seeds) % ${#fidelities[@]}]}
 seed=$(( task % seeds ))
 work=$(realpath -m "${REPRO_WORK:-runs}")
 
-cmd=(repro run "$entry" --fidelity "$fidelity" --seed "$seed" --work-dir "$work")
+cmd=("$repro_bin" run "$entry" --fidelity "$fidelity" --seed "$seed" --work-dir "$work" --scale "$scale")
 read -r -a overrides <<< "${REPRO_SET:-}"
 for kv in "${overrides[@]}"; do
     cmd+=(--set "$kv")

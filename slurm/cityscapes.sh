@@ -1,16 +1,18 @@
 #!/bin/bash
 # Cityscapes-27 (DepthG Table 2): every entry x SEEDS seeds as one SLURM array job.
 #
-# Submit from the repository root (the task logic lives in slurm/array_task.sh):
-#   mkdir -p logs/repro-cityscapes            # SLURM does not create the log folder
+# Submit from the repository root (the task logic lives in slurm/array_task.sh); first the dress rehearsal
+# (SCALE=smoke: every stage of every entry on a few images, one seed, minutes per task on one CPU), then the real run:
+#   SCALE=smoke sbatch --gpus-per-node=0 --cpus-per-task=1 --mem=6G --time=30 slurm/cityscapes.sh
 #   sbatch slurm/cityscapes.sh                # all 3 entries below x 2 fidelities x 3 seeds = 18 tasks
 #   sbatch --array=0-5 --export=ALL,ENTRIES="table2/depthg-vitb8" slurm/cityscapes.sh
 #
 # Task i runs entry i / (FIDELITIES x SEEDS) of the list, fidelity (i / SEEDS) % FIDELITIES and seed
 # i % SEEDS (FIDELITY=both: paper, released; or one of them); with other ENTRIES, FIDELITY or SEEDS
 # pass a matching --array=0-(entries x fidelities x SEEDS - 1) (extra indices exit at once).
-# Environment: ENTRIES, FIDELITY (both), SEEDS (3), REPRO_WORK (./runs), REPRO_SIF (Apptainer image; unset:
-# the host's `repro`), REPRO_APPTAINER_ARGS, REPRO_SET ("key=value key=value" overrides);
+# Environment: SCALE (full; smoke), ENTRIES, FIDELITY (both), SEEDS (3; 1 at SCALE=smoke), REPRO_WORK (./runs),
+# REPRO_SIF (Apptainer image; unset: the checkout's .venv/bin/repro from `make setup`, else `repro` on PATH),
+# REPRO_APPTAINER_ARGS, REPRO_SET ("key=value key=value" overrides);
 # see slurm/array_task.sh. Any #SBATCH option can be overridden on the sbatch command line.
 # Log of each task: logs/repro-cityscapes/<array job id>_<task index>.out (appended across requeues).
 # Tasks sharing a dataset compute its crops, depth, shards and kNN once (under a file lock);

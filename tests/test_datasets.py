@@ -141,7 +141,8 @@ def test_potsdam_iic_mat_layout(tmp_path):
     s = ds[0]
     np.testing.assert_array_equal(s.image, img[:, :, :3])
     np.testing.assert_array_equal(s.label, np.array([[0, 1, 2, 2, 0, 1]] * 5).T)
-    assert Potsdam3(tmp_path, "unlabelled_train", layout="iic")[0].label is None
+    unlabelled = Potsdam3(tmp_path, "unlabelled_train", layout="iic")[0]  # STEGO: 255 -> -1 everywhere
+    assert unlabelled.label.shape == (6, 5) and (unlabelled.label == IGNORE).all() and unlabelled.meta["unlabelled"]
     with pytest.raises(MissingFileError, match="labelled_train.txt"):
         Potsdam3(tmp_path, "train", layout="iic")
 
@@ -225,7 +226,7 @@ def test_nyuv2_depthg_layout_reads_back_like_the_png_layout(nyu, shared_data, tm
     assert train.key == "nyuv2_train_0003" and train.label.max() == 12
     np.testing.assert_array_equal(train.depth, np.float32(6.5535))
     report = verify_dataset("nyuv2", tmp_path)
-    assert "FAIL test: expected 654 test RGB+label images, found 10" in report.lines
+    assert report.ok and "ok   test: subset: 10 of 654 images, layout OK" in report.lines
     assert "info test: 5 images without a sensor depth file (depth=None)" in report.lines
     with pytest.raises(MissingFileError, match="split"):  # the PNG layout cannot read DepthG's folders
         NYUv2(tmp_path, "test", layout="png")
@@ -247,7 +248,7 @@ def test_coco_curated_lists_counts_and_checksums(shared_data):
     json_path = curated / "fine_to_coarse_dict.json"
     assert hashlib.sha256(json_path.read_bytes()).hexdigest() == sha["fine_to_coarse_dict.json"]
     report = verify_dataset("cocostuff27", curated, splits=["val"])
-    assert sum("sha256 matches" in line for line in report.lines) == 3
+    assert sum("sha256 matches" in line for line in report.lines) == 2  # the json and the checked val list
     assert any("expected 2,175 ids in the curated list, found 2,175" in line for line in report.lines)
 
 
@@ -297,7 +298,8 @@ def test_coco_verify_reports_first_missing(fake_coco):
     assert not report.ok
     missing = [line for line in report.lines if "first missing" in line]
     assert missing and f"found 1; first missing: {ids[1]}" in missing[0]
-    assert any("sha256" in line and line.startswith("FAIL") for line in report.lines)  # 2-line list != PiCIE's
+    assert not report.subsets  # a listed file missing: a broken copy, never a subset
+    assert any("a subset list" in line and line.startswith("info") for line in report.lines)  # 2 of 2,175 ids
 
 
 # ---------------------------------------------------------------- bad input, registry, manifests

@@ -76,3 +76,19 @@ def test_bad_arguments():
         guidance_factor(1, 0, 0.6)
     with pytest.raises(ValueError):
         feature_samples_schedule(1, 0)
+
+
+@pytest.mark.parametrize("fidelity", ["paper", "released"])
+def test_every_registered_entry_has_a_feature_sample_schedule_in_both_fidelities(fidelity):
+    """The trainer's call, for every entry: supp4/n6 in the released profile had no factor (a crash at step 0)."""
+    from repro.config import list_entries, load_entry
+
+    for name in list_entries():
+        s = load_entry(name, [f"fidelity={fidelity}"])
+        ns = [feature_samples_schedule(step, s.sampling.feature_samples, decrease_every=s.sampling.decrease_every,
+                                       n_min=s.sampling.n_min, released_n_start=s.sampling.released_n_start,
+                                       released_factor=s.sampling.released_factor, step_unit=s.train.step_unit)
+              for step in (0, 1, 3001, 6999)]
+        assert all(1 <= n <= s.sampling.feature_samples for n in ns), (name, ns)
+        if fidelity == "released" and s.method == "depthg" and s.sampling.decrease_every:
+            assert s.sampling.released_factor is not None, name

@@ -162,8 +162,10 @@ ITEMS: tuple[Item, ...] = (
     Item("R9", "step counting",
          "7000 steps = 7000 batches",
          "Lightning 2.0.1 with 3 optimisers: 3 counter steps per batch (7000 -> 2334 batches), schedules on the "
-         "counter; STEGO's own runs: one step per batch",
+         "counter, N decayed as int(N x fps_sample_decay_factor), 0.9 where the run script sets no factor "
+         "(src/configs/train_config.yml); STEGO's own runs: one step per batch",
          (Setting("train.step_unit", "batch", "released", when=_when(method="depthg")),
+          Setting("sampling.released_factor", released=0.9, when=_when(method="depthg")),
           Setting("train.step_unit", "batch", "batch", when=_when(method=("stego", "dino"))))),
     Item("R10", "random negatives",
          "a shuffled batch in which no image meets itself, read at its own samples",
@@ -211,12 +213,18 @@ ITEMS: tuple[Item, ...] = (
          "not stated (repro: bf16 autocast on a GPU)",
          "fp32",
          (Setting("train.precision", "bf16", "fp32"),)),
+    Item("R17", "Potsdam unlabelled tiles",
+         "not stated (the unlabelled_train tiles of IIC's Potsdam have no gt file)",
+         "src/data.py Potsdam: a missing gt .mat (any split) becomes to_pil_image(torch.ones) = 255, mapped to -1: "
+         "an all-ignored label map, scored nowhere",
+         fact="a tile without gt in unlabelled_train / all is all -1 (ignored), as released; in labelled_train / "
+              "labelled_test a missing gt file is an error (STEGO would ignore the tile silently)"),
 )
 """SPEC section 7, item by item."""
 
 
 def item_ids() -> list[str]:
-    """``["R1", ..., "R16"]``."""
+    """``["R1", ..., "R17"]``."""
     return [item.id for item in ITEMS]
 
 

@@ -1,8 +1,9 @@
 """Load, merge and validate experiment configs (YAML -> :class:`ExperimentConfig`).
 
 Layers, later wins: ``base.yaml`` (shipped with the package), the fidelity profile's behaviour
-switches, the experiment file, the profile's entry-dependent values, then ``key.sub=value``
-overrides from the command line (:mod:`repro.config.fidelity` explains the profile layers). Each
+switches, the experiment file, the profile's entry-dependent values, the scale's layer
+(:mod:`repro.config.scales`; none for ``scale: full``), then ``key.sub=value`` overrides from the
+command line (:mod:`repro.config.fidelity` explains the profile layers). Each
 layer is validated on its own, so an unknown key, a wrong type or a value out of range names the
 file (or "command line") it came from.
 """
@@ -19,6 +20,7 @@ import yaml
 
 from repro.atomic import atomic_path
 from repro.config.fidelity import PROFILES, item_ids, profile_layers
+from repro.config.scales import FULL, SCALES_FILE, get_scale
 from repro.config.schema import ExperimentConfig
 
 __all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "BASE_CONFIG", "RANGES"]
@@ -27,6 +29,7 @@ BASE_CONFIG = Path(__file__).with_name("base.yaml")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("depthg", "stego", "dino"),
+    "scale": ("full", "smoke"),
     "fidelity": ("paper", "released"),
     "data.dataset": ("cocostuff27", "cityscapes27", "potsdam3", "nyuv2"),
     # kbr, mde_features, semseg: guidance sources of DepthG Table 5 / supplement Table 3 that the depth
@@ -59,6 +62,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "data.shard_size": (1, None, "crops per shard"),
     "data.num_neighbors": (1, None, "the partner is drawn from ranks 1..num_neighbors"),
     "data.knn_k": (2, None, "neighbours kept per crop"),
+    "data.train_subset": (0, None, "images (0 = every image of the split)"),
+    "data.val_subset": (0, None, "images (0 = every image of the split)"),
     "data.knn_dropout": (0.0, 0.99, "a dropout probability"),
     "model.code_dim": (1, None, "code channels Q"),
     "model.dropout": (0.0, 0.99, "a dropout probability"),
@@ -230,10 +235,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         return _build(ExperimentConfig, entry)
     fidelity, items = entry.get("fidelity", "paper"), entry.get("fidelity_items", {})
     unconditional, conditional = profile_layers(fidelity, entry, items)
+    scale = get_scale(entry.get("scale", FULL))
+    scaled = [checked(f"{SCALES_FILE.name} ({scale.name})", scale.config)] if scale.config else []
     merged: dict = {}
-    for _, data in base_layers + unconditional + file_layers + conditional + cli:
+    for _, data in base_layers + unconditional + file_layers + conditional + scaled + cli:
         merged = _merge(merged, data)
-    merged["fidelity_deviations"] = _deviations(merged, unconditional + conditional)
+    merged["fidelity_deviations"] = _deviations(merged, unconditional + conditional + scaled)
     return _build(ExperimentConfig, merged)
 
 

@@ -47,6 +47,8 @@ class DataConfig:
     shard_size: int = 1000
     num_neighbors: int = 7  # positive drawn uniformly from kNN ranks 1..num_neighbors
     knn_k: int = 30
+    train_subset: int = 0  # 0 = every image of train_split; N = its first N images (the smoke scale)
+    val_subset: int = 0  # 0 = every image of val_split; N = its first N images (the smoke scale)
 
 
 @dataclass
@@ -162,6 +164,7 @@ class ExperimentConfig:
     description: str = ""
     method: str = "depthg"  # depthg | stego | dino (raw backbone features, no head training)
     fidelity: str = "paper"  # paper | released (SPEC sections 7 and 9; repro.config.fidelity)
+    scale: str = "full"  # full | smoke (repro/config/scales.yaml: a config layer and the jobs' resources)
     fidelity_items: dict[str, str] = field(default_factory=dict)  # per-item profile, e.g. {R4: paper}
     fidelity_deviations: dict[str, str] = field(default_factory=dict)  # written by the loader: key -> what differs
     data: DataConfig = field(default_factory=DataConfig)

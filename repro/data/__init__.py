@@ -14,12 +14,13 @@ from repro.data.manifest import VerifyReport, load_manifest, verify_dataset
 from repro.data.nyuv2 import NYUv2
 from repro.data.potsdam import Potsdam3, potsdam_merge_6_to_3
 from repro.data.registry import DATASETS, get_dataset
-from repro.data.sample import IGNORE, DatasetError, Sample
+from repro.data.sample import IGNORE, DatasetError, FirstImages, Sample
 
 __all__ = [
     "IGNORE",
     "Sample",
     "DatasetError",
+    "FirstImages",
     "CocoStuff27",
     "Cityscapes27",
     "Potsdam3",

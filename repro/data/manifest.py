@@ -4,6 +4,9 @@ A manifest records class names, ignore handling, split sizes, the expected layou
 small list files and where to download everything. :func:`verify_dataset` compares a local copy
 with it and returns human-readable lines such as
 ``"FAIL train: expected 49,629 image+label pairs, found 49,100; first missing: 000000000139 (...)"``.
+A copy that holds fewer images than the published split, every one of them complete (its lists name
+only files that exist), is a subset: ``"ok   val: subset: 8 of 2,175 images, layout OK"``, distinct
+from a broken copy (a listed file missing), which stays a failure.
 Existence checks list each folder once (``os.scandir``) and test set membership, so checking the
 52k COCO files takes well under a second on a local disk.
 """
@@ -17,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from repro.data.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, list_frames
+from repro.data.cocostuff import check_mapping_file, find_mapping_file, read_id_list
 from repro.data.cocostuff import label_dir as coco_label_dir
-from repro.data.cocostuff import read_id_list
 from repro.data.nyuv2 import NYUv2
 from repro.data.potsdam import IIC_SPLIT_FILES
 from repro.data.sample import DatasetError
@@ -26,6 +29,9 @@ from repro.errors import MissingFileError
 from repro.identity import file_sha256
 
 __all__ = ["VerifyReport", "load_manifest", "manifest_dir", "verify_dataset"]
+
+STEGO_FULL_LIST = "Coco164kFull_Stuff_Coarse.txt"
+"""The curated list of STEGO's ``cocostuff/`` copy that its ``Coco`` dataset reads with ``subset=None``."""
 
 
 def manifest_dir() -> Path:
@@ -65,12 +71,31 @@ class VerifyReport:
         root: the checked root folder.
         ok: True if every check passed.
         lines: one human-readable line per check, prefixed ``"ok  "``, ``"FAIL"`` or ``"info"``.
+        subsets: ``{split: (found, published)}`` for every split that holds fewer images than the
+            published one, all of them complete.
     """
 
     name: str
     root: str
     ok: bool = True
     lines: list[str] = field(default_factory=list)
+    subsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def subset(self, split: str, found: int, expected: int) -> None:
+        """Record a split that is a complete subset of the published one (does not affect ``ok``)."""
+        self.subsets[split] = (found, expected)
+        self.lines.append(f"ok   {split}: subset: {found:,} of {expected:,} images, layout OK")
+
+    def summary(self) -> str:
+        """One closing line: ``layout OK`` (complete), ``subset: N of M images, layout OK`` or ``FAILED``."""
+        if not self.ok:
+            return f"{self.name}: FAILED: the copy at {self.root} is broken (see the FAIL lines)"
+        if self.subsets:
+            found = sum(f for f, _ in self.subsets.values())
+            expected = sum(e for _, e in self.subsets.values())
+            return (f"{self.name}: subset: {found:,} of {expected:,} images, layout OK "
+                    f"(splits {', '.join(self.subsets)} hold fewer images than published)")
+        return f"{self.name}: layout OK"
 
     def check(self, passed: bool, message: str) -> bool:
         """Record one check; a failure makes the report not ok."""
@@ -99,23 +124,38 @@ def _count_line(report: VerifyReport, split: str, what: str, expected: int | Non
         report.info(f"{split}: found {found:,} {what} (no expected count in the manifest){tail}")
         if first_missing:
             report.check(False, f"{split}: listed files missing{tail}")
+    elif 0 < found < expected and not first_missing:
+        report.subset(split, found, expected)
     else:
         report.check(found == expected and not first_missing,
                      f"{split}: expected {expected:,} {what}, found {found:,}{tail}")
 
 
-def _check_files(report: VerifyReport, manifest: dict, bases: dict[str, Path]) -> None:
-    for entry in manifest.get("files") or []:
-        path = bases[entry.get("base", "root")] / entry["path"]
-        if not report.check(path.is_file(), f"{entry['path']}: {'present' if path.is_file() else f'missing ({path})'}"):
-            continue
+def _verify_coco_mapping(report: VerifyReport, m: dict, curated_root: Path) -> None:
+    """The optional fine_to_coarse_dict: absent -> the shipped table; present -> it must agree with it."""
+    path = find_mapping_file(curated_root)
+    if path is None:
+        report.info("fine_to_coarse_dict.json/.pickle not present: repro's shipped 182->27 table is used "
+                    "(the one STEGO hard-codes in src/data.py)")
+        return
+    try:
+        check_mapping_file(path)
+    except DatasetError as exc:
+        report.check(False, str(exc))
+        return
+    report.check(True, f"{path.name}: agrees with the shipped 182->27 table")
+    recorded = {e["path"]: e["sha256"] for e in m.get("files") or []}
+    if path.name in recorded:
         digest = file_sha256(path)
-        report.check(digest == entry["sha256"], f"{entry['path']}: sha256 "
-                     + ("matches" if digest == entry["sha256"] else f"{digest} != manifest {entry['sha256']}"))
+        if digest == recorded[path.name]:
+            report.check(True, f"{path.name}: sha256 matches")
+        else:
+            report.info(f"{path.name}: sha256 {digest} differs from the manifest's (same mapping, other encoding)")
 
 
 def _verify_coco(report: VerifyReport, m: dict, root: Path, splits: list[str], curated_root: Path) -> None:
-    _check_files(report, m, {"root": root, "curated_root": curated_root})
+    _verify_coco_mapping(report, m, curated_root)
+    recorded = {e["path"]: e["sha256"] for e in m.get("files") or []}
     for split in splits:
         spec = m["splits"][split]
         list_path = curated_root / spec["id_list"]
@@ -123,8 +163,24 @@ def _verify_coco(report: VerifyReport, m: dict, root: Path, splits: list[str], c
                             + ("present" if list_path.is_file() else f"missing ({list_path})")):
             continue
         ids = read_id_list(list_path)
-        report.check(len(ids) == spec["count"], f"{split}: expected {spec['count']:,} ids in the curated list, "
-                     f"found {len(ids):,}")
+        shorter = len(ids) < spec["count"]
+        if not shorter:
+            report.check(len(ids) == spec["count"], f"{split}: expected {spec['count']:,} ids in the curated "
+                         f"list, found {len(ids):,}")
+        if spec["id_list"] in recorded:
+            digest = file_sha256(list_path)
+            if digest == recorded[spec["id_list"]]:
+                report.check(True, f"{spec['id_list']}: sha256 matches")
+            elif shorter:
+                report.info(f"{split}: the curated list names {len(ids):,} of the {spec['count']:,} published ids "
+                            "(a subset list, so its sha256 differs from the published file's)")
+            else:
+                report.check(False, f"{spec['id_list']}: sha256 {digest} != manifest {recorded[spec['id_list']]}")
+        stego_list = curated_root / "curated" / spec["folder"] / STEGO_FULL_LIST
+        if split == "train" and stego_list.is_file():
+            report.info(f"train: curated/{spec['folder']}/{STEGO_FULL_LIST} ({len(read_id_list(stego_list)):,} ids) "
+                        "is the list STEGO's code trains cocostuff27 on (src/data.py Coco, subset None); repro "
+                        f"reads {spec['id_list']} (SPEC section 3)")
         image_dir = root / "images" / spec["folder"]
         label_dir = coco_label_dir(root, spec["folder"])
         images, labels = _names(image_dir), _names(label_dir)
@@ -181,9 +237,8 @@ def _verify_potsdam(report: VerifyReport, m: dict, root: Path, splits: list[str]
                     first = f"{i} ({'imgs' if f'{i}.mat' not in imgs else 'gt'}/{i}.mat)"
             _count_line(report, stem, "ids" + (" with image+gt" if labelled else " with image"),
                         spec.get("count"), found, first)
-            if spec.get("count") is not None:
-                report.check(len(ids) == spec["count"],
-                             f"{stem}: expected {spec['count']:,} ids listed, found {len(ids):,}")
+            if spec.get("count") is not None and len(ids) > spec["count"]:
+                report.check(False, f"{stem}: expected {spec['count']:,} ids listed, found {len(ids):,}")
     elif (root / "img_dir").is_dir():
         report.info("layout: mmseg (img_dir/, ann_dir/)")
         subs = [s for s in (splits or list(m.get("mmseg_splits", {}))) if (root / "img_dir" / s).is_dir()]
@@ -234,7 +289,8 @@ def verify_dataset(name: str, root: str | Path, *, splits: list[str] | None = No
         curated_root: COCO only: folder with ``curated/`` and the json (default ``root``).
 
     Returns:
-        A :class:`VerifyReport`; ``ok`` is False if any check failed (a missing root included).
+        A :class:`VerifyReport`; ``ok`` is False if any check failed (a missing root included); a
+        split with fewer images than published, all complete, is recorded in ``subsets`` and stays ok.
 
     Raises:
         MissingFileError: if the manifest itself is missing.

@@ -10,8 +10,16 @@ Two layouts are read:
 
   Assumption (documented, not verifiable here): the IIC ``gt`` uses the ISPRS class order
   0 impervious surfaces, 1 building, 2 low vegetation, 3 tree, 4 car, 5 clutter, which is what
-  STEGO's merge ``{0, 4} -> 0, {1, 5} -> 1, {2, 3} -> 2`` implies. Ids of ``unlabelled_*``
-  splits have no ``gt`` file and yield ``label=None``.
+  STEGO's merge ``{0, 4} -> 0, {1, 5} -> 1, {2, 3} -> 2`` implies.
+
+  Unlabelled tiles (the ``unlabelled_train`` ids, also listed in ``all``) have no ``gt`` file. As in
+  STEGO's ``Potsdam.__getitem__`` (``src/data.py``; DepthG's is the same), whose ``FileNotFoundError``
+  branch substitutes ``to_pil_image(torch.ones(1, H, W))``, i.e. the value 255 everywhere, which its
+  ``fine_to_coarse`` maps to -1, such a tile gets a label map of :data:`IGNORE` (-1) everywhere: the
+  evaluation counts no pixel of it (STEGO's metrics keep ``0 <= label < n_classes``). STEGO does this
+  for any missing gt file; here only the splits that hold unlabelled tiles (``unlabelled_*``, ``all``)
+  do, and a missing gt file of ``labelled_train`` / ``labelled_test`` is an error (a broken copy;
+  fidelity item R17).
 
 * ``"mmseg"`` (mmsegmentation's converted Potsdam: 512x512 PNG crops)::
 
@@ -41,6 +49,9 @@ POTSDAM3_CLASS_NAMES: tuple[str, ...] = ("roads and cars", "buildings and clutte
 _MERGE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
 # STEGO's split names -> IIC split list files (any other name <s> reads <s>.txt).
 IIC_SPLIT_FILES = {"train": "labelled_train", "val": "labelled_test", "test": "labelled_test"}
+UNLABELLED_TILE_VALUE = 255
+"""Label value STEGO substitutes for a tile without a gt file (``to_pil_image`` of a float one: 255),
+mapped by its ``fine_to_coarse`` (``255: -1``) to the ignore value."""
 FIX = ("get IIC's preprocessed Potsdam-3 (imgs/, gt/, *.txt; see data_manifests/potsdam3.yaml) or the "
        "ISPRS 2D semantic labeling Potsdam data (registration) converted with mmsegmentation")
 
@@ -117,7 +128,8 @@ class Potsdam3(BaseDataset):
     Args:
         root: dataset folder (see module docstring).
         split: IIC: ``"train"`` (labelled_train), ``"val"``/``"test"`` (labelled_test), or the
-            stem of any ``root/<split>.txt`` (``"unlabelled_train"``, ``"all"``). mmseg: the
+            stem of any ``root/<split>.txt`` (``"unlabelled_train"``, ``"all"``; their tiles without a
+            gt file are all :data:`IGNORE`, see the module docstring). mmseg: the
             subfolder ``img_dir/<split>/`` if it exists, else the flat ``img_dir/``.
         layout: ``"iic"``, ``"mmseg"`` or ``"auto"`` (``imgs/`` -> iic, ``img_dir/`` -> mmseg).
 
@@ -143,6 +155,7 @@ class Potsdam3(BaseDataset):
             require_file(self.split_file, f"Potsdam-3 split list for split {split!r}", FIX)
             require_dir(self.root / "imgs", "Potsdam-3 imgs/ folder", FIX)
             ids = sorted({ln.strip() for ln in self.split_file.read_text().splitlines() if ln.strip()})
+            self.may_lack_gt = not self.split_file.stem.startswith("labelled")
             self._items = [{"key": make_key(self.name, split, i), "id": i} for i in ids]
         else:
             img_dir = require_dir(self.root / "img_dir", "Potsdam img_dir/ folder", FIX)
@@ -159,8 +172,9 @@ class Potsdam3(BaseDataset):
             image_path = self.root / "imgs" / f"{item['id']}.mat"
             label_path = self.root / "gt" / f"{item['id']}.mat"
             image = _iic_rgb(read_mat_array(image_path, "img", "Potsdam-3 image .mat"), image_path)
-            if not label_path.is_file() and self.split.startswith("unlabelled"):
-                label = None
+            if not label_path.is_file() and self.may_lack_gt:
+                label = np.full(image.shape[:2], IGNORE, np.int64)  # STEGO: 255 -> fine_to_coarse[255] = -1
+                meta["unlabelled"] = True
             else:
                 raw = read_mat_array(label_path, "gt", "Potsdam-3 ground-truth .mat")
                 label = self._merge(np.squeeze(raw) if raw.ndim == 3 else raw, label_path, "iic")
@@ -170,7 +184,7 @@ class Potsdam3(BaseDataset):
             image = read_rgb(image_path, "Potsdam image", FIX)
             label = self._merge(read_png(label_path, "Potsdam ann_dir label", FIX), label_path, "mmseg")
         meta["image"] = self._rel(image_path)
-        if label is not None:
+        if not meta.get("unlabelled"):
             meta["label"] = self._rel(label_path)
         return Sample(item["key"], image, label, None, meta), {"image": image_path, "label": label_path}
 

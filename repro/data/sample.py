@@ -29,6 +29,7 @@ __all__ = [
     "read_rgb",
     "read_png",
     "validate_sample",
+    "FirstImages",
 ]
 
 IGNORE = -1
@@ -262,3 +263,34 @@ class BaseDataset:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+class FirstImages:
+    """The first ``n`` samples of an adapter, in its sorted key order (the smoke scale's subset rule).
+
+    Args:
+        dataset: a :class:`BaseDataset`.
+        n: how many samples to keep (a split with fewer keeps all of them).
+
+    Raises:
+        ValueError: ``n`` < 1.
+    """
+
+    def __init__(self, dataset: BaseDataset, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"a subset needs at least one image, got n={n}")
+        self.dataset, self.n = dataset, min(n, len(dataset))
+        self.name, self.split, self.root = dataset.name, dataset.split, dataset.root
+        self.num_classes, self.class_names = dataset.num_classes, dataset.class_names
+
+    def __len__(self) -> int:
+        return self.n
+
+    def keys(self) -> list[str]:
+        """The kept keys (a prefix of ``dataset.keys()``)."""
+        return self.dataset.keys()[: self.n]
+
+    def __getitem__(self, i: int) -> Sample:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"{self.name}/{self.split}: index {i} out of range for the first {self.n} samples")
+        return self.dataset[i % self.n]

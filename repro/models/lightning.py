@@ -44,6 +44,7 @@ from repro.models.safe_load import (
 __all__ = [
     "CheckpointFormatError", "CheckpointLayoutError", "UnsafeCheckpointError", "allowed_globals", "LightningCheckpoint",
     "ReleasedModel", "read_lightning_checkpoint", "check_layout", "convert_checkpoint", "load_released",
+    "write_random_checkpoint",
 ]
 
 
@@ -308,3 +309,40 @@ def convert_checkpoint(ckpt: LightningCheckpoint) -> ReleasedModel:
 def load_released(path: str | Path, *, extra_globals: Iterable[str] = ()) -> ReleasedModel:
     """:func:`read_lightning_checkpoint` then :func:`convert_checkpoint`."""
     return convert_checkpoint(read_lightning_checkpoint(path, extra_globals=extra_globals))
+
+
+def write_random_checkpoint(out: str | Path, *, arch: str, code_dim: int, n_classes: int, dataset_name: str,
+                            depthg: bool = False, lhp: bool = False, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint in the published Lightning layout (2.0.1.post0 top-level keys).
+
+    For smoke runs and tests on machines without the published files: it reads through exactly the
+    path of a published one (:func:`load_released`), but its scores are meaningless.
+
+    Args:
+        out: the file (written atomically).
+        arch: ``vit_small_patch8`` or ``vit_base_patch8``.
+        code_dim: Q. n_classes: K. dataset_name: the released ``cfg.dataset_name`` (e.g. ``cocostuff27``).
+        depthg: add DepthG's guidance keys to the cfg. lhp: add ``lhp_module.projection_head``.
+        seed: seed of the weights.
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+    """
+    from repro.atomic import atomic_path
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = _expected_shapes(arch, code_dim, n_classes, 0)
+    if lhp:
+        shapes.update({k: (code_dim, code_dim, 1, 1) if v == "qq11" else (code_dim,) for k, v in _LHP_SHAPES.items()})
+    state = {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in shapes.items()}
+    model_type, patch = arch.rsplit("_patch", 1)
+    cfg: dict[str, Any] = {"model_type": model_type, "dino_patch_size": int(patch), "arch": "dino",
+                           "dino_feat_type": "feat", "projection_type": "nonlinear", "dim": code_dim,
+                           "continuous": True, "extra_clusters": 0, "dataset_name": dataset_name}
+    if depthg:
+        cfg.update({"use_depth": True, "depth_feat_weight": 0.0, "depth_feat_shift": 0.0})
+    payload = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "2.0.1.post0", "state_dict": state,
+               "hyper_parameters": {"n_classes": n_classes, "cfg": cfg}}
+    with atomic_path(out) as tmp:
+        torch.save(payload, tmp)
+    return Path(out)

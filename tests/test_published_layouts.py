@@ -297,3 +297,16 @@ def test_fakes_are_deterministic(tmp_path):
                 np.testing.assert_array_equal(ma[key], mb[key])
             else:
                 assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_write_all_gives_a_data_root_that_verifies(tmp_path):
+    written = pub.write_all(tmp_path / "data", n_train=3, n_val=2)
+    for name in ("cocostuff27", "cityscapes27", "potsdam3"):
+        report = verify_dataset(name, written[name])
+        assert report.ok and report.subsets, (name, report.lines)
+    out = tmp_path / "data" / "nyuv2"
+    meta = written["nyuv2-published"] / "nyuv2-meta-data"
+    assert main(["data", "convert", "nyuv2", "--mat", str(written["nyuv2-published"] / "nyu_depth_v2_labeled.mat"),
+                 "--splits", str(written["nyuv2-published"] / "splits.mat"), "--labels13",
+                 str(meta / "classMapping40.mat"), str(meta / "class13Mapping.mat"), "--out", str(out), "--quiet"]) == 0
+    assert verify_dataset("nyuv2", out).subsets == {"train": (3, 795), "test": (2, 654)}

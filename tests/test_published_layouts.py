@@ -121,6 +121,9 @@ def test_picie_layout_reads_and_verifies(tmp_path, shared_data, fmt):
     np.testing.assert_array_equal(ds[0].label, _expected_coco_label(root / "annotations/val2017" / f"{item_id}.png"))
     report = verify_dataset("cocostuff27", root)
     assert report.ok and f"ok   fine_to_coarse_dict.{fmt}: agrees with the shipped 182->27 table" in report.lines
+    assert main(["prepare", "cocostuff27", "--root", str(root), "--split", "train", "--out", str(tmp_path / "crops"),
+                 "--size", "32", "--quiet"]) == 0
+    assert len(json.loads((tmp_path / "crops" / "index.json").read_text())["keys"]) == 2 * 5  # five-crops
 
 
 def test_picie_pickle_as_published_without_names(tmp_path):

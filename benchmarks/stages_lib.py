@@ -62,11 +62,9 @@ def _smooth(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def write_synthetic_coco(root: Path, n_train: int, n_val: int, size: tuple[int, int], seed: int = 0) -> Path:
     """A COCO-Stuff-27 folder in the real layout with random content (images JPEG, label maps PNG).
 
-    The fine->coarse json is synthetic too (fine id f -> coarse f mod 27, named consistently), so
-    the real adapter (:class:`repro.data.cocostuff.CocoStuff27`) reads it unchanged.
+    No fine->coarse file: the real adapter (:class:`repro.data.cocostuff.CocoStuff27`) maps the fine
+    ids with the 182->27 table that ships with repro.
     """
-    from repro.data.cocostuff import COCO27_CLASS_NAMES, COCO_FINE_NAMES
-
     rng = np.random.default_rng(seed)
     w, h = size
     for folder, n in (("train2017", n_train), ("val2017", n_val)):
@@ -80,9 +78,6 @@ def write_synthetic_coco(root: Path, n_train: int, n_val: int, size: tuple[int, 
             label = Image.fromarray(blocks).resize((w, h), Image.NEAREST)
             label.save(root / "annotations" / "stuffthingmaps_trainval2017" / folder / f"{i}.png")
         (root / "curated" / folder / "Coco164kFull_Stuff_Coarse_7.txt").write_text("\n".join(ids) + "\n")
-    mapping = {"fine_index_to_coarse_index": {str(f): f % 27 for f in range(182)},
-               "fine_name_to_coarse_name": {COCO_FINE_NAMES[f]: COCO27_CLASS_NAMES[f % 27] for f in range(182)}}
-    (root / "fine_to_coarse_dict.json").write_text(json.dumps(mapping))
     return root
 
 

@@ -80,7 +80,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["write_cocostuff_stego", "write_cocostuff_picie", "write_cityscapes", "write_potsdam", "write_nyuv2",
+__all__ = ["write_all", "write_cocostuff_stego", "write_cocostuff_picie", "write_cityscapes", "write_potsdam", "write_nyuv2",
            "nyuv2_content", "CITYSCAPES_LABELS", "PUBLISHED_FINE_TO_COARSE_RUNS", "published_fine_to_coarse",
            "STEGO_COCO_LISTS", "NYU13_NAMES"]
 
@@ -406,3 +406,37 @@ def write_nyuv2(root: str | Path, train: Sequence[int] = (2, 3, 6), test: Sequen
                 buf.seek(0)
                 tar.addfile(info, buf)
     return root
+
+
+def write_all(data_root: str | Path, *, n_train: int = 4, n_val: int = 3, seed: int = 0) -> dict[str, Path]:
+    """Every fake under one ``$REPRO_DATA``-style root, under the folder names the experiment files use.
+
+    ``cocostuff/`` (STEGO's copy), ``cityscapes/`` (``n_train`` / ``n_val`` frames per split, over
+    the default cities), ``potsdam/`` (``n_train`` labelled_train, ``n_val`` labelled_test and
+    ``n_val`` unlabelled tiles) and ``nyuv2-published/`` (the official files, ``n_train`` train and
+    ``n_val`` test frames; convert them with ``repro data convert nyuv2`` into ``nyuv2/``).
+
+    Returns:
+        ``{"cocostuff27" | "cityscapes27" | "potsdam3" | "nyuv2-published": folder}``.
+    """
+    root = Path(data_root)
+    per_city = max(1, -(-max(n_train, n_val) // 2))
+    return {
+        "cocostuff27": write_cocostuff_stego(root / "cocostuff", n_train, n_val, seed=seed),
+        "cityscapes27": write_cityscapes(root / "cityscapes", per_city, seed=seed),
+        "potsdam3": write_potsdam(root / "potsdam", n_train, n_val, n_val, seed=seed),
+        "nyuv2-published": write_nyuv2(root / "nyuv2-published", train=range(1, n_train + 1),
+                                       test=range(n_train + 1, n_train + n_val + 1),
+                                       n_frames=n_train + n_val, seed=seed),
+    }
+
+
+if __name__ == "__main__":  # python tests/published_datasets.py DATA_ROOT [N_TRAIN N_VAL]
+    import sys
+
+    args = sys.argv[1:]
+    if len(args) not in (1, 3):
+        sys.exit("usage: python tests/published_datasets.py DATA_ROOT [N_TRAIN N_VAL]")
+    sizes = {"n_train": int(args[1]), "n_val": int(args[2])} if len(args) == 3 else {}
+    for name, folder in write_all(args[0], **sizes).items():
+        print(f"{name}: {folder}")

@@ -121,6 +121,9 @@ def test_picie_layout_reads_and_verifies(tmp_path, shared_data, fmt):
     np.testing.assert_array_equal(ds[0].label, _expected_coco_label(root / "annotations/val2017" / f"{item_id}.png"))
     report = verify_dataset("cocostuff27", root)
     assert report.ok and f"ok   fine_to_coarse_dict.{fmt}: agrees with the shipped 182->27 table" in report.lines
+    assert main(["prepare", "cocostuff27", "--root", str(root), "--split", "train", "--out", str(tmp_path / "crops"),
+                 "--size", "32", "--quiet"]) == 0
+    assert len(json.loads((tmp_path / "crops" / "index.json").read_text())["keys"]) == 2 * 5  # five-crops
 
 
 def test_picie_pickle_as_published_without_names(tmp_path):
@@ -297,3 +300,16 @@ def test_fakes_are_deterministic(tmp_path):
                 np.testing.assert_array_equal(ma[key], mb[key])
             else:
                 assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_write_all_gives_a_data_root_that_verifies(tmp_path):
+    written = pub.write_all(tmp_path / "data", n_train=3, n_val=2)
+    for name in ("cocostuff27", "cityscapes27", "potsdam3"):
+        report = verify_dataset(name, written[name])
+        assert report.ok and report.subsets, (name, report.lines)
+    out = tmp_path / "data" / "nyuv2"
+    meta = written["nyuv2-published"] / "nyuv2-meta-data"
+    assert main(["data", "convert", "nyuv2", "--mat", str(written["nyuv2-published"] / "nyu_depth_v2_labeled.mat"),
+                 "--splits", str(written["nyuv2-published"] / "splits.mat"), "--labels13",
+                 str(meta / "classMapping40.mat"), str(meta / "class13Mapping.mat"), "--out", str(out), "--quiet"]) == 0
+    assert verify_dataset("nyuv2", out).subsets == {"train": (3, 795), "test": (2, 654)}

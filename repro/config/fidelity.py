@@ -216,7 +216,8 @@ ITEMS: tuple[Item, ...] = (
     Item("R17", "Potsdam unlabelled tiles",
          "not stated (the unlabelled_train tiles of IIC's Potsdam have no gt file)",
          "src/data.py Potsdam: a missing gt .mat (any split) becomes to_pil_image(torch.ones) = 255, mapped to -1: "
-         "an all-ignored label map, scored nowhere",
+         "an all-ignored label map (the probes' mask in train_segmentation.py and utils.py UnsupervisedMetrics "
+         "skip -1)",
          fact="a tile without gt in unlabelled_train / all is all -1 (ignored), as released; in labelled_train / "
               "labelled_test a missing gt file is an error (STEGO would ignore the tile silently)"),
 )

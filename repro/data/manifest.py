@@ -277,10 +277,12 @@ def verify_dataset(name: str, root: str | Path, *, splits: list[str] | None = No
                    curated_root: str | Path | None = None) -> VerifyReport:
     """Check a local dataset copy against ``data_manifests/<name>.yaml``.
 
-    Checks: listed files exist with the recorded sha256 (COCO curated lists and json); per split,
-    the expected number of images (COCO: ids in the curated list and that each listed image and
-    label file exists; Cityscapes: 2,975 / 500 image+label pairs; Potsdam: IIC split lists or
-    mmseg folders; NYUv2: 795 / 654 RGB+label images), reporting the first missing file.
+    Checks: COCO's curated lists have the recorded sha256 (a shorter list: a subset, info only) and
+    an optional ``fine_to_coarse_dict.{json,pickle}`` agrees with the shipped 182->27 table; per
+    split, the expected number of images (COCO: ids in the curated list and that each listed image
+    and label file exists; Cityscapes: 2,975 / 500 image+label pairs; Potsdam: IIC split lists or
+    mmseg folders; NYUv2: 795 / 654 RGB+label images), reporting the first missing file. Fewer
+    images than published, none of the listed ones missing, is a subset (``subsets``, still ok).
 
     Args:
         name: dataset name (``cocostuff27``, ``cityscapes27``, ``potsdam3``, ``nyuv2``).

@@ -163,7 +163,8 @@ def test_scripts_list_every_entry_of_their_dataset(script, dataset):
 def _run_script(tmp_path: Path, task: int, **env: str) -> subprocess.CompletedProcess:
     fake_bin = slurm_helpers.write_fake_tools(tmp_path / "bin")
     full = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(task),
-            "REPRO_ROOT": str(REPO), "FAKE_REPRO_QUICK": "1", "FAKE_APPTAINER_LOG": str(tmp_path / "calls"), **env}
+            "REPRO_ROOT": str(REPO), "FAKE_REPRO_QUICK": "1", "FAKE_APPTAINER_LOG": str(tmp_path / "calls"),
+            "VENV": str(tmp_path / "no-venv"), **env}  # no environment beside the scripts: the fake repro on PATH
     full.pop("SLURM_JOB_ID", None)
     return subprocess.run(["bash", str(REPO / "slurm" / "nyuv2.sh")], env=full, capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)
@@ -176,22 +177,27 @@ def test_array_index_picks_entry_and_seed(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     argv = (tmp_path / "w" / "demo" / "nyuv2-mini" / "released" / "seed1" / "argv").read_text().split()
     assert argv == ["run", "demo/nyuv2-mini", "--fidelity", "released", "--seed", "1", "--work-dir",
-                    str(tmp_path / "w"), "--set", "train.max_steps=4", "--set", "eval.crf=false"]
+                    str(tmp_path / "w"), "--scale", "full", "--set", "train.max_steps=4", "--set", "eval.crf=false"]
     proc = _run_script(tmp_path, 8, **env)
     assert proc.returncode == 0 and "nothing to do" in proc.stdout
     proc = _run_script(tmp_path, 1, **env, FIDELITY="paper")  # one fidelity: task 1 = entry 0, seed 1
     assert (tmp_path / "w" / "supp6" / "sensor" / "paper" / "seed1" / "argv").is_file()
     proc = _run_script(tmp_path, 0, **env, FIDELITY="exact")
     assert proc.returncode == 2 and "FIDELITY must be" in proc.stderr
-    proc = _run_script(tmp_path, 0, **env, REPRO_SIF="/img/repro.sif")
+    sif = tmp_path / "repro.sif"
+    sif.write_bytes(b"")
+    proc = _run_script(tmp_path, 0, **env, REPRO_SIF=str(sif))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "calls").read_text().startswith(f"exec --nv --bind {tmp_path / 'w'} /img/repro.sif repro run "
+    assert (tmp_path / "calls").read_text().startswith(f"exec --nv --bind {tmp_path / 'w'} {sif} repro run "
                                                        "supp6/sensor --fidelity paper --seed 0")
+    proc = _run_script(tmp_path, 0, **env, REPRO_SIF=str(tmp_path / "missing.sif"))
+    assert proc.returncode == 2 and "missing.sif does not exist" in proc.stderr and not proc.stdout
 
 
 def test_array_task_passes_the_exit_status_on(tmp_path):
     proc = _run_script(tmp_path, 0, ENTRIES="demo/nyuv2-mini", SEEDS="1", REPRO_WORK="w", PATH="/usr/bin:/bin")
-    assert proc.returncode == 127 and "repro" in proc.stderr  # no `repro` on PATH
+    assert proc.returncode == 2 and "no repro for this task" in proc.stderr  # no environment, no `repro` on PATH
+    assert not (tmp_path / "w").exists()  # stopped before any work
 
 
 def test_scripts_are_shellcheck_clean():

@@ -225,7 +225,9 @@ def test_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, job_env, tmp
 def test_sbatch_script_requeues_itself_at_the_time_limit(slurm_cluster, job_env, tmp_path):
     """The shell path: ``--signal=B:USR1@59`` reaches the script, it forwards and requeues; both modes."""
     (tmp_path / "logs" / "repro-nyuv2").mkdir(parents=True)
-    env = {**os.environ, "REPRO_ROOT": str(REPO)}  # PATH starts with the fake repro and apptainer (job_env)
+    # PATH starts with the fake repro and apptainer (job_env); no environment beside the scripts
+    env = {**os.environ, "REPRO_ROOT": str(REPO), "VENV": str(tmp_path / "no-venv")}
+    (tmp_path / "fake.sif").write_bytes(b"")
     args = [f"--chdir={tmp_path}", "--array=0", "--time=1", "--signal=B:USR1@59", "--gpus-per-node=0",
             "--cpus-per-task=1", "--mem=200M"]
     start = time.monotonic()

@@ -112,6 +112,10 @@ def _when(**conditions: Any) -> dict[str, tuple]:
 _COCO_S = _when(data__dataset="cocostuff27", model__arch="vit_small_patch8", method="depthg")
 _COCO_B = _when(data__dataset="cocostuff27", model__arch="vit_base_patch8", method="depthg")
 _CITY_B = _when(data__dataset="cityscapes27", model__arch="vit_base_patch8", method="depthg")
+# R4 / R5 store depth maps; MDE features and segmentation maps (supp. Table 3, R17-R20) are not depth maps
+# and the released code has no path for them, so both profiles keep them per crop, in float
+_DEPTH_MAPS = _when(data__depth_source=("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none",
+                                        "kbr", "files"))
 _POTS_S = _when(data__dataset="potsdam3", model__arch="vit_small_patch8", method="depthg")
 
 
@@ -138,13 +142,14 @@ ITEMS: tuple[Item, ...] = (
          "ZoeD_N on the FULL image with flip + reflect-pad TTA (generate_depth.py, zoe.infer), min-max per "
          "image, x255 -> uint8 PNG, five-cropped, Resize(224, NEAREST), fed as integers 0..255; NYUv2 sensor "
          "depth min-max per frame (src/data.py NYUv2)",
-         (Setting("data.depth_scope", "crop", "image"), Setting("data.depth_encoding", "float", "uint8"),
+         (Setting("data.depth_scope", "crop", "image", when=_DEPTH_MAPS),
+          Setting("data.depth_encoding", "float", "uint8", when=_DEPTH_MAPS),
           Setting("data.depth_tta", True, True))),
     Item("R5", "Potsdam depth",
          "real depth",
          "src/data.py Potsdam casts the [0, 1] depth to int64 (ToTargetTensor): values in {0, 1}; FPS picks "
          "the first cells in raster order, D = 0",
-         (Setting("data.depth_encoding", released="int_cast", when=_when(data__dataset="potsdam3")),)),
+         (Setting("data.depth_encoding", released="int_cast", when={**_when(data__dataset="potsdam3"), **_DEPTH_MAPS}),)),
     Item("R6", "Cityscapes 'full feature map'",
          "no pointwise sampling: correlations over all 28x28 locations",
          "pointwise=False only switches spatial centring off; 11x11 random samples (depth_sampling=none)",

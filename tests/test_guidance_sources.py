@@ -338,7 +338,8 @@ def _kbr_maps(coco: Path, out: Path) -> Path:
 
 TINY = ["train.num_workers=0", "data.crop_size=32", "data.val_size=32", "sampling.feature_samples=3",
         "train.max_steps=2", "train.batch_size=4", "train.val_every=0", "train.checkpoint_every=2",
-        "data.knn_k=4", "data.num_neighbors=2", "eval.crf=false", "eval.num_figures=1", "train.hist_every=0"]
+        "data.knn_k=4", "data.num_neighbors=2", "eval.crf=false", "eval.num_figures=1", "train.hist_every=0",
+        "train.log_every=1"]
 
 
 @pytest.mark.parametrize("entry", FIVE)
@@ -360,6 +361,13 @@ def test_entry_runs_end_to_end_on_fake_data(entry, fake_roots, zoe_dir, tmp_path
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
     assert metrics["final"]["summary"] and all(math.isfinite(v) for v in metrics["final"]["summary"].values()
                                                 if isinstance(v, float))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (run_dir / "train").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    depthg = [e.value for e in acc.Scalars("loss/depthg")]  # the guidance term ran on every step
+    assert len(depthg) == 2 and all(math.isfinite(v) and v != 0.0 for v in depthg), depthg
     paths = data_paths(resolve_entry(entry, overrides=overrides), tmp_path / "work")
     stored = np.load(paths.depth / f"{json.loads((paths.crops / 'index.json').read_text())['keys'][0]}.npy")
     source = cfg.data.depth_source

@@ -206,7 +206,7 @@ class _Images:
         from repro.data.sample import Sample
 
         return Sample(key=self.keys()[i], image=np.zeros((*self.shapes[i], 3), np.uint8), label=None, depth=None,
-                      meta={})
+                      meta={"id": f"img{i}"})
 
 
 def test_depth_files_are_checked_per_image_and_the_error_names_the_file(tmp_path):
@@ -227,6 +227,26 @@ def test_depth_files_are_checked_per_image_and_the_error_names_the_file(tmp_path
         assert str(tmp_path / "fake_val_1.npy") in str(err.value), what
     with pytest.raises(MissingFileError, match="data.depth_files"):
         read_depth_file(tmp_path / "absent", "fake_val_0")
+
+
+def test_kbr_disparity_folder_becomes_depth_files(tmp_path):
+    from repro.depth.files import disparity_to_depth_files
+
+    ds = _Images([(4, 5), (4, 5)])
+    rng = np.random.default_rng(9)
+    disp = [rng.uniform(0.0, 1.0, size=(1, 4, 5)).astype(np.float32) for _ in range(2)]
+    disp[1][0, 0, 0] = 0.0  # a zero disparity (sky): the floor keeps it finite
+    (tmp_path / "disp").mkdir()
+    for i, d in enumerate(disp):
+        np.save(tmp_path / "disp" / f"img{i}.npy", d)
+    assert disparity_to_depth_files(ds, tmp_path / "disp", tmp_path / "depth") == 2
+    for i, d in enumerate(disp):
+        d64 = d[0].astype(np.float64)
+        want = (1.0 / np.maximum(d64, 1e-3 * d64.max())).astype(np.float32)
+        np.testing.assert_array_equal(read_depth_file(tmp_path / "depth", f"fake_val_{i}", (4, 5)), want)
+    np.save(tmp_path / "disp" / "img1.npy", np.zeros((3, 5), np.float32))
+    with pytest.raises(DatasetError, match="img1.npy"):
+        disparity_to_depth_files(ds, tmp_path / "disp", tmp_path / "depth")
 
 
 def test_files_crop_map_is_the_cut_resized_and_normalised_image_map(tmp_path):

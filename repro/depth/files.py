@@ -11,7 +11,9 @@ computed elsewhere and read from a folder (``data.depth_files``)::
 is the image's own size, and the values are depth in any unit (metres, or relative depth up to
 scale). A disparity map (KBR predicts disparity) must be inverted before it is saved, e.g.
 ``np.save(path, 1 / np.maximum(disp, 1e-3 * disp.max()))``, as :class:`repro.depth.base.DepthEstimator`
-does for MiDaS. Each map is checked when read: a missing file, a size other than the image's, a
+does for MiDaS; :func:`disparity_to_depth_files` does that for a folder of KBR's own ``<image stem>.npy``
+disparity outputs (``api/quickstart/run.py --out-ext .npy`` of jspenmar/slowtv_monodepth writes them at
+the image's size). Each map is checked when read: a missing file, a size other than the image's, a
 NaN/inf, or an all-constant map is an error that names the file.
 
 Each crop's map is cut from its image's map with the crop box, resized like the crop (bilinear,
@@ -27,7 +29,7 @@ import numpy as np
 
 from repro.errors import MissingFileError
 
-__all__ = ["FILE_SOURCES", "depth_file", "read_depth_file", "check_depth_files"]
+__all__ = ["FILE_SOURCES", "depth_file", "read_depth_file", "check_depth_files", "disparity_to_depth_files"]
 
 #: Depth sources read from per-image files.
 FILE_SOURCES = ("files", "kbr")
@@ -100,4 +102,49 @@ def check_depth_files(dataset, folder: str | Path) -> int:
     """
     for i, key in enumerate(dataset.keys()):
         read_depth_file(folder, key, tuple(dataset[i].image.shape[:2]))
+    return len(dataset)
+
+
+def disparity_to_depth_files(dataset, disparity_dir: str | Path, out_dir: str | Path, *, eps: float = 1e-3) -> int:
+    """Turn per-image disparity maps named by image stem into this module's depth files.
+
+    ``depth = 1 / max(disp, eps * disp.max())`` (larger = farther, bounded far field; the MiDaS rule of
+    :meth:`repro.depth.base.DepthEstimator.to_depth`), written atomically as ``<out_dir>/<image key>.npy``.
+
+    Args:
+        dataset: a dataset adapter whose samples' ``meta["id"]`` is the image file's stem (COCO-Stuff's
+            12-digit id, Potsdam's file name).
+        disparity_dir: folder of ``<stem>.npy`` ``(H, W)`` disparity (KBR: in [0, 1], larger = nearer).
+        out_dir: ``data.depth_files``.
+        eps: relative disparity floor.
+
+    Returns:
+        The number of maps written.
+
+    Raises:
+        MissingFileError: a missing disparity file. DatasetError: a sample without ``meta["id"]``, or a
+            disparity map that is not ``(H, W)`` of its image or holds NaN/inf (names the file).
+    """
+    from repro.atomic import atomic_path
+    from repro.data.sample import DatasetError
+
+    disparity_dir, out_dir = Path(disparity_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(dataset.keys()):
+        sample = dataset[i]
+        stem = sample.meta.get("id")
+        if stem is None:
+            raise DatasetError(f"image {key!r} has no meta id to find its disparity file by; write {out_dir}/{key}.npy "
+                               "yourself")
+        path = disparity_dir / f"{stem}.npy"
+        if not path.is_file():
+            raise MissingFileError(f"disparity map of image {key!r}", path, "run the estimator on every image first")
+        disp = np.load(path, allow_pickle=False).astype(np.float64)
+        disp = disp[0] if disp.ndim == 3 and disp.shape[0] == 1 else disp
+        if disp.shape != sample.image.shape[:2] or not np.isfinite(disp).all():
+            raise DatasetError(f"{path}: disparity must be finite and {sample.image.shape[:2]} (the image's size), got "
+                               f"{disp.shape} with {int((~np.isfinite(disp)).sum())} non-finite value(s)")
+        floor = max(eps * float(disp.max()), np.finfo(np.float32).tiny)
+        with atomic_path(depth_file(out_dir, key), suffix=".npy") as tmp:
+            np.save(tmp, (1.0 / np.maximum(disp, floor)).astype(np.float32))
     return len(dataset)

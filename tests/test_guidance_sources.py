@@ -362,14 +362,16 @@ TINY = ["train.num_workers=0", "data.crop_size=32", "data.val_size=32", "samplin
         "train.log_every=1"]
 
 
-@pytest.mark.parametrize("entry", FIVE)
-def test_entry_runs_end_to_end_on_fake_data(entry, fake_roots, zoe_dir, tmp_path):
+@pytest.mark.parametrize("entry,fidelity", [(e, "paper") for e in FIVE] + [("table5/kbr", "released")])
+def test_entry_runs_end_to_end_on_fake_data(entry, fidelity, fake_roots, zoe_dir, tmp_path):
     from repro.config.registry import load_entry
     from repro.run import data_paths, resolve_entry, run_entry
 
     cfg = load_entry(entry)
     root = fake_roots["coco" if cfg.data.dataset == "cocostuff27" else "potsdam"]
-    overrides = [f"data.root={root}", f"model.checkpoint={fake_roots['dino']}", *TINY]
+    overrides = [f"fidelity={fidelity}", f"data.root={root}", f"model.checkpoint={fake_roots['dino']}", *TINY]
+    if fidelity == "released":  # the run-script N schedule (R14) that the small N above no longer matches
+        overrides += ["sampling.released_factor=0.9", "sampling.decrease_every=1000"]
     if cfg.data.depth_source == "kbr":
         overrides.append(f"data.depth_files={_kbr_maps(root, tmp_path / 'kbr-maps')}")
     if cfg.data.depth_source == "mde_features":
@@ -387,7 +389,7 @@ def test_entry_runs_end_to_end_on_fake_data(entry, fake_roots, zoe_dir, tmp_path
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
     depthg = [e.value for e in acc.Scalars("loss/depthg")]  # the guidance term ran on every step
-    assert len(depthg) == 2 and all(math.isfinite(v) and v != 0.0 for v in depthg), depthg
+    assert depthg and all(math.isfinite(v) and v != 0.0 for v in depthg), depthg  # released R9: fewer batches
     paths = data_paths(resolve_entry(entry, overrides=overrides), tmp_path / "work")
     stored = np.load(paths.depth / f"{json.loads((paths.crops / 'index.json').read_text())['keys'][0]}.npy")
     source = cfg.data.depth_source
@@ -395,6 +397,9 @@ def test_entry_runs_end_to_end_on_fake_data(entry, fake_roots, zoe_dir, tmp_path
         assert stored.dtype == np.float16 and stored.shape == (9, 4, 4)  # tiny ZoeDepth: 8 relative features + 1
     elif source == "semseg":
         assert stored.dtype == np.int16 and stored.shape == (32, 32) and stored.min() >= -1
+    elif fidelity == "released":  # R4: per image, 8-bit, cut into the crops (k / 255, not re-normalised)
+        assert stored.dtype == np.float32 and stored.shape == (32, 32)
+        np.testing.assert_array_equal(np.rint(stored.astype(np.float64) * 255) / 255, stored.astype(np.float64))
     else:
         assert stored.dtype == np.float32 and stored.shape == (32, 32) and stored.min() == 0.0 and stored.max() == 1.0
-    print(f"{entry}: guidance {source} stored {stored.dtype} {stored.shape}; tiny end-to-end {seconds:.1f} s")
+    print(f"{entry} ({fidelity}): guidance {source} stored {stored.dtype} {stored.shape}; tiny end-to-end {seconds:.1f} s")

@@ -399,7 +399,9 @@ def test_entry_runs_end_to_end_on_fake_data(entry, fidelity, fake_roots, zoe_dir
         assert stored.dtype == np.int16 and stored.shape == (32, 32) and stored.min() >= -1
     elif fidelity == "released":  # R4: per image, 8-bit, cut into the crops (k / 255, not re-normalised)
         assert stored.dtype == np.float32 and stored.shape == (32, 32)
-        np.testing.assert_array_equal(np.rint(stored.astype(np.float64) * 255) / 255, stored.astype(np.float64))
+        from repro.depth.encoding import uint8_to_unit, unit_to_uint8
+
+        np.testing.assert_array_equal(uint8_to_unit(unit_to_uint8(stored)), stored)  # raises unless exactly k / 255
     else:
         assert stored.dtype == np.float32 and stored.shape == (32, 32) and stored.min() == 0.0 and stored.max() == 1.0
     print(f"{entry} ({fidelity}): guidance {source} stored {stored.dtype} {stored.shape}; tiny end-to-end {seconds:.1f} s")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["GUIDANCE_KINDS", "guidance_kind", "one_hot_classes", "pool_guidance", "fed_guidance",
-           "check_stored", "FEATURE_STRIDE"]
+           "check_stored", "check_guidance_config", "FEATURE_STRIDE"]
 
 #: Sources whose guidance is not a depth map; every other ``data.depth_source`` is a depth map.
 GUIDANCE_KINDS = {"mde_features": "features", "semseg": "classes"}
@@ -144,3 +144,19 @@ def check_stored(array, kind: str, crop_side: tuple[int, int], path) -> None:
     else:
         raise ValueError(f"unknown guidance kind {kind!r}")
 
+
+
+def check_guidance_config(config) -> None:
+    """Refuse what a non-depth guidance signal cannot do: 3D-LHP back-projects a depth map (sec. 3.6).
+
+    Args:
+        config: an :class:`~repro.config.schema.ExperimentConfig`.
+
+    Raises:
+        ValueError: for ``mde_features`` / ``semseg`` with ``lhp.enabled`` and ``lhp.propagation: depth``
+            (names the fix).
+    """
+    if guidance_kind(config.data.depth_source) != "depth" and config.method != "dino" \
+            and config.lhp.enabled and config.lhp.propagation == "depth":
+        raise ValueError(f"3D-LHP back-projects a depth map; data.depth_source={config.data.depth_source} is not one: "
+                         "set lhp.propagation=attention or lhp.enabled=false")

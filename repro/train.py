@@ -43,7 +43,7 @@ from repro.data.knn import load_knn
 from repro.data.registry import num_classes_for
 from repro.data.training import TrainingCrops
 from repro.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from repro.guidance import fed_guidance, guidance_kind, pool_guidance
+from repro.guidance import check_guidance_config, fed_guidance, guidance_kind, pool_guidance
 from repro.lhp import lhp_mix, lhp_weights_3d, lhp_weights_attention
 from repro.losses import LossWeights, stego_depthg_loss
 from repro.models.backbone import DinoBackbone, last_block_attention
@@ -96,9 +96,7 @@ class TrainModule(nn.Module):
         # MDE features / segmentation maps instead of depth (supp. B.1; repro.guidance)
         self.guidance = guidance_kind(config.data.depth_source)
         self.num_classes = num_classes_for(config) if self.guidance == "classes" else None
-        if self.needs_depth and self.guidance != "depth" and config.lhp.enabled and config.lhp.propagation == "depth":
-            raise ValueError(f"3D-LHP back-projects a depth map; data.depth_source={config.data.depth_source} is not "
-                             "one: set lhp.propagation=attention or lhp.enabled=false")
+        check_guidance_config(config)
 
     def fed_depth(self, depth01: Tensor, device: torch.device) -> Tensor:
         """Depth as the method sees it, ``(B, H, W)`` in [0, 1] -> ``(B, 1, H, W)``.

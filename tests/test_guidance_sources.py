@@ -150,6 +150,18 @@ def test_one_hot_class_fractions_against_counting():
     assert guidance_kind("kbr") == guidance_kind("zoedepth") == "depth"
 
 
+def test_3d_lhp_is_refused_for_guidance_without_depth():
+    from repro.config.registry import load_entry
+    from repro.guidance import check_guidance_config
+
+    for name in ("supp3/mde-features-coco", "supp3/semseg-map-potsdam"):
+        check_guidance_config(load_entry(name))  # the entries themselves: no LHP
+        with pytest.raises(ValueError, match="lhp.propagation=attention"):
+            check_guidance_config(load_entry(name, ["lhp.enabled=true"]))
+        check_guidance_config(load_entry(name, ["lhp.enabled=true", "lhp.propagation=attention"]))
+    check_guidance_config(load_entry("table5/kbr", ["lhp.enabled=true"]))  # a depth map: 3D-LHP works
+
+
 # ---------------------------------------------------------------- MDE features (R17)
 
 

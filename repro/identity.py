@@ -24,7 +24,7 @@ __all__ = ["NOT_IDENTITY", "flat_config", "identity", "config_hash", "config_dif
 NOT_IDENTITY = frozenset({
     "name", "table", "description", "paper",
     "train.seed",
-    "data.root", "data.depth_weights", "model.checkpoint",
+    "data.root", "data.depth_weights", "data.depth_files", "model.checkpoint",
     "train.num_workers", "train.feature_cache_gb", "train.log_every", "train.hist_every",
     "train.checkpoint_every", "train.keep_checkpoints",
     "eval.crf_processes", "eval.batch_size", "eval.num_figures",

@@ -3,7 +3,7 @@
 Two runs of one entry are the same experiment (their seeds may be averaged) exactly when their
 resolved configs agree on every key that can change a number. :data:`NOT_IDENTITY` lists the
 keys that cannot: the seed (it is what varies across seeds), where files live on this machine
-(``data.root``, ``model.checkpoint``, ``data.depth_weights``), descriptive text, and
+(``data.root``, ``model.checkpoint``, ``data.depth_weights``, ``data.depth_files``), descriptive text, and
 bookkeeping that leaves the computation unchanged (worker counts, cache sizes, log and
 checkpoint intervals, batch size of the evaluation, figures). Everything else, including
 ``fidelity`` and every switch it resolves to, is part of the identity.

@@ -1,8 +1,10 @@
 """Depth maps computed elsewhere, one file per image: the ``files`` and ``kbr`` depth sources.
 
 DepthG Table 5 trains with depth from Kick Back & Relax (KBR, Spencer et al., ICCV 2023,
-jspenmar/slowtv_monodepth). repro has no KBR network; its maps (or any other estimator's) are
-computed elsewhere and read from a folder (``data.depth_files``)::
+jspenmar/slowtv_monodepth). repro does not rebuild the KBR network: its encoder is a timm ConvNeXt, but
+its disparity decoder (``DepthNet`` with the ``monodepth`` decoder, ``api/quickstart/networks``) exists only
+in that repository, so no maintained library builds it faithfully. Its maps (or any other estimator's) are
+computed elsewhere, with the authors' own code, and read from a folder (``data.depth_files``)::
 
     <depth_files>/<image key>.npy      (H, W) float depth of the FULL image, larger = farther
 

@@ -417,3 +417,18 @@ def test_entry_runs_end_to_end_on_fake_data(entry, fidelity, fake_roots, zoe_dir
     else:
         assert stored.dtype == np.float32 and stored.shape == (32, 32) and stored.min() == 0.0 and stored.max() == 1.0
     print(f"{entry} ({fidelity}): guidance {source} stored {stored.dtype} {stored.shape}; tiny end-to-end {seconds:.1f} s")
+
+
+def test_a_bad_depth_file_stops_the_run_before_the_depth_stage(fake_roots, tmp_path):
+    from repro.run import data_paths, resolve_entry
+    from repro.workdir import prepare_data
+
+    maps = _kbr_maps(fake_roots["coco"], tmp_path / "kbr-maps")
+    bad = sorted(maps.glob("cocostuff27_train_*.npy"))[1]
+    np.save(bad, np.full((40, 48), 2.0, np.float32))  # all-constant
+    overrides = [f"data.root={fake_roots['coco']}", f"model.checkpoint={fake_roots['dino']}", *TINY,
+                 f"data.depth_files={maps}"]
+    config = resolve_entry("table5/kbr", overrides=overrides)
+    with pytest.raises(DatasetError, match=str(bad)):
+        prepare_data(config, work_dir=tmp_path / "work", quiet=True)
+    assert not data_paths(config, tmp_path / "work").depth.exists()  # refused before anything was written

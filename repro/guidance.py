@@ -13,14 +13,14 @@ names the signal; this module says what kind it is and turns a batch of stored m
 zoedepth, midas,       ``depth``   ``(S, S)`` float [0, 1] -> ``(B, 1, S, S)`` (unchanged)
 sensor, planes,
 kbr, files
-``mde_features``       ``features`` ``(C, g, g)`` float16 feature maps, ``g = S / 8`` (R17) -> as is
+``mde_features``       ``features`` ``(C, g, g)`` float16 feature maps, ``g = S / 8`` (R18) -> as is
 ``semseg``             ``classes`` ``(S, S)`` int16 class ids, -1 void -> one-hot ``(B, K, S, S)``,
-                                   class fractions when pooled (R20)
+                                   class fractions when pooled (R21)
 =====================  ==========  ================================================================
 
-With ``C > 1`` channels the correlation is the cosine similarity of the guidance vectors (R18,
+With ``C > 1`` channels the correlation is the cosine similarity of the guidance vectors (R19,
 :func:`repro.losses.depth_correlation_tensor`) and FPS runs over :func:`repro.sampling.guidance_points`
-(R19). A depth map gives exactly the numbers of eq. 5 and the 3D FPS as before.
+(R20). A depth map gives exactly the numbers of eq. 5 and the 3D FPS as before.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def pool_guidance(guidance: Tensor, size: tuple[int, int]) -> Tensor:
     """Average-pool a ``(B, C, H, W)`` guidance map to the feature grid (DepthG eq. 4 for ``C = 1``).
 
     For one-hot class maps the result is each cell's class fractions (void pixels count for no
-    class; the cosine similarity and FPS that use it do not depend on that scale, R20). A map that
+    class; the cosine similarity and FPS that use it do not depend on that scale, R21). A map that
     already has the grid's size is returned unchanged (``adaptive_avg_pool2d`` is then the identity).
 
     Args:

@@ -131,7 +131,7 @@ def correlation_loss(
 
 
 def depth_correlation_tensor(d_i: Tensor, d_j: Tensor) -> Tensor:
-    """Depth (guidance) correspondence tensor (DepthG eq. 5; multi-channel: fidelity item R18).
+    """Depth (guidance) correspondence tensor (DepthG eq. 5; multi-channel: fidelity item R19).
 
     One channel (a depth map): ``D[hw, uv] = d_i[hw] * d_j[uv]`` (eq. 5, unchanged). Several
     channels (MDE features, one-hot class fractions of a segmentation map): ``D[hw, uv] =

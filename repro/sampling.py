@@ -247,7 +247,7 @@ def farthest_point_sampling(
 
 
 def guidance_points(guidance: Tensor, *, fov_deg: float = 90.0) -> Tensor:
-    """FPS points of a multi-channel guidance map (MDE features, class fractions; fidelity item R19).
+    """FPS points of a multi-channel guidance map (MDE features, class fractions; fidelity item R20).
 
     A depth map is back-projected (:func:`depth_to_points`); a ``C > 1`` map has no depth to
     back-project, so each cell becomes the point ``(X, Y, g_hat)``: ``X = (u - cx) / f``,
@@ -304,7 +304,7 @@ def fps_grid_coords(
     transposed and not aligned with cell centres.
 
     A multi-channel guidance map ``(B, C > 1, H, W)`` (MDE features, class fractions) is sampled
-    by FPS over :func:`guidance_points` instead of the back-projected depth (both orders; R19).
+    by FPS over :func:`guidance_points` instead of the back-projected depth (both orders; R20).
 
     Args:
         depth: Depth pooled to the feature resolution, ``(B, 1, H, W)``, values in

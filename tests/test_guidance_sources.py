@@ -1,6 +1,6 @@
 """KBR / files depth, MDE-feature and segmentation-map guidance (DepthG Table 5, supplement B.1 / Table 3).
 
-Each formula against a direct re-computation (R17-R21 of repro.config.fidelity), the per-image depth
+Each formula against a direct re-computation (R18-R22 of repro.config.fidelity), the per-image depth
 files' checks, the plan costs, and the five registered entries end to end on fake data in the
 published layouts (COCO-Stuff, Potsdam mmseg), each at a tiny scale.
 """
@@ -27,7 +27,7 @@ from repro.losses import depth_correlation_tensor, depth_feature_correlation_los
 from repro.sampling import depth_to_points, farthest_point_sampling, fps_grid_coords, guidance_points
 from sample_helpers import random_dino
 
-# ---------------------------------------------------------------- correlation (R18)
+# ---------------------------------------------------------------- correlation (R19)
 
 
 def test_scalar_depth_keeps_the_product_kernel_exactly():
@@ -74,7 +74,7 @@ def test_multichannel_loss_both_kernels_against_a_direct_computation():
     assert got_r.item() == pytest.approx(direct(cos_r).item(), rel=1e-6)
 
 
-# ---------------------------------------------------------------- FPS (R19)
+# ---------------------------------------------------------------- FPS (R20)
 
 
 def _direct_points(guide: np.ndarray, fov: float) -> np.ndarray:
@@ -131,7 +131,7 @@ def test_fps_on_two_classes_visits_both_first():
     assert fractions[0, 1, idx[0, 1] // 4, idx[0, 1] % 4] == 1.0  # the second pick is in the other class
 
 
-# ---------------------------------------------------------------- class fractions (R20)
+# ---------------------------------------------------------------- class fractions (R21)
 
 
 def test_one_hot_class_fractions_against_counting():
@@ -162,7 +162,7 @@ def test_3d_lhp_is_refused_for_guidance_without_depth():
     check_guidance_config(load_entry("table5/kbr", ["lhp.enabled=true"]))  # a depth map: 3D-LHP works
 
 
-# ---------------------------------------------------------------- MDE features (R17)
+# ---------------------------------------------------------------- MDE features (R18)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_mde_features_are_the_input_of_the_last_metric_head_layer(zoe_dir):
     torch.testing.assert_close(both, (tta._pass([img], 32, 40, flip=False) + tta._pass([img], 32, 40, flip=True)) / 2)
 
 
-# ---------------------------------------------------------------- depth files (R21)
+# ---------------------------------------------------------------- depth files (R22)
 
 
 class _Images:

@@ -282,7 +282,7 @@ def depth_stage(
                         raise DatasetError(f"{crops / (c.key + '.label.npy')} is missing: semseg guidance needs the "
                                            "crop's ground-truth labels; use a labelled split")
                     results.append((c.label.astype(np.int16), [float(c.label.min()), float(c.label.max())]))
-            elif gkind == "features":  # ZoeDepth's penultimate-layer features (supp. B.1, R17)
+            elif gkind == "features":  # ZoeDepth's penultimate-layer features (supp. B.1, R18)
                 h, w = batch[0].image.shape[:2]
                 with torch.inference_mode():
                     feats = estimator.features([c.image for c in batch], (h // FEATURE_STRIDE, w // FEATURE_STRIDE))
@@ -293,7 +293,7 @@ def depth_stage(
                         raise DatasetError(f"MDE features of {crops / (c.key + '.img.png')} are not finite in float16")
                     results.append((f16, [float(f.min()), float(f.max())]))
             else:
-                if source in FILE_SOURCES:  # per-image maps computed elsewhere (R21)
+                if source in FILE_SOURCES:  # per-image maps computed elsewhere (R22)
                     raws = []
                     for c in batch:
                         image_key = c.meta.get("image_key", c.key)

@@ -20,7 +20,7 @@ NaN/inf, or an all-constant map is an error that names the file.
 
 Each crop's map is cut from its image's map with the crop box, resized like the crop (bilinear,
 ``data.resize``) and min-max normalised per crop (DepthG eq. 4), as the estimators' maps are
-(fidelity item R21).
+(fidelity item R22).
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class ZoeDepthFeatures(ZoeDepthEstimator):
     head's ``num_relative_features`` activations (32 for ZoeD_N) concatenated with the relative
     depth, ``C = num_relative_features + 1`` channels at half the network's input resolution. The
     paper says only "feature maps from the penultimate layer of the monocular depth estimator"; this
-    reading is fidelity item R17. They are read by a forward pre-hook, so the network runs exactly as
+    reading is fidelity item R18. They are read by a forward pre-hook, so the network runs exactly as
     for depth (same processor, padding and flip test-time augmentation, averaged per channel), then
     resized to the input size like the depth output and average-pooled to the feature grid.
 

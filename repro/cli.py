@@ -87,10 +87,12 @@ def _cmd_depth(args: argparse.Namespace) -> int:
         kwargs = {"require_depth": True} if args.source == "sensor" else {}
         image_depth_stage(get_dataset(args.dataset, args.root, args.split, **kwargs), args.image_depth,
                           source=args.source, weights=args.weights, tta=args.tta, store=image_depth_store(args.encoding),
-                          batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                          batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                          depth_files=args.depth_files)
     out = depth_stage(args.crops, args.out, source=args.source, weights=args.weights, scope=args.scope,
                       encoding=args.encoding, tta=args.tta, image_depth=args.image_depth, resize=args.resize,
-                      batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                      batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                      depth_files=args.depth_files)
     print(f"depth: {out}")
     return 0
 
@@ -271,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--crops", required=True)
     depth.add_argument("--out", required=True)
     depth.add_argument("--source", required=True,
-                       choices=["sensor", "zoedepth", "midas", "image_plane", "perspective_plane"])
+                       choices=["sensor", "zoedepth", "midas", "image_plane", "perspective_plane", "kbr", "files",
+                                "mde_features", "semseg"])
     depth.add_argument("--weights", help="local weights folder of the depth estimator")
+    depth.add_argument("--depth-files", help="kbr / files: folder of per-image maps <image key>.npy (data.depth_files)")
     depth.add_argument("--scope", choices=["crop", "image"], default="crop",
                        help="crop: per crop (eq. 4); image: per full image, cut into the crops (data.depth_scope, R4)")
     depth.add_argument("--encoding", choices=["float", "uint8", "int_cast"], default="float",

@@ -3,7 +3,7 @@
 Two runs of one entry are the same experiment (their seeds may be averaged) exactly when their
 resolved configs agree on every key that can change a number. :data:`NOT_IDENTITY` lists the
 keys that cannot: the seed (it is what varies across seeds), where files live on this machine
-(``data.root``, ``model.checkpoint``, ``data.depth_weights``), descriptive text, and
+(``data.root``, ``model.checkpoint``, ``data.depth_weights``, ``data.depth_files``), descriptive text, and
 bookkeeping that leaves the computation unchanged (worker counts, cache sizes, log and
 checkpoint intervals, batch size of the evaluation, figures). Everything else, including
 ``fidelity`` and every switch it resolves to, is part of the identity. Keys added after runs were
@@ -26,7 +26,7 @@ __all__ = ["NOT_IDENTITY", "ADDED_KEYS", "flat_config", "identity", "config_hash
 NOT_IDENTITY = frozenset({
     "name", "table", "description", "paper",
     "train.seed",
-    "data.root", "data.depth_weights", "model.checkpoint",
+    "data.root", "data.depth_weights", "data.depth_files", "model.checkpoint",
     "train.num_workers", "train.feature_cache_gb", "train.log_every", "train.hist_every",
     "train.checkpoint_every", "train.keep_checkpoints",
     "eval.crf_processes", "eval.batch_size", "eval.num_figures",

@@ -131,21 +131,31 @@ def correlation_loss(
 
 
 def depth_correlation_tensor(d_i: Tensor, d_j: Tensor) -> Tensor:
-    """Depth correspondence tensor ``D[hw, uv] = d_i[hw] * d_j[uv]`` (DepthG eq. 5).
+    """Depth (guidance) correspondence tensor (DepthG eq. 5; multi-channel: fidelity item R19).
+
+    One channel (a depth map): ``D[hw, uv] = d_i[hw] * d_j[uv]`` (eq. 5, unchanged). Several
+    channels (MDE features, one-hot class fractions of a segmentation map): ``D[hw, uv] =
+    cos(d_i[:, hw], d_j[:, uv])``, the cosine similarity of the per-location guidance vectors, as
+    for the feature correlation (eq. 1); a zero vector (e.g. a cell of void pixels) has ``D = 0``
+    with everything. This is what the released code's ``depth_correlation(norm(d1), norm(d2))``
+    (leonsick/depthg ``src/modules.py``) computes for a multi-channel map; neither the paper nor the
+    released code ran the product form on vectors.
 
     Args:
-        d_i: ``(B, 1, N, M)`` depth in [0, 1] at the sample locations of image i.
-        d_j: ``(B, 1, N', M')`` depth in [0, 1] at the sample locations of image j.
+        d_i: ``(B, C, N, M)`` guidance at the sample locations of image i (``C = 1``: depth in [0, 1]).
+        d_j: ``(B, C, N', M')`` guidance at the sample locations of image j.
 
     Returns:
-        ``(B, N, M, N', M')``.
+        ``(B, N, M, N', M')``; in [0, 1] for depth, in [-1, 1] for ``C > 1``.
 
     Raises:
-        ValueError: if the inputs are not single-channel 4-D tensors with equal batch size.
+        ValueError: if the inputs are not 4-D with equal batch and channel sizes.
     """
-    if d_i.ndim != 4 or d_j.ndim != 4 or d_i.shape[1] != 1 or d_j.shape[1] != 1:
-        raise ValueError(f"depth maps must be (B, 1, N, M), got {tuple(d_i.shape)} and {tuple(d_j.shape)}")
+    if d_i.ndim != 4 or d_j.ndim != 4 or d_i.shape[1] < 1:
+        raise ValueError(f"guidance maps must be (B, C, N, M), got {tuple(d_i.shape)} and {tuple(d_j.shape)}")
     _check_pair(d_i, d_j, "depth_correlation_tensor")
+    if d_i.shape[1] > 1:
+        return correlation_tensor(d_i, d_j)
     return torch.einsum("bchw,bcuv->bhwuv", d_i, d_j)
 
 
@@ -166,7 +176,8 @@ def depth_feature_correlation_loss(
 
     Args:
         d_i: with ``kernel="product"``: ``(B, 1, N, M)`` depth in [0, 1] read at the SAME
-            locations as ``s_i``. With ``kernel="released"``: the whole depth map
+            locations as ``s_i`` (or ``(B, C, N, M)`` multi-channel guidance, compared by cosine
+            similarity: :func:`depth_correlation_tensor`). With ``kernel="released"``: the whole depth map
             ``(B, 1, H, W)`` of the crop (any scale), as the released code passes it.
         d_j: as ``d_i`` for image j.
         s_i: ``(B, Q, N, M)`` codes of image i at the sample locations.

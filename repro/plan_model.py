@@ -44,7 +44,10 @@ __all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "cach
            "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK"]
 
 PROFILE_SCHEMA = "repro-stage-profile/1"
-NET_DEPTH = ("zoedepth", "midas")
+NET_DEPTH = {"zoedepth": "zoedepth", "midas": "midas", "mde_features": "zoedepth"}
+"""Depth sources that run a network: the network whose measured depth stage prices them."""
+READ_DEPTH = ("kbr", "files", "semseg")
+"""Depth sources read from stored maps (per-image files, the crop's labels): priced as a per-crop cut."""
 CHEAP_DEPTH = {"sensor": "perspective_plane", "image_plane": "image_plane", "perspective_plane": "perspective_plane"}
 SOURCE_PIXELS = {"cocostuff27": 640 * 480, "cityscapes27": 2048 * 1024, "potsdam3": 200 * 200, "nyuv2": 640 * 480}
 """Nominal source-image pixels per dataset (COCO images vary around 640 x 480); prepare cost scales with them."""
@@ -282,9 +285,13 @@ def _depth_source(profile: Profile, config, scope: str, notes: list[str]) -> tup
     source = config.data.depth_source
     if source in CHEAP_DEPTH:
         return f"depth/{CHEAP_DEPTH[source]}/stage", 1.0
-    net = source if source in NET_DEPTH else "zoedepth"
-    if net != source:
-        notes.append(f"depth source {source!r} has no estimator in repro.depth: costed as ZoeDepth")
+    if source in READ_DEPTH:  # no network: a stored map read, cut and resized per crop
+        key = "depth/crop_from_image/stage"
+        return (key if profile.has(key) else "depth/image_plane/stage"), 1.0
+    if source not in NET_DEPTH:
+        raise PlanError(f"depth source {source!r} has no depth-stage cost in repro.plan_model; add it to NET_DEPTH, "
+                        "CHEAP_DEPTH or READ_DEPTH")
+    net = NET_DEPTH[source]  # mde_features: the ZoeDepth network itself, read at its penultimate layer
     key = f"depth/{net}/full/{scope}"
     if not profile.has(key):
         notes.append(f"depth {net}: the profile measured only the tiny random model (bench_stages.py --depth-full "

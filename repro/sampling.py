@@ -28,6 +28,7 @@ __all__ = [
     "farthest_point_sampling",
     "fps_grid_coords",
     "pool_depth",
+    "guidance_points",
 ]
 
 _VARIANTS = ("paper", "released")
@@ -245,6 +246,43 @@ def farthest_point_sampling(
     return idx
 
 
+def guidance_points(guidance: Tensor, *, fov_deg: float = 90.0) -> Tensor:
+    """FPS points of a multi-channel guidance map (MDE features, class fractions; fidelity item R20).
+
+    A depth map is back-projected (:func:`depth_to_points`); a ``C > 1`` map has no depth to
+    back-project, so each cell becomes the point ``(X, Y, g_hat)``: ``X = (u - cx) / f``,
+    ``Y = (v - cy) / f`` are the ``"paper"`` pinhole ray of the cell at unit depth (``f = W / (2
+    tan(fov / 2))``, cell centres ``u = col + 0.5``, ``v = row + 0.5``), and ``g_hat = g / ||g||`` the
+    L2-normalised guidance vector (a zero vector stays zero). Squared distances are then the 2D
+    image-plane distance plus ``2 - 2 cos``, the cosine distance the guidance correlation uses
+    (:func:`repro.losses.depth_correlation_tensor`): FPS spreads samples over guidance space and,
+    within equal guidance (one class), over the image, as 3D FPS on an image plane does.
+
+    Args:
+        guidance: ``(B, C, H, W)`` guidance pooled to the feature grid, ``C > 1``, floating dtype.
+        fov_deg: horizontal field of view in degrees, ``0 < fov < 180``.
+
+    Returns:
+        ``(B, H * W, 2 + C)`` points in row-major cell order, dtype and device of ``guidance``.
+
+    Raises:
+        ValueError: if ``guidance`` is not 4-D with ``C > 1`` or ``fov_deg`` is out of range.
+    """
+    if not isinstance(guidance, Tensor) or guidance.ndim != 4 or guidance.shape[1] < 2:
+        shape = tuple(guidance.shape) if isinstance(guidance, Tensor) else type(guidance).__name__
+        raise ValueError(f"multi-channel guidance must be a (B, C > 1, H, W) tensor, got {shape}")
+    if not 0.0 < fov_deg < 180.0:
+        raise ValueError(f"fov_deg must be in (0, 180) degrees, got {fov_deg}")
+    b, c, h, w = guidance.shape
+    f = w / (2.0 * math.tan(math.radians(fov_deg) / 2.0))
+    rows = torch.arange(h, device=guidance.device, dtype=guidance.dtype)
+    cols = torch.arange(w, device=guidance.device, dtype=guidance.dtype)
+    y, x = torch.meshgrid((rows + 0.5 - h / 2.0) / f, (cols + 0.5 - w / 2.0) / f, indexing="ij")
+    xy = torch.stack((x, y), dim=-1).reshape(1, h * w, 2).expand(b, h * w, 2)
+    unit = F.normalize(guidance, dim=1).permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return torch.cat((xy, unit), dim=-1)
+
+
 def fps_grid_coords(
     depth: Tensor,
     n_side: int,
@@ -265,9 +303,12 @@ def fps_grid_coords(
     ``(2 row / H - 1, 2 col / W - 1)`` placed in grid_sample's ``(x, y)`` slots, i.e.
     transposed and not aligned with cell centres.
 
+    A multi-channel guidance map ``(B, C > 1, H, W)`` (MDE features, class fractions) is sampled
+    by FPS over :func:`guidance_points` instead of the back-projected depth (both orders; R20).
+
     Args:
         depth: Depth pooled to the feature resolution, ``(B, 1, H, W)``, values in
-            ``[0, 1]``; output dtype/device follow it.
+            ``[0, 1]``, or ``(B, C, H, W)`` multi-channel guidance; output dtype/device follow it.
         n_side: Samples per side ``N``; needs ``1 <= N**2 <= H * W``.
         order: ``"xy"`` or ``"released"``.
         start: First FPS pick (see :func:`farthest_point_sampling`), ``"xy"`` only.
@@ -281,7 +322,9 @@ def fps_grid_coords(
         ValueError: If ``depth`` is not ``(B, 1, H, W)``, ``order`` is unknown,
             ``n_side < 1`` or ``N**2 > H * W``.
     """
-    _check_depth(depth)
+    multi = isinstance(depth, Tensor) and depth.ndim == 4 and depth.shape[1] > 1
+    if not multi:
+        _check_depth(depth)
     if order not in _ORDERS:
         raise ValueError(f"unknown order {order!r}; expected one of {_ORDERS}")
     b, _, h, w = depth.shape
@@ -289,11 +332,12 @@ def fps_grid_coords(
         raise ValueError(f"n_side**2 must be in [1, H*W={h * w}], got n_side={n_side}")
     n = n_side * n_side
     if order == "xy":
-        pts = depth_to_points(depth, fov_deg=fov_deg, variant="paper")
+        pts = guidance_points(depth, fov_deg=fov_deg) if multi else depth_to_points(depth, fov_deg=fov_deg)
         idx = farthest_point_sampling(pts, n, start=start, generator=generator)
         coords = cell_coords(idx // w, idx % w, h, w, dtype=depth.dtype)
     else:
-        pts = depth_to_points(depth, fov_deg=fov_deg, variant="released")
+        pts = (guidance_points(depth, fov_deg=fov_deg) if multi
+               else depth_to_points(depth, fov_deg=fov_deg, variant="released"))
         idx = farthest_point_sampling(pts, n, start=0).sort(dim=1).values
         rows = (idx // w).to(depth.dtype)
         cols = (idx % w).to(depth.dtype)

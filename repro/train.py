@@ -43,6 +43,7 @@ from repro.data.knn import load_knn
 from repro.data.registry import num_classes_for
 from repro.data.training import TrainingCrops
 from repro.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from repro.guidance import check_guidance_config, fed_guidance, guidance_kind, pool_guidance
 from repro.lhp import lhp_mix, lhp_weights_3d, lhp_weights_attention
 from repro.losses import LossWeights, stego_depthg_loss
 from repro.models.backbone import DinoBackbone, last_block_attention
@@ -92,6 +93,10 @@ class TrainModule(nn.Module):
         self.needs_depth = config.method != "dino" and (
             config.sampling.mode == "fps" or config.loss.lambda_depthg != 0
             or (config.lhp.enabled and config.lhp.propagation == "depth"))
+        # MDE features / segmentation maps instead of depth (supp. B.1; repro.guidance)
+        self.guidance = guidance_kind(config.data.depth_source)
+        self.num_classes = num_classes_for(config) if self.guidance == "classes" else None
+        check_guidance_config(config)
 
     def fed_depth(self, depth01: Tensor, device: torch.device) -> Tensor:
         """Depth as the method sees it, ``(B, H, W)`` in [0, 1] -> ``(B, 1, H, W)``.
@@ -142,8 +147,15 @@ class TrainModule(nn.Module):
         if self.needs_depth:
             if "depth" not in batch:
                 raise ValueError("this run needs depth (FPS, DepthG loss or 3D-LHP) but the shards have none")
-            depth_full = self.fed_depth(batch["depth"], device)
-            depth, depth_knn = pool_depth(depth_full, (h, w)), pool_depth(self.fed_depth(batch["partner_depth"], device), (h, w))
+            if self.guidance == "depth":
+                depth_full = self.fed_depth(batch["depth"], device)
+                depth = pool_depth(depth_full, (h, w))
+                depth_knn = pool_depth(self.fed_depth(batch["partner_depth"], device), (h, w))
+            else:  # (B, C, g, g) features or (B, K, H, W) one-hot classes, pooled to the grid
+                depth_full = fed_guidance(batch["depth"].to(device), self.guidance, num_classes=self.num_classes)
+                depth = pool_guidance(depth_full, (h, w))
+                depth_knn = pool_guidance(fed_guidance(batch["partner_depth"].to(device), self.guidance,
+                                                       num_classes=self.num_classes), (h, w))
         n_side = feature_samples_schedule(
             step, cfg.sampling.feature_samples, decrease_every=cfg.sampling.decrease_every, n_min=cfg.sampling.n_min,
             released_n_start=cfg.sampling.released_n_start, released_factor=cfg.sampling.released_factor,

@@ -107,7 +107,7 @@ def _crop_tag(config: ExperimentConfig, *, train: bool) -> str:
 
 def _tta_tag(d) -> str:
     """``-notta`` for an estimator run without its test-time augmentation, else nothing."""
-    return "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas") else "-notta"
+    return "" if d.depth_tta or d.depth_source not in ("zoedepth", "midas", "mde_features") else "-notta"
 
 
 def _depth_tag(config: ExperimentConfig) -> str:
@@ -210,6 +210,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
     """
     from repro.data.image_depth import image_depth_stage, image_depth_store
     from repro.data.pipeline import depth_stage, knn_stage, shards_stage
+    from repro.depth.files import FILE_SOURCES, check_depth_files
     from repro.train import resolve_checkpoint
 
     if not isinstance(config, ExperimentConfig):
@@ -219,6 +220,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
     paths, d = data_paths(config, work_dir), config.data
     timings = {} if timings is None else timings
     weights = os.path.expandvars(d.depth_weights) if d.depth_weights else None
+    depth_files = os.path.expandvars(d.depth_files) if d.depth_files else None
 
     def timed(stage: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -236,11 +238,16 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
                     (d.train_split, d.train_subset, paths.crops, paths.image_depth, paths.depth),
                     (d.val_split, d.val_subset, paths.val_crops, paths.val_image_depth, paths.val_depth)):
                 if d.depth_scope == "image":  # reused when its params match, an error when they do not
-                    timed("depth_image", image_depth_stage, _dataset(config, split, subset), image_depth, source=d.depth_source,
-                          weights=weights, tta=d.depth_tta, store=store, progress=not quiet)
+                    timed("depth_image", image_depth_stage, _dataset(config, split, subset), image_depth,
+                          source=d.depth_source, weights=weights, tta=d.depth_tta, store=store, progress=not quiet,
+                          depth_files=depth_files)
+                if d.depth_source in FILE_SOURCES and depth_files and d.depth_scope == "crop" \
+                        and not (out / "index.json").is_file():
+                    # every image's map: missing, wrong size, NaN, constant -> an error naming the file
+                    timed("depth", check_depth_files, _dataset(config, split, subset), depth_files)
                 timed("depth", depth_stage, crops, out, source=d.depth_source, weights=weights, scope=d.depth_scope,
                       encoding=d.depth_encoding, tta=d.depth_tta, image_depth=image_depth, resize=d.resize,
-                      progress=not quiet)
+                      progress=not quiet, depth_files=depth_files)
         timed("shards", shards_stage, paths.crops, paths.depth, paths.shards, shard_size=d.shard_size,
               depth_source=d.depth_source)
         timed("knn", knn_stage, paths.shards, paths.knn, arch=config.model.arch, checkpoint=resolve_checkpoint(config),

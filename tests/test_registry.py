@@ -170,8 +170,12 @@ def test_depth_and_guidance_sources():
         assert sources[f"supp3/{row}-coco"] == sources[f"supp3/{row}-potsdam"] == src
         assert load_entry(f"supp3/{row}-coco").data.dataset == "cocostuff27"
         assert load_entry(f"supp3/{row}-potsdam").data.dataset == "potsdam3"
-    for name in ("table5/kbr", "supp3/mde-features-coco", "supp3/semseg-map-potsdam"):
-        assert "no" in load_entry(name).description and "estimator" in load_entry(name).description
+    assert load_entry("table5/kbr").data.depth_files == "${REPRO_DATA}/depth-kbr/cocostuff"
+    assert "data.depth_files" in load_entry("table5/kbr").description
+    for name in ("supp3/mde-features-coco", "supp3/mde-features-potsdam"):
+        assert "penultimate-layer feature maps" in load_entry(name).description
+    for name in ("supp3/semseg-map-coco", "supp3/semseg-map-potsdam"):
+        assert "class fractions" in load_entry(name).description
     assert sources["supp6/zoedepth"] == "zoedepth" and sources["supp6/sensor"] == "sensor"
     assert load_entry("supp6/sensor").data.val_split == "test"
 

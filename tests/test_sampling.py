@@ -207,7 +207,7 @@ def test_fps_grid_coords_bad_input_raises() -> None:
     with pytest.raises(ValueError, match="n_side"):
         fps_grid_coords(depth, 6)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        fps_grid_coords(torch.rand(1, 2, 5, 5), 2)
+        fps_grid_coords(torch.rand(1, 5, 5), 2)  # (C > 1 channels are guidance vectors: test_guidance_sources.py)
 
 
 # ---------------------------------------------------------------------- back-projection

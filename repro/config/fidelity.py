@@ -1,6 +1,6 @@
 """The two fidelities of every table entry: the papers as written, and the released code as it ran.
 
-One table, :data:`ITEMS`, maps each SPEC section 7 item (R1-R16) to the config values it sets in the
+One table, :data:`ITEMS`, maps each SPEC section 7 item (R1-R16, and repro's own readings R17-R22) to the config values it sets in the
 ``paper`` and the ``released`` profile, with its source on either side. The loader
 (:func:`repro.config.loader.load_config`) resolves the profile of ``fidelity: paper | released`` into
 the experiment config once; stages then read plain config values (``data.resize``,
@@ -112,6 +112,10 @@ def _when(**conditions: Any) -> dict[str, tuple]:
 _COCO_S = _when(data__dataset="cocostuff27", model__arch="vit_small_patch8", method="depthg")
 _COCO_B = _when(data__dataset="cocostuff27", model__arch="vit_base_patch8", method="depthg")
 _CITY_B = _when(data__dataset="cityscapes27", model__arch="vit_base_patch8", method="depthg")
+# R4 / R5 store depth maps; MDE features and segmentation maps (supp. Table 3, R18-R21) are not depth maps
+# and the released code has no path for them, so both profiles keep them per crop, in float
+_DEPTH_MAPS = _when(data__depth_source=("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none",
+                                        "kbr", "files"))
 _POTS_S = _when(data__dataset="potsdam3", model__arch="vit_small_patch8", method="depthg")
 
 
@@ -138,13 +142,14 @@ ITEMS: tuple[Item, ...] = (
          "ZoeD_N on the FULL image with flip + reflect-pad TTA (generate_depth.py, zoe.infer), min-max per "
          "image, x255 -> uint8 PNG, five-cropped, Resize(224, NEAREST), fed as integers 0..255; NYUv2 sensor "
          "depth min-max per frame (src/data.py NYUv2)",
-         (Setting("data.depth_scope", "crop", "image"), Setting("data.depth_encoding", "float", "uint8"),
+         (Setting("data.depth_scope", "crop", "image", when=_DEPTH_MAPS),
+          Setting("data.depth_encoding", "float", "uint8", when=_DEPTH_MAPS),
           Setting("data.depth_tta", True, True))),
     Item("R5", "Potsdam depth",
          "real depth",
          "src/data.py Potsdam casts the [0, 1] depth to int64 (ToTargetTensor): values in {0, 1}; FPS picks "
          "the first cells in raster order, D = 0",
-         (Setting("data.depth_encoding", released="int_cast", when=_when(data__dataset="potsdam3")),)),
+         (Setting("data.depth_encoding", released="int_cast", when={**_when(data__dataset="potsdam3"), **_DEPTH_MAPS}),)),
     Item("R6", "Cityscapes 'full feature map'",
          "no pointwise sampling: correlations over all 28x28 locations",
          "pointwise=False only switches spatial centring off; 11x11 random samples (depth_sampling=none)",
@@ -220,12 +225,47 @@ ITEMS: tuple[Item, ...] = (
          "skip -1)",
          fact="a tile without gt in unlabelled_train / all is all -1 (ignored), as released; in labelled_train / "
               "labelled_test a missing gt file is an error (STEGO would ignore the tile silently)"),
+    Item("R18", "MDE-feature guidance",
+         "supp. B.1 / Table 3: 'feature maps from the penultimate layer of the monocular depth estimator' (no layer "
+         "named, no code)",
+         "no code path for it in leonsick/depthg",
+         fact="the input of ZoeDepth's last metric-head layer (conditional_log_binomial): the relative head's 32 "
+              "activations + the relative depth, 33 channels for ZoeD_N, read by a forward hook "
+              "(repro.depth.hf.ZoeDepthFeatures); same processor and flip/pad TTA as for depth, resized to the crop "
+              "and average-pooled to the crop/8 grid; not normalised (cosine similarity is scale-free); kept per crop in float "
+              "in both profiles (R4/R5 apply to depth maps only)"),
+    Item("R19", "guidance correlation of a multi-channel signal",
+         "eq. 5 writes D = d_i d_j for a scalar depth; nothing for vectors",
+         "depth_correlation(norm(d1), norm(d2)) in src/modules.py: L2 over channels then a dot product, i.e. the "
+         "cosine similarity for C > 1",
+         fact="C > 1 (MDE features, class fractions): D = cosine similarity of the per-location guidance vectors (a "
+              "zero vector gives 0) in both kernels; C = 1 keeps eq. 5 (product) and R7 (released) exactly "
+              "(repro.losses.depth_correlation_tensor)"),
+    Item("R20", "FPS on a multi-channel signal",
+         "sec. 3.4 back-projects a depth map; nothing for vectors",
+         "farthest_point_sampling_depth back-projects depth only (fps_depth_feats, unused, adds feature distances)",
+         fact="C > 1: FPS over points (X, Y, g / |g|): the cell's pinhole ray at unit depth (paper camera, "
+              "sampling.fov_deg) and the unit guidance vector, so squared distances are the image-plane distance plus "
+              "the cosine distance 2 - 2 cos; released order (R8) keeps its start, sorting and transposed coordinates "
+              "(repro.sampling.guidance_points)"),
+    Item("R21", "segmentation-map guidance",
+         "supp. B.1 / Table 3: 'plugging the ground-truth segmentation maps into the guidance mechanism' (no encoding "
+         "given)",
+         "no code path for it in leonsick/depthg",
+         fact="the crop's ground-truth class ids (K classes, -1 void) as one-hot vectors; pooled to the feature grid "
+              "they are class fractions (void counts for no class; an all-void cell is a zero vector); D and FPS as "
+              "R19/R20 (repro.guidance); 3D-LHP is refused for it and for MDE features (no depth to back-project)"),
+    Item("R22", "depth maps computed elsewhere (KBR, files)",
+         "Table 5: KBR depth maps, as the other estimators' (eq. 4: min-max per crop)",
+         "generate_depth.py ran only ZoeDepth; the released profile treats supplied maps as it treats ZoeDepth's (R4)",
+         fact="one (H, W) float map per full image, larger = farther, <data.depth_files>/<image key>.npy "
+              "(repro.depth.files); per crop: cut with the crop box, resized like the crop, min-max normalised"),
 )
 """SPEC section 7, item by item."""
 
 
 def item_ids() -> list[str]:
-    """``["R1", ..., "R17"]``."""
+    """``["R1", ..., "R22"]``."""
     return [item.id for item in ITEMS]
 
 

@@ -32,10 +32,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scale": ("full", "smoke"),
     "fidelity": ("paper", "released"),
     "data.dataset": ("cocostuff27", "cityscapes27", "potsdam3", "nyuv2"),
-    # kbr, mde_features, semseg: guidance sources of DepthG Table 5 / supplement Table 3 that the depth
-    # stage cannot compute (no estimator in repro); entries using them validate but need the maps supplied.
+    # kbr / files: per-image maps computed elsewhere (data.depth_files, repro.depth.files); mde_features,
+    # semseg: DepthG supplement Table 3's other guidance signals (repro.guidance)
     "data.depth_source": ("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none",
-                          "kbr", "mde_features", "semseg"),
+                          "kbr", "mde_features", "semseg", "files"),
     "data.resize": ("bilinear", "nearest"),
     "data.train_crop_codec": ("png", "jpeg"),
     "data.depth_scope": ("crop", "image"),

@@ -35,8 +35,9 @@ class DataConfig:
     five_crop: bool = True
     crop_size: int = 224
     val_size: int = 320
-    depth_source: str = "zoedepth"  # zoedepth | midas | sensor | image/perspective_plane | none | kbr | mde_features | semseg
+    depth_source: str = "zoedepth"  # zoedepth | midas | sensor | image/perspective_plane | none | kbr | files | mde_features | semseg
     depth_weights: str | None = None
+    depth_files: str | None = None  # files | kbr: folder of per-image maps <image key>.npy (repro.depth.files)
     resize: str = "bilinear"  # bilinear | nearest (R3: torchvision Resize, int() of the long side)
     train_crop_codec: str = "png"  # png | jpeg (R3: full-size training five-crops round-trip through JPEG)
     depth_scope: str = "crop"  # crop (eq. 4: depth of each crop) | image (R4: full image, then cropped)

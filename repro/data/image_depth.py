@@ -87,7 +87,7 @@ def _same_size_batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sa
 
 def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | Path | None = None, tta: bool = True,
                       store: str = "uint8", batch_size: int = 8, device: str | None = None,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, depth_files: str | Path | None = None) -> Path:
     """One min-max normalised depth map per FULL image of a dataset split (released ``generate_depth.py``).
 
     Args:
@@ -95,13 +95,15 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
             samples must carry sensor depth (metres).
         out: folder to create: ``<image key>.png`` (uint8) or ``<image key>.npy`` (float32), and
             ``index.json`` with the params and each image's raw range ``[d_min, d_max]``.
-        source: ``"sensor"`` or an estimator name (:data:`repro.depth.ESTIMATORS`).
+        source: ``"sensor"``, an estimator name (:data:`repro.depth.ESTIMATORS`), or ``"files"`` /
+            ``"kbr"``: the image's map read from ``depth_files`` (:mod:`repro.depth.files`, checked there).
         weights: local weights folder of a network estimator.
         tta: the estimator's test-time augmentation (ZoeDepth ``infer``: flip + reflect padding).
         store: ``"uint8"`` (for the ``uint8`` and ``int_cast`` encodings) or ``"float"``.
         batch_size: images of equal size per estimator call.
         device: torch device; default CUDA when available.
         progress: progress bar (images/s).
+        depth_files: folder of per-image maps (``files`` / ``kbr``).
 
     Returns:
         ``out``. A finished folder with the same params is reused; finished maps in the partial
@@ -113,6 +115,7 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
     """
     from repro.data.pipeline import _existing, _finish
     from repro.depth import get_estimator
+    from repro.depth.files import FILE_SOURCES, read_depth_file
     from repro.errors import MissingFileError
 
     if store not in ("uint8", "float"):
@@ -121,6 +124,11 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
     params = {"dataset": dataset.name, "split": dataset.split, "n_images": len(dataset), "source": source,
               "weights": None if weights is None else str(weights), "tta": bool(tta) and source != "sensor",
               "store": store, "scope": "image"}
+    files = source in FILE_SOURCES
+    if files:
+        if depth_files is None:
+            raise ValueError(f"depth source {source!r} reads per-image maps: set data.depth_files to their folder")
+        params.update(tta=False, depth_files=str(Path(depth_files).resolve()))
     if _existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # finished maps of an interrupted run are kept
@@ -136,14 +144,16 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
             rec = json.loads(line)
             if (partial / f"{rec['key']}{ext}").is_file():
                 ranges[rec["key"]] = rec["range"]
-    estimator = None if source == "sensor" else get_estimator(source, weights, device=device, tta=tta)
-    kind = "sensor" if estimator is None else estimator.kind
+    estimator = None if source == "sensor" or files else get_estimator(source, weights, device=device, tta=tta)
+    kind = "metric" if files else "sensor" if estimator is None else estimator.kind
     todo = [i for i, key in enumerate(dataset.keys()) if key not in ranges]
     bar = tqdm(total=len(todo), desc=f"depth per image ({source})", unit="img", disable=not progress)
     with open(ranges_path, "a") as log:
         for batch in _same_size_batches((dataset[i] for i in todo), batch_size if estimator is not None else 1):
             first_sample = batch[0]
-            if estimator is None:
+            if files:
+                raws = [read_depth_file(depth_files, s.key, tuple(s.image.shape[:2])) for s in batch]
+            elif estimator is None:
                 if first_sample.depth is None:
                     raise MissingFileError("sensor depth of image", first_sample.meta.get("depth", first_sample.key),
                                            "use a dataset with sensor depth, or data.depth_source=zoedepth")

@@ -154,8 +154,9 @@ def depth_stage(
     batch_size: int = 8,
     device: str | None = None,
     progress: bool = True,
+    depth_files: str | Path | None = None,
 ) -> Path:
-    """One [0, 1] depth map per crop (DepthG sec. 3.2, eq. 4; released variants R4, R5).
+    """One [0, 1] depth map (or other guidance map, :mod:`repro.guidance`) per crop (DepthG sec. 3.2, eq. 4; R4, R5).
 
     Args:
         crops: a finished crops folder.
@@ -163,7 +164,11 @@ def depth_stage(
             each crop's raw range ``[d_min, d_max]`` (metres for metric sources; with
             ``scope="image"`` the range of the crop's full image).
         source: ``"sensor"`` (the crop's sensor depth; an error if a crop has none),
-            ``"zoedepth"``, ``"midas"``, ``"image_plane"`` or ``"perspective_plane"``.
+            ``"zoedepth"``, ``"midas"``, ``"image_plane"`` or ``"perspective_plane"``; ``"files"`` /
+            ``"kbr"``: cut from per-image maps in ``depth_files`` (:mod:`repro.depth.files`), normalised
+            per crop (``scope="image"``: per image, by the per-image stage); ``"mde_features"``: ``(C, S/8, S/8)``
+            float16 ZoeDepth penultimate features (:class:`repro.depth.hf.ZoeDepthFeatures`); ``"semseg"``: the
+            crop's ``(S, S)`` int16 class ids (-1 void). The last two only with ``scope="crop"``, ``encoding="float"``.
         weights: local weights folder of the estimator (ZoeDepth/MiDaS).
         scope: ``"crop"``: depth of each crop, normalised per crop (eq. 4); ``"image"``: cut
             from the per-image maps in ``image_depth`` and resized like the crop, NOT
@@ -177,14 +182,16 @@ def depth_stage(
         batch_size: images per estimator call.
         device: torch device; default CUDA when available.
         progress: show a progress bar with images/s.
+        depth_files: folder of per-image maps for ``"files"`` / ``"kbr"`` (``data.depth_files``).
 
     Raises:
-        repro.errors.MissingFileError: if a crop has no sensor depth for ``source="sensor"``
-            or the estimator weights are missing.
+        repro.errors.MissingFileError: if a crop has no sensor depth for ``source="sensor"``,
+            the estimator weights are missing, or (``files`` / ``kbr``) a per-image map is missing.
         FileNotFoundError: ``scope="image"`` without a finished ``image_depth`` folder or map.
         FileExistsError: if ``out`` (or ``image_depth``) was made with other parameters.
-        ValueError: for an unknown scope or encoding.
-        DatasetError: a crop's sensor map with an invalid pixel (0, negative, NaN, inf: the
+        ValueError: for an unknown scope or encoding, or a scope / encoding / folder the source cannot take.
+        DatasetError: a per-image map that is constant, holds NaN/inf or is smaller than a crop box
+            (names the file); a crop without a label for ``"semseg"``; a crop's sensor map with an invalid pixel (0, negative, NaN, inf: the
             adapter fills holes before cropping, so the crops folder is damaged or stale), or an
             estimator output with NaN/inf; names the crop file.
     """
@@ -193,12 +200,28 @@ def depth_stage(
     from repro.depth.encoding import int_cast, uint8_to_unit
     from repro.errors import MissingFileError
 
+    from repro.data.crops import resize_center_crop_array
+    from repro.depth.files import FILE_SOURCES, read_depth_file
+    from repro.guidance import FEATURE_STRIDE, guidance_kind
+
     crops, out = Path(crops), Path(out)
     store = image_depth_store(encoding)
     if scope not in ("crop", "image"):
         raise ValueError(f"depth scope must be 'crop' or 'image', got {scope!r}")
+    gkind = guidance_kind(source)
+    if gkind != "depth" and scope != "crop":
+        raise ValueError(f"depth source {source!r} works per crop only; set data.depth_scope=crop "
+                         "(or fidelity_items: {R4: paper})")
+    if gkind != "depth" and encoding != "float":
+        raise ValueError(f"depth source {source!r} is not a depth map and has no {encoding!r} encoding; set "
+                         "data.depth_encoding=float (or fidelity_items: {R4: paper, R5: paper})")
+    if source in FILE_SOURCES and scope == "crop" and depth_files is None:
+        raise ValueError(f"depth source {source!r} reads per-image maps: set data.depth_files to their folder "
+                         "(README: 'Depth maps computed elsewhere')")
     params = {"crops": str(crops.resolve()), "source": source, "weights": None if weights is None else str(weights),
               "scope": scope, "encoding": encoding}
+    if source in FILE_SOURCES and scope == "crop":
+        params["depth_files"] = str(Path(depth_files).resolve())
     if scope == "image":
         if image_depth is None or not (Path(image_depth) / INDEX).is_file():
             raise FileNotFoundError(f"scope 'image' needs a finished per-image depth folder, got {image_depth}; "
@@ -210,7 +233,7 @@ def depth_stage(
                                   f"this stage needs {source}/{store}; use the matching folder")
         params.update(image_depth=str(Path(image_depth).resolve()), image_params=recorded, resize=resize)
     else:
-        params["tta"] = bool(tta) and source != "sensor"
+        params["tta"] = bool(tta) and source not in ("sensor", "semseg", *FILE_SOURCES)
     if _existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # kept across interruptions: finished maps are reused
@@ -226,9 +249,18 @@ def depth_stage(
             if (partial / f"{rec['key']}.npy").is_file():
                 ranges[rec["key"]] = rec["range"]
     estimator = None
-    if scope == "crop" and source != "sensor":
+    if source == "mde_features":
+        from repro.depth.hf import DEFAULT_WEIGHTS, ZoeDepthFeatures
+        from repro.models.backbone import default_weights_dir
+
+        folder = Path(weights) if weights is not None else default_weights_dir() / DEFAULT_WEIGHTS["zoedepth"].name
+        estimator = ZoeDepthFeatures(folder, device=device, tta=tta)
+    elif scope == "crop" and source not in ("sensor", "semseg", *FILE_SOURCES):
         estimator = get_estimator(source, weights, device=device, tta=tta)
-    kind = "sensor" if source == "sensor" else (estimator.kind if estimator is not None else image_index.get("kind"))
+    if source in ("sensor", *FILE_SOURCES) or gkind != "depth":
+        kind = {"features": "features", "classes": "classes"}.get(gkind, "sensor" if source == "sensor" else "metric")
+    else:
+        kind = estimator.kind if estimator is not None else image_index.get("kind")
     n_todo = len(json.loads((crops / INDEX).read_text())["keys"]) - len(ranges)
     bar = tqdm(total=n_todo, desc=f"depth ({source}, {scope})", unit="img", disable=not progress)
     cache: dict[str, np.ndarray] = {}
@@ -243,8 +275,41 @@ def depth_stage(
                         cache[image_key] = load_image_depth(image_depth, image_key)
                     rng = image_index["ranges"][image_key]
                     results.append((crop_image_depth(cache[image_key], c.meta, encoding=encoding, resize=resize), rng))
+            elif gkind == "classes":  # the crop's ground-truth segmentation map (supp. B.1)
+                results = []
+                for c in batch:
+                    if c.label is None:
+                        raise DatasetError(f"{crops / (c.key + '.label.npy')} is missing: semseg guidance needs the "
+                                           "crop's ground-truth labels; use a labelled split")
+                    results.append((c.label.astype(np.int16), [float(c.label.min()), float(c.label.max())]))
+            elif gkind == "features":  # ZoeDepth's penultimate-layer features (supp. B.1, R18)
+                h, w = batch[0].image.shape[:2]
+                with torch.inference_mode():
+                    feats = estimator.features([c.image for c in batch], (h // FEATURE_STRIDE, w // FEATURE_STRIDE))
+                results = []
+                for c, f in zip(batch, feats.detach().cpu().numpy()):
+                    f16 = f.astype(np.float16)
+                    if not np.isfinite(f16).all():
+                        raise DatasetError(f"MDE features of {crops / (c.key + '.img.png')} are not finite in float16")
+                    results.append((f16, [float(f.min()), float(f.max())]))
             else:
-                if estimator is None:
+                if source in FILE_SOURCES:  # per-image maps computed elsewhere (R22)
+                    raws = []
+                    for c in batch:
+                        image_key = c.meta.get("image_key", c.key)
+                        if image_key not in cache:
+                            cache.clear()  # crops of one image are consecutive
+                            cache[image_key] = read_depth_file(depth_files, image_key)
+                        full = cache[image_key]
+                        top, left, ch, cw = c.meta.get("crop_box", [0, 0, *full.shape])
+                        if top + ch > full.shape[0] or left + cw > full.shape[1]:
+                            raise DatasetError(f"{Path(depth_files) / (image_key + '.npy')}: map is "
+                                               f"{full.shape[0]}x{full.shape[1]}, smaller than the crop box "
+                                               f"{[top, left, ch, cw]}; compute the map at the image's own size")
+                        cut = np.ascontiguousarray(full[top : top + ch, left : left + cw])
+                        raws.append(resize_center_crop_array(cut, int(c.meta.get("resized_to", c.image.shape[0])),
+                                                             resize).astype(np.float32))
+                elif source == "sensor":
                     missing = [c.key for c in batch if c.depth is None]
                     if missing:
                         raise MissingFileError("sensor depth of crop", crops / f"{missing[0]}.sensor.npy",
@@ -272,7 +337,7 @@ def depth_stage(
                         stored = int_cast(uint8_to_unit(stored))
                     results.append((stored, [float(raw.min()), float(raw.max())]))
             for crop, (norm, (lo, hi)) in zip(batch, results):
-                np.save(partial / f"{crop.key}.npy", np.asarray(norm, dtype=np.float32))
+                np.save(partial / f"{crop.key}.npy", norm if gkind != "depth" else np.asarray(norm, dtype=np.float32))
                 ranges[crop.key] = [float(lo), float(hi)]
                 log.write(json.dumps({"key": crop.key, "range": ranges[crop.key]}) + "\n")
             log.flush()
@@ -323,8 +388,11 @@ def shards_stage(
         return out
     from repro.depth.encoding import unit_to_uint8
 
+    from repro.guidance import check_stored
+
     depth_index = json.loads((Path(depth) / INDEX).read_text()) if depth is not None else {}
     ranges, encoding = depth_index.get("ranges", {}), depth_index.get("encoding", "float")
+    gkind = depth_index.get("kind") if depth_index.get("kind") in ("features", "classes") else None
 
     def items():
         for crop in iter_crops(crops):
@@ -334,7 +402,9 @@ def shards_stage(
                 if not path.is_file():
                     raise FileNotFoundError(f"depth map {path} is missing; rerun `repro depth`")
                 depth01 = np.load(path)
-                if depth01.shape != crop.image.shape[:2] or not np.isfinite(depth01).all() or (
+                if gkind is not None:  # MDE features / class ids (repro.guidance)
+                    check_stored(depth01, gkind, crop.image.shape[:2], path)
+                elif depth01.shape != crop.image.shape[:2] or not np.isfinite(depth01).all() or (
                         depth01.size and (depth01.min() < 0 or depth01.max() > 1)):
                     raise DatasetError(f"{path}: depth map must be {crop.image.shape[:2]}, finite and in [0, 1]; got "
                                        f"{depth01.shape}, {int((~np.isfinite(depth01)).sum())} non-finite value(s), "

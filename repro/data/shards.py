@@ -6,7 +6,9 @@ under its key with the fields
 - ``img.png``: ``(H, W, 3)`` uint8 RGB, lossless PNG;
 - ``label.png``: ``(H, W)`` uint8 class ids, 255 = ignore (only when the dataset has labels);
 - ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1], or uint8 8-bit depth k
-  (read back as ``k / 255``, lossless; SPEC 7 R4) (only with depth);
+  (read back as ``k / 255``, lossless; SPEC 7 R4) (only with depth); for the other guidance
+  signals (:mod:`repro.guidance`): ``(C, g, g)`` float16 MDE feature maps, or ``(H, W)`` int16
+  class ids (-1 void) of a segmentation map, both read back as they are (float32 / int64);
 - ``json``: metadata (dataset, split, crop box, raw depth range and source, ...).
 
 ``index.json`` records, per shard, the sample count, the sha256 and, per key, the byte
@@ -71,7 +73,7 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
     Args:
         sample: the crop; ``label`` int64 in ``[0, 255)`` or -1.
         depth01: ``(H, W)`` depth normalised to [0, 1] (stored as float16), uint8 8-bit depth
-            (stored as it is), or None.
+            (stored as it is), ``(C, g, g)`` MDE feature maps (float16), ``(H, W)`` int16 class ids, or None.
 
     Returns:
         A dict with ``__key__`` and the byte fields described in the module docstring.
@@ -85,7 +87,13 @@ def encode_sample(sample: Sample, depth01: np.ndarray | None) -> dict[str, bytes
         if label.max(initial=-1) >= LABEL_IGNORE_BYTE or label.min(initial=0) < IGNORE:
             raise ValueError(f"{sample.key}: label values must be in [-1, 254] to store as PNG")
         fields["label.png"] = _png(np.where(label == IGNORE, LABEL_IGNORE_BYTE, label).astype(np.uint8))
-    if depth01 is not None:
+    if depth01 is not None and (depth01.dtype == np.int16 or depth01.ndim == 3):  # class ids / MDE features
+        if depth01.ndim == 3 and not np.isfinite(depth01).all():
+            raise ValueError(f"{sample.key}: MDE feature maps must be finite")
+        buf = io.BytesIO()
+        np.save(buf, depth01 if depth01.dtype == np.int16 else depth01.astype(np.float16))
+        fields["depth.npy"] = buf.getvalue()
+    elif depth01 is not None:
         is_u8 = depth01.dtype == np.uint8
         if not is_u8 and (not np.isfinite(depth01).all() or depth01.min() < 0 or depth01.max() > 1):
             raise ValueError(f"{sample.key}: normalised depth must be finite and in [0, 1]")
@@ -107,7 +115,8 @@ def decode_fields(key: str, fields: dict[str, bytes], *, image: bool = True) -> 
 
     Returns:
         ``{"key", "image": (H, W, 3) uint8 or None, "label": (H, W) int64 with -1 ignore or None,
-        "depth": (H, W) float32 in [0, 1] or None, "meta": dict}``.
+        "depth": (H, W) float32 in [0, 1], (C, g, g) float32 features, (H, W) int64 class ids, or None,
+        "meta": dict}``.
 
     Raises:
         ShardError: if a field cannot be decoded (names the key).
@@ -121,7 +130,10 @@ def decode_fields(key: str, fields: dict[str, bytes], *, image: bool = True) -> 
         depth = None
         if "depth.npy" in fields:
             depth = np.load(io.BytesIO(fields["depth.npy"]))
-            depth = depth.astype(np.float32) / np.float32(255) if depth.dtype == np.uint8 else depth.astype(np.float32)
+            if depth.dtype == np.int16:  # class ids of a segmentation-map guidance
+                depth = depth.astype(np.int64)
+            else:
+                depth = depth.astype(np.float32) / np.float32(255) if depth.dtype == np.uint8 else depth.astype(np.float32)
         meta = json.loads(fields["json"]) if "json" in fields else {}
     except (KeyError, OSError, ValueError) as exc:
         raise ShardError(f"sample {key!r}: cannot decode fields {sorted(fields)}: {exc}") from exc

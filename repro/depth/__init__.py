@@ -14,6 +14,11 @@ name                      kind                   output of ``predict``
 ``"perspective_plane"``   ``normalized``         ground plane in [0, 1] (placebo)
 ========================  =====================  ==========================================
 
+Depth sources that are not estimators here: ``"kbr"`` / ``"files"`` read per-image maps computed
+elsewhere (:mod:`repro.depth.files`); ``"mde_features"`` (ZoeDepth's penultimate-layer features,
+:class:`repro.depth.hf.ZoeDepthFeatures`) and ``"semseg"`` (the crop's labels) are guidance signals
+that are not depth maps (:mod:`repro.guidance`).
+
 The transformers-based estimators are imported lazily, so ``import repro.depth`` stays light.
 """
 

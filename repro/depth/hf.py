@@ -45,7 +45,7 @@ from torch import Tensor
 from repro.depth.base import DepthEstimator, ImageBatch, as_image_list
 from repro.errors import MissingFileError
 
-__all__ = ["ZoeDepthEstimator", "MidasEstimator", "save_random_model", "DEFAULT_WEIGHTS", "HUB_REPOS"]
+__all__ = ["ZoeDepthEstimator", "ZoeDepthFeatures", "MidasEstimator", "save_random_model", "DEFAULT_WEIGHTS", "HUB_REPOS"]
 
 #: Official checkpoints (HuggingFace Hub ids) of the two estimators.
 HUB_REPOS = {"zoedepth": "Intel/zoedepth-nyu", "midas": "Intel/dpt-hybrid-midas"}
@@ -183,6 +183,61 @@ class ZoeDepthEstimator(_HFDepthEstimator):
         full = F.interpolate(pred[:, None], size=(height + 2 * pad_h, width + 2 * pad_w), mode="bicubic",
                              align_corners=False)[:, 0]
         return full[:, pad_h : pad_h + height, pad_w : pad_w + width]
+
+
+class ZoeDepthFeatures(ZoeDepthEstimator):
+    """ZoeDepth's penultimate-layer feature maps, the "MDE features" guidance (DepthG supp. B.1, Table 3).
+
+    The features are the input of the metric head's last layer (``metric_head.conditional_log_binomial``,
+    whose bin probabilities the head sums with the bin centres into metric depth): the relative
+    head's ``num_relative_features`` activations (32 for ZoeD_N) concatenated with the relative
+    depth, ``C = num_relative_features + 1`` channels at half the network's input resolution. The
+    paper says only "feature maps from the penultimate layer of the monocular depth estimator"; this
+    reading is fidelity item R18. They are read by a forward pre-hook, so the network runs exactly as
+    for depth (same processor, padding and flip test-time augmentation, averaged per channel), then
+    resized to the input size like the depth output and average-pooled to the feature grid.
+
+    Args: as :class:`ZoeDepthEstimator`.
+
+    Raises:
+        MissingFileError: if the weights folder is incomplete.
+    """
+
+    name = "zoedepth"
+    kind = "features"
+
+    def _pass(self, imgs: list, height: int, width: int, *, flip: bool) -> Tensor:
+        """``(B, C, height, width)`` penultimate features of one pass (flipped back if ``flip``)."""
+        captured: list[Tensor] = []
+        layer = self.model.metric_head.conditional_log_binomial
+        handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        try:
+            imgs = [np.require(img[:, ::-1] if flip else img, requirements=["C", "W"]) for img in imgs]
+            inputs = self.processor(images=imgs, return_tensors="pt", input_data_format="channels_last",
+                                    device=str(self.device), **self._processor_kwargs())
+            self.model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
+        finally:
+            handle.remove()
+        feats = captured[-1].float()
+        b, c = feats.shape[:2]
+        out = self._to_input_size(feats.reshape(b * c, *feats.shape[2:]), height, width).reshape(b, c, height, width)
+        return out.flip(-1) if flip else out
+
+    def features(self, images: ImageBatch, grid: tuple[int, int]) -> Tensor:
+        """Penultimate-layer features of each image, average-pooled to ``grid``.
+
+        Args:
+            images: ``B`` RGB images of one size, ``(H, W, 3)`` uint8.
+            grid: ``(h, w)`` output grid (the crop's DINO patch grid, ``H / 8``).
+
+        Returns:
+            ``(B, C, h, w)`` float32 on :attr:`device` (activations, no unit; C = 33 for ZoeD_N).
+
+        Raises:
+            TypeError / ValueError: as :meth:`predict`.
+        """
+        full = self.predict(images)
+        return F.adaptive_avg_pool2d(full, (int(grid[0]), int(grid[1])))
 
 
 class MidasEstimator(_HFDepthEstimator):

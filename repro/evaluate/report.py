@@ -82,9 +82,16 @@ class ValidationSet:
         self._features_ready = True
 
     def depth_of(self, key: str) -> np.ndarray | None:
-        """The [0, 1] depth map of a crop, if a depth folder was given and holds it."""
+        """The [0, 1] depth map of a crop, if a depth folder was given and holds one.
+
+        Guidance that is not a depth map (MDE features, class ids: :mod:`repro.guidance`) gives None,
+        so the figures leave their depth column out.
+        """
         path = self.depth / f"{key}.npy" if self.depth is not None else None
-        return np.load(path) if path is not None and path.is_file() else None
+        if path is None or not path.is_file():
+            return None
+        depth = np.load(path)
+        return depth if depth.ndim == 2 and np.issubdtype(depth.dtype, np.floating) else None
 
 
 def evaluate_many(models: dict[str, TrainedParts], backbone, val: ValidationSet, *, crf: bool, flip: bool = False,

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "cache_misses", "dataset_sizes",
-           "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK"]
+           "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK", "backbone_key",
+           "peak_memory"]
 
 PROFILE_SCHEMA = "repro-stage-profile/1"
 NET_DEPTH = ("zoedepth", "midas")
@@ -232,7 +233,18 @@ def _uses_store(config) -> bool:
         config.lhp.enabled and config.lhp.propagation == "attention")
 
 
-def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs, str, list[str]]:
+def backbone_key(profile: Profile, arch: str, size: int, precision: str, notes: list[str] | None = None) -> str:
+    """``backbone/<arch>/<size>/<precision>``; a profile without the bf16 rate prices bf16 at fp32, said in ``notes``."""
+    key = f"backbone/{arch}/{size}/{precision}"
+    if profile.has(key) or precision == "fp32":
+        return key
+    if notes is not None:
+        notes.append(f"stage profile {profile.path.name} has no {key}: bf16 backbone passes priced at the fp32 rate")
+    return f"backbone/{arch}/{size}/fp32"
+
+
+def run_costs(config, profile: Profile, n_train: int, n_val: int, notes: list[str] | None = None
+              ) -> tuple[Costs, str, list[str]]:
     """Seconds of one run (one seed) per stage; ``(costs, training-step key, differing fields)``."""
     from repro.schedules import training_batches
 
@@ -250,8 +262,8 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     misses = cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
     if _uses_store(config):  # misses are read from the store instead of computed
         costs.add("train-store-read", profile, _store_key(profile, arch, "read"), misses)
-    else:
-        costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
+    else:  # the training backbone runs under the trainer's autocast (train.precision, SPEC R16)
+        costs.add("train-backbone", profile, backbone_key(profile, arch, 224, t.precision, notes), misses)
     costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
     kind = "dino" if config.method == "dino" else "segment"
     cached_val = min(n_val, _capacity(t.feature_cache_gb, 40 * 40 * c * 4))
@@ -337,4 +349,57 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
                                         hours_by_stage(knn.cpu))
     if getattr(paths, "features", None) is not None:  # train.feature_store: built by prepare_data (with any LHP)
         stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, 1.0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ peak memory
+ARCH_PARAMS = {"vit_small_patch8": (21.67e6, 12, 384, 6), "vit_base_patch8": (86.58e6, 12, 768, 12)}
+"""(parameters, blocks, width D, heads) of the DINO backbones (parameter counts: timm's benchmark CSVs)."""
+ZOEDEPTH_PARAMS = 345e6
+"""ZoeD_N: MiDaS v3.1 BEiT-L-384 (344 M, MiDaS README) plus the metric-bins head; priced for both depth networks."""
+GIB = 2.0**30
+
+
+def _vit_activation_bytes(batch: int, size: int, width: int, heads: int, nbytes: int, fused: bool = True) -> float:
+    """Live activations of one frozen ViT block in inference: ``b N (D + 3D + 4D + D) bytes`` (residual, q/k/v,
+    MLP hidden, output), plus ``2 b h N^2 bytes`` (scores and softmax) when attention is not fused."""
+    n = (size // 8) ** 2 + 1
+    return batch * n * 9 * width * nbytes + (0 if fused else 2 * batch * heads * n * n * nbytes)
+
+
+def peak_memory(config) -> dict[str, float]:
+    """Peak accelerator memory (GiB) of each GPU stage of one run, DERIVED (not measured).
+
+    * ``train``: batch ``B`` anchors + ``B`` kNN partners (``2B`` crops at 224 px, 28 x 28 features):
+      the backbone's fp32 weights; the frozen backbone pass over the ``2B`` crops (fused attention,
+      :func:`_vit_activation_bytes`, 2 bytes under bf16, 4 under fp32) unless every crop hits the
+      feature cache or store; the features ``2B x C x 784 x 4``; the head's activations and gradients
+      (``2B x 784 x (2C + Q) x 4 x 3``: forward, backward, Adam); the correlation tensors ``2B x S^4 x 4 x 8``
+      (``S`` = ``sampling.feature_samples``, 28 for full sampling; self/kNN/random/depth, forward and
+      backward); attention LHP adds the unfused last-block attention ``2 x 2B x h x 785^2 x 4``.
+    * ``eval``: ``eval.batch_size`` images at 320 px (40 x 40 features, 1601 tokens): weights, the fp32
+      backbone pass, and the upsampled logits of both probes ``b x 320^2 x (Q + 2 K) x 4 x 2`` (``K``
+      = classes).
+    * ``depth``: ZoeDepth (:data:`ZOEDEPTH_PARAMS`, fp32) at batch 8 on 384 x 512 inputs
+      (768 patch tokens of width 1024) plus the DPT decoder's 256-channel maps up to 192 x 256.
+    """
+    params, _, width, heads = ARCH_PARAMS[config.model.arch]
+    weights = params * 4
+    b2 = 2 * config.train.batch_size
+    nbytes = 2 if config.train.precision == "bf16" else 4
+    q = config.model.code_dim
+    s = 28 if config.sampling.mode == "full" else config.sampling.feature_samples
+    attention = config.lhp.enabled and config.lhp.propagation == "attention"
+    train = (weights + _vit_activation_bytes(b2, 224, width, heads, nbytes)
+             + b2 * width * 784 * 4 + b2 * 784 * (2 * width + q) * 4 * 3 + b2 * s**4 * 4 * 8
+             + (2 * b2 * heads * 785**2 * 4 if attention else 0))
+    eb = config.eval.batch_size
+    from repro.data.registry import num_classes_for
+
+    classes = num_classes_for(config)
+    evaluate = weights + _vit_activation_bytes(eb, 320, width, heads, 4) + eb * 320**2 * (q + 2 * classes) * 4 * 2
+    out = {"train": train / GIB, "eval": evaluate / GIB}
+    if config.data.depth_source in NET_DEPTH or config.data.depth_source not in (*CHEAP_DEPTH, "none"):
+        depth = ZOEDEPTH_PARAMS * 4 + 8 * 769 * 9 * 1024 * 4 + 8 * 256 * 192 * 256 * 4 * 2
+        out["depth"] = depth / GIB
     return out

@@ -42,8 +42,10 @@ DEFAULT_PROFILE = "published-amp-pt240-rtx4090.json"
 (``benchmarks/published_profiles.py``), not a measurement; the plan says so."""
 FEATURE_STORE_MODES = ("auto", "on", "off", "config")
 
-PRODUCE = ("produce one on the target hardware: `python benchmarks/bench_stages.py --out PROFILE.json` "
-           "(on a GPU node), then `repro plan all --profile PROFILE.json`")
+PRODUCE = ("name a shipped one (published-amp-pt240-rtx4090, published-amp-pt240-rtx3090, published-fp32-v100, "
+           "cpu-2core) or measure one on the target hardware: `benchmarks/gpu_check.sh` (on a GPU node; writes "
+           "build/gpu-check/profile.json) or `python benchmarks/bench_stages.py --out PROFILE.json`, then "
+           "`repro plan all --profile PROFILE.json`")
 
 
 @dataclass

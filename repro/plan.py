@@ -345,7 +345,7 @@ def format_plan(plan: Plan) -> str:
     gpu_t, cpu_t, g_st, c_st = plan.totals(None)
     lines += ["", f"TOTAL ({len(plan.runs)} entry x fidelity, {len(plan.runs) * plan.seeds} runs, "
                   f"{len(plan.data)} shared data folders): {gpu} {_h(gpu_t)}, {cpu} {_h(cpu_t)} (PROJECTION)",
-              f"dominant stage: GPU {_dominant(g_st)}; CPU {_dominant(c_st)}",
+              f"dominant stage: {gpu} {_dominant(g_st)}; {cpu} {_dominant(c_st)}",
               f"share by table (each shared data folder booked to the first table using it):"]
     for table, (g, c) in plan.attributed().items():
         lines.append(f"  {table:10s} {gpu} {_h(g):>7s} {_share(g, gpu_t)}   {cpu} {_h(c):>7s} {_share(c, cpu_t)}")

@@ -234,7 +234,10 @@ def _uses_store(config) -> bool:
 
 
 def backbone_key(profile: Profile, arch: str, size: int, precision: str, notes: list[str] | None = None) -> str:
-    """``backbone/<arch>/<size>/<precision>``; a profile without the bf16 rate prices bf16 at fp32, said in ``notes``."""
+    """``backbone/<arch>/<size>/<precision>`` (fp32 for a CPU-measured profile: autocast is CUDA-only); a profile
+    without the bf16 rate prices bf16 at fp32, said in ``notes``."""
+    if profile.device != "cuda":  # the trainer autocasts on CUDA only: on a CPU every pass is fp32
+        precision = "fp32"
     key = f"backbone/{arch}/{size}/{precision}"
     if profile.has(key) or precision == "fp32":
         return key

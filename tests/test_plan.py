@@ -161,9 +161,9 @@ def test_dominant_stage_is_named(profile, tmp_path):
     assert max(cpu_st, key=cpu_st.get) == "eval-crf"
     assert max(gpu_st, key=gpu_st.get) == "train-step"
     text = format_plan(plan)
-    assert "dominant stage: GPU train-step" in text and "CPU eval-crf" in text
+    assert "dominant stage: GPU-h@fake train-step" in text and "core-h@CPU eval-crf" in text
     slow = load_profile(fake_profile(tmp_path / "slow.json", crf_rate=1e-4))
-    assert re.search(r"dominant stage: GPU \S+ \d+%; CPU eval-crf (99|100)%",
+    assert re.search(r"dominant stage: GPU-h@fake \S+ \d+%; core-h@CPU eval-crf (99|100)%",
                      format_plan(make_plan({"table1": ["table1/stego-vits8"]}, slow, seeds=1)))
 
 

@@ -31,6 +31,10 @@ NOT_IDENTITY = frozenset({
 })
 """Config keys that do not take part in a run's identity (see the module docstring)."""
 
+ADDED_LATER = {"model.backbone_precision": "default"}
+"""Keys added after runs were recorded: at this value (which computes what the runs without the key computed)
+they are left out of the identity, so earlier run folders and records keep their hashes."""
+
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -59,7 +63,8 @@ def flat_config(config: Any) -> dict[str, Any]:
 
 def identity(config: Any) -> dict[str, Any]:
     """The keys of :func:`flat_config` that identify a run (all but :data:`NOT_IDENTITY`)."""
-    return {k: v for k, v in flat_config(config).items() if k not in NOT_IDENTITY}
+    return {k: v for k, v in flat_config(config).items()
+            if k not in NOT_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def config_hash(config: Any) -> str:

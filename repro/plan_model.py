@@ -246,6 +246,15 @@ def backbone_key(profile: Profile, arch: str, size: int, precision: str, notes: 
     return f"backbone/{arch}/{size}/fp32"
 
 
+def _precision(config, training: bool) -> str:
+    """Precision of the frozen backbone's passes: ``model.backbone_precision`` when set, else ``train.precision``
+    in training (the trainer's autocast) and fp32 elsewhere (validation, evaluation, store, kNN)."""
+    forced = getattr(config.model, "backbone_precision", "default")
+    if forced != "default":
+        return forced
+    return config.train.precision if training else "fp32"
+
+
 def run_costs(config, profile: Profile, n_train: int, n_val: int, notes: list[str] | None = None
               ) -> tuple[Costs, str, list[str]]:
     """Seconds of one run (one seed) per stage; ``(costs, training-step key, differing fields)``."""
@@ -266,18 +275,19 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int, notes: list[st
     if _uses_store(config):  # misses are read from the store instead of computed
         costs.add("train-store-read", profile, _store_key(profile, arch, "read"), misses)
     else:  # the training backbone runs under the trainer's autocast (train.precision, SPEC R16)
-        costs.add("train-backbone", profile, backbone_key(profile, arch, 224, t.precision, notes), misses)
+        costs.add("train-backbone", profile, backbone_key(profile, arch, 224, _precision(config, True), notes), misses)
     costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
     kind = "dino" if config.method == "dino" else "segment"
     cached_val = min(n_val, _capacity(t.feature_cache_gb, 40 * 40 * c * 4))
     validations = batches // t.val_every if t.val_every > 0 else 0
     costs.add("validation", profile, f"val/{arch}/{kind}", validations * n_val)
-    costs.add("validation", profile, f"backbone/{arch}/320/fp32", validations * (n_val - cached_val))
-    costs.add("val-features", profile, f"backbone/{arch}/320/fp32", cached_val)
+    val_key = backbone_key(profile, arch, 320, _precision(config, False), notes)
+    costs.add("validation", profile, val_key, validations * (n_val - cached_val))
+    costs.add("val-features", profile, val_key, cached_val)
     # final and best-on-val in one pass: the backbone once per image (uncached ones, plus the flipped image),
     # head, upsampling, probes and CRF per checkpoint; the figures reuse the first images' predictions
     checkpoints = 2 if validations > 0 else 1
-    costs.add("eval-backbone", profile, f"backbone/{arch}/320/fp32", (n_val - cached_val) + (n_val if e.flip else 0))
+    costs.add("eval-backbone", profile, val_key, (n_val - cached_val) + (n_val if e.flip else 0))
     costs.add("eval-head", profile, f"eval/{arch}/{kind}/head", checkpoints * (2 if e.flip else 1) * n_val)
     costs.add("eval-upsample", profile, f"eval/{arch}/{kind}/upsample_probes", checkpoints * n_val)
     if e.crf:
@@ -351,7 +361,11 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
     out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), hours_by_stage(knn.gpu),
                                         hours_by_stage(knn.cpu))
     if getattr(paths, "features", None) is not None:  # train.feature_store: built by prepare_data (with any LHP)
-        stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, 1.0))
+        speed = 1.0  # a bf16 store (model.backbone_precision=bf16): the write scaled as the backbone's bf16/fp32 rates
+        if _precision(config, False) == "bf16" and profile.device == "cuda":
+            fast = backbone_key(profile, arch, 224, "bf16", notes)
+            speed = profile.stage(f"backbone/{arch}/224/fp32")["rate"] / profile.stage(fast)["rate"]
+        stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, speed))
     return out
 
 

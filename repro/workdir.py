@@ -125,6 +125,12 @@ def data_key(config: ExperimentConfig) -> str:
     return f"{d.dataset}/{_crop_tag(config, train=True)}/{depth}/{config.model.arch}/knn-dropout{d.knn_dropout:g}"
 
 
+def _precision_tag(config: ExperimentConfig) -> str:
+    """``""`` for ``model.backbone_precision: default``, else ``-bf16`` / ``-fp32`` (a store of other features)."""
+    p = config.model.backbone_precision
+    return "" if p == "default" else f"-{p}"
+
+
 def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
     """The shared data folders of a config under ``work_dir`` (named after :func:`data_key`'s parts)."""
     d = config.data
@@ -146,7 +152,8 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
         knn=base / f"knn-{train}-{depth or 'nodepth'}-{config.model.arch}{knn_drop}.npz",
         val_crops=base / f"crops-{val}",
         val_depth=base / f"depth-{val}-{depth}" if depth else None,
-        features=base / f"features-{train}-{config.model.arch}" if config.train.feature_store else None,
+        features=base / f"features-{train}-{config.model.arch}{_precision_tag(config)}" if config.train.feature_store
+        else None,
         **image_depth,
     )
 
@@ -250,10 +257,13 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
     checkpoint = resolve_checkpoint(config)
     params = {"crops": str(paths.crops.resolve()), "arch": config.model.arch, "checkpoint": str(checkpoint),
               "pos_embed": config.model.pos_embed}
+    if config.model.backbone_precision != "default":
+        params["precision"] = config.model.backbone_precision
     if (paths.features / "index.json").is_file():
         return feature_store_stage(paths.crops, paths.features, None, params=params)  # checks params, reuses
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed).to(device)
+    backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed,
+                            precision=config.model.backbone_precision).to(device)
     return feature_store_stage(paths.crops, paths.features, backbone, params=params, device=device,
                                progress=not quiet)
 

@@ -83,8 +83,8 @@ CHECKS = {  # published statements a profile can be compared against; not used t
                               "row": "vit_base_patch8_224 (line 841), batch 256: torch 1.13, attention not fused"},
     "midas-3090-beitl384": {"figure": 13.0, "unit": "img/s", "where": "isl-org/MiDaS README.md, model table (line 160)",
                             "row": "v3.1 BEiT-L-384: 13 FPS on an RTX 3090 (inference at the training resolution)"},
-    "stego-v100-train": {"figure": 2.0, "unit": "h", "where": "Hamilton et al., STEGO, ICLR 2022, sec. 4",
-                         "row": "'it only takes less than 2 hours on a single NVIDIA V100 GPU card' (one training run)"},
+    "stego-v100-train": {"figure": 2.0, "unit": "h", "where": "Hamilton et al., STEGO, ICLR 2022, sec. 3.3",
+                         "row": "one STEGO training run takes under 2 h on one V100 (the paper's upper bound)"},
     "depthg-train": {"figure": None, "unit": "h", "where": "Sick et al., DepthG, CVPR 2024 and supplement",
                      "row": "no training time or GPU-hours stated"},
 }

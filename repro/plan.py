@@ -367,6 +367,9 @@ def format_plan(plan: Plan) -> str:
                     if measured else ""))
     lines.append("several GPUs per run: not offered (repro launch refuses --gpus > 1: one process per job); many "
                  "single-GPU array tasks are the cheaper shape, each run's peak memory fits one GPU")
+    for check in plan.profile.data.get("checks", {}).values():  # published statements, not used for any rate
+        figure = "not stated" if check.get("figure") is None else f"{check['figure']:g} {check.get('unit', '')}"
+        lines.append(f"published figure to compare (not used for a rate): {figure} -- {check['row']} ({check['where']})")
     lines.append(f"{plan.store_note}")
     lines.append("feature store (fp16 features of every training crop, crops x 28 x 28 x C x 2 bytes; optional: "
                  "--feature-store off):")

@@ -309,7 +309,8 @@ def _depth_source(profile: Profile, config, scope: str, notes: list[str]) -> tup
         return f"depth/{CHEAP_DEPTH[source]}/stage", 1.0
     net = source if source in NET_DEPTH else "zoedepth"
     if net != source:
-        notes.append(f"depth source {source!r} has no estimator in repro.depth: costed as ZoeDepth")
+        notes.append(f"depth source {source!r} has no estimator in repro.depth (its maps are supplied): priced as "
+                     "ZoeDepth under the stage 'depth-supplied'")
     key = f"depth/{net}/full/{scope}"
     if not profile.has(key):
         notes.append(f"depth {net}: the profile measured only the tiny random model (bench_stages.py --depth-full "
@@ -339,17 +340,20 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
     train_prep = "prepare/train224-five" if d.five_crop else "prepare/val320"
     stage("prepare", paths.crops, ("prepare", train_prep, n_train, scale))
     stage("prepare", paths.val_crops, ("prepare", "prepare/val320", n_val, scale))
+    # sources repro cannot compute (kbr, mde_features, semseg: the maps are supplied) are priced as ZoeDepth
+    # under their own stage name, so the total shows what repro's own networks cost
+    net = "depth" if d.depth_source in (*NET_DEPTH, *CHEAP_DEPTH) else "depth-supplied"
     if d.depth_source != "none" and d.depth_scope == "image":  # R4: one map per full image, then cut per crop
         key, tta = _depth_source(profile, config, "image", notes)
         cut = "depth/crop_from_image/stage" if profile.has("depth/crop_from_image/stage") else "depth/image_plane/stage"
-        stage("depth", paths.image_depth, ("depth", key, n_train, tta))
-        stage("depth", paths.val_image_depth, ("depth", key, n_val, tta))
+        stage("depth", paths.image_depth, (net, key, n_train, tta))
+        stage("depth", paths.val_image_depth, (net, key, n_val, tta))
         stage("depth", paths.depth, ("depth", cut, crops, 1.0))
         stage("depth", paths.val_depth, ("depth", cut, n_val, 1.0))
     elif d.depth_source != "none":  # eq. 4: the estimator on every crop
         key, tta = _depth_source(profile, config, "crop", notes)
-        stage("depth", paths.depth, ("depth", key, crops, tta))
-        stage("depth", paths.val_depth, ("depth", key, n_val, tta))
+        stage("depth", paths.depth, (net, key, crops, tta))
+        stage("depth", paths.val_depth, (net, key, n_val, tta))
     stage("shards", paths.shards, ("shards", "shards/train224", crops, 1.0))
     knn = Costs()
     knn.add("knn-features", profile, f"backbone/{arch}/224/fp32", crops)

@@ -113,3 +113,14 @@ def test_peak_memory_against_a_hand_computation():
     assert peak_memory(cfg) == pytest.approx({"train": train / GIB, "eval": evaluate / GIB})
     paper = peak_memory(load_entry("table1/stego-vits8", ["fidelity=paper"]))  # bf16: half the backbone activations
     assert paper["train"] < peak_memory(cfg)["train"]
+
+
+def test_depth_sources_repro_cannot_compute_are_booked_apart(tmp_path):
+    profile = load_profile(fake_profile(tmp_path / "p.json"))
+    plan = make_plan({"table5": ["table5/kbr", "table5/zoedepth"]}, profile, seeds=1, fidelities=("paper",))
+    by_label = {d.label: d.gpu_by_stage for d in plan.data.values() if d.stage == "depth"}
+    kbr = by_label["cocostuff27/depth-train-224-five-bilinear-kbr-crop-float"]
+    zoe = by_label["cocostuff27/depth-train-224-five-bilinear-zoedepth-crop-float"]
+    assert set(kbr) == {"depth-supplied"} and set(zoe) == {"depth"}
+    assert kbr["depth-supplied"] == pytest.approx(zoe["depth"])  # priced as ZoeDepth
+    assert any("'kbr' has no estimator" in w and "depth-supplied" in w for w in plan.warnings)

@@ -345,6 +345,9 @@ def format_plan(plan: Plan) -> str:
     gpu_t, cpu_t, g_st, c_st = plan.totals(None)
     lines += ["", f"TOTAL ({len(plan.runs)} entry x fidelity, {len(plan.runs) * plan.seeds} runs, "
                   f"{len(plan.data)} shared data folders): {gpu} {_h(gpu_t)}, {cpu} {_h(cpu_t)} (PROJECTION)",
+              *([f"  of which depth-supplied {gpu} {_h(g_st['depth-supplied'])}: maps of guidance sources repro "
+                   f"cannot compute (kbr, mde_features, semseg), priced as ZoeDepth; without them {gpu} "
+                   f"{_h(gpu_t - g_st['depth-supplied'])}"] if g_st.get("depth-supplied") else []),
               f"dominant stage: {gpu} {_dominant(g_st)}; {cpu} {_dominant(c_st)}",
               f"share by table (each shared data folder booked to the first table using it):"]
     for table, (g, c) in plan.attributed().items():

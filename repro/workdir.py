@@ -9,7 +9,7 @@ bilinear crops, but share what they have in common)::
     data/<dataset>/depth-image-<split>-<source>-<uint8|float>/        per-image maps (depth_scope: image)
     data/<dataset>/depth-<crops tag>-<source>-<scope>-<encoding>/
     data/<dataset>/shards-<crops tag>-<depth tag>/
-    data/<dataset>/knn-<crops tag>-<depth tag>-<arch>[-drop<p>].npz
+    data/<dataset>/knn-<crops tag>-<arch>[-drop<p>].npz
     data/<dataset>/features-<crops tag>-<arch>/                      train.feature_store
     <entry>/<fidelity>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
                                   metrics.json figures/ .lock        (fidelity: paper | released)
@@ -149,7 +149,7 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
         crops=base / f"crops-{train}",
         depth=base / f"depth-{train}-{depth}" if depth else None,
         shards=base / f"shards-{train}-{depth or 'nodepth'}",
-        knn=base / f"knn-{train}-{depth or 'nodepth'}-{config.model.arch}{knn_drop}.npz",
+        knn=base / f"knn-{train}-{config.model.arch}{knn_drop}.npz",  # RGB only: one per crops folder, any depth
         val_crops=base / f"crops-{val}",
         val_depth=base / f"depth-{val}-{depth}" if depth else None,
         features=base / f"features-{train}-{config.model.arch}{_precision_tag(config)}" if config.train.feature_store
@@ -242,7 +242,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
         timed("shards", shards_stage, paths.crops, paths.depth, paths.shards, shard_size=d.shard_size,
               depth_source=d.depth_source)
         timed("knn", knn_stage, paths.shards, paths.knn, arch=config.model.arch, checkpoint=resolve_checkpoint(config),
-              k=d.knn_k, dropout=d.knn_dropout, seed=KNN_DROPOUT_SEED)
+              k=d.knn_k, dropout=d.knn_dropout, seed=KNN_DROPOUT_SEED, identity=paths.crops)
         if paths.features is not None:
             timed("features", _feature_store, config, paths, quiet)
     return paths

@@ -124,3 +124,11 @@ def test_depth_sources_repro_cannot_compute_are_booked_apart(tmp_path):
     assert set(kbr) == {"depth-supplied"} and set(zoe) == {"depth"}
     assert kbr["depth-supplied"] == pytest.approx(zoe["depth"])  # priced as ZoeDepth
     assert any("'kbr' has no estimator" in w and "depth-supplied" in w for w in plan.warnings)
+
+
+def test_one_knn_table_per_crops_folder_whatever_the_depth():
+    from repro.workdir import data_paths
+
+    paths = {e: data_paths(load_entry(e, ["fidelity=paper"]), Path("W")) for e in ("table5/zoedepth", "table5/midas",
+                                                                                   "table1/stego-vits8")}
+    assert len({p.knn for p in paths.values()}) == 1 and len({p.shards for p in paths.values()}) == 3

@@ -9,7 +9,7 @@
    of accuracy and mIoU (points) and of the predicted pixels.
 
 Usage: ``python benchmarks/bench_backbone_precision.py [--out FILE.json]`` (about a minute on one core).
-The numbers are recorded in ``repro/config/fidelity.py`` (item R17).
+The numbers are recorded in ``repro/config/fidelity.py`` (item R23).
 """
 
 from __future__ import annotations

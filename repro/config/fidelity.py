@@ -211,7 +211,7 @@ ITEMS: tuple[Item, ...] = (
          "not stated (repro: bf16 autocast on a GPU)",
          "fp32",
          (Setting("train.precision", "bf16", "fp32"),)),
-    Item("R17", "frozen-backbone precision (model.backbone_precision)",
+    Item("R23", "frozen-backbone precision (model.backbone_precision)",
          "not stated", "fp32 (no autocast anywhere)", (),
          fact="default: the backbone runs under train.precision's autocast in training and in "
               "fp32 elsewhere (R16); model.backbone_precision=bf16 (or fp32) forces every pass of the frozen "
@@ -226,7 +226,7 @@ ITEMS: tuple[Item, ...] = (
 
 
 def item_ids() -> list[str]:
-    """``["R1", ..., "R17"]``."""
+    """``["R1", ..., "R23"]``."""
     return [item.id for item in ITEMS]
 
 

@@ -5,7 +5,9 @@
 # Usage (from anywhere):  benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: build/gpu-check)
 # Environment: PYTHON (default .venv/bin/python, else python3), DATA (folder holding nyuv2-mini/,
 # default ../shared/data), BENCH_ARGS (extra bench_stages.py arguments, e.g. "--quick"), STEPS (50).
-# Writes OUT_DIR/gpu_check.json (plus profile.json, bench.txt, precision.json, demo.log).
+# Writes OUT_DIR/gpu_check.json (plus profile.json, bench.txt, precision.json, demo.log). profile.json is a
+# stage profile in the format of benchmarks/profiles/ (schema repro-stage-profile/1, measured, dated): it
+# replaces the published estimate with `repro plan all --profile OUT_DIR/profile.json`.
 # Exits 3 without a visible CUDA device; CI never runs it.
 set -euo pipefail
 
@@ -52,6 +54,9 @@ echo "== 3/3 bf16 vs fp32 training, $STEPS steps"
 
 "$PYTHON" benchmarks/gpu_check_helper.py merge --out "$OUT_DIR/gpu_check.json" --profile "$OUT_DIR/profile.json" \
     --precision "$OUT_DIR/precision.json" --demo-metrics "$demo_work" --demo-exit "$demo_exit" --demo-wall "$demo_wall"
+echo "stage profile (same format as benchmarks/profiles/*.json): $OUT_DIR/profile.json"
+echo "  project the reproduction on this GPU:  repro plan all --profile $OUT_DIR/profile.json"
+echo "  to ship it: cp $OUT_DIR/profile.json benchmarks/profiles/measured-<precision>-pt<torch>-<gpu>.json"
 if [[ "$demo_exit" -ne 0 ]]; then
     echo "gpu_check.sh: the demo failed (exit $demo_exit); see $OUT_DIR/demo.log" >&2
     exit "$demo_exit"

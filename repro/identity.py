@@ -33,8 +33,11 @@ NOT_IDENTITY = frozenset({
 })
 """Config keys that do not take part in a run's identity (see the module docstring)."""
 
-ADDED_KEYS: dict[str, object] = {"scale": "full", "data.train_subset": 0, "data.val_subset": 0}
-"""Keys added to the config after the first recorded runs, with the value that changes nothing."""
+ADDED_KEYS: dict[str, object] = {"scale": "full", "data.train_subset": 0, "data.val_subset": 0,
+                                  "model.backbone_precision": "default"}
+"""Keys added after runs were recorded, with the value that computes what the runs without the key
+computed: at that value they are left out of the identity, so earlier run folders and records keep
+their hashes."""
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -60,6 +60,27 @@ class LaunchError(RuntimeError):
     """A launch that cannot be submitted, or (with ``wait``) jobs that failed; the message names them."""
 
 
+MULTI_GPU_REFUSED = (
+    "--gpus {n}: an entry job starts ONE training process, so {idle} of the {n} GPUs would sit idle (no "
+    "data-parallel launch is implemented); use --gpus 1 (the default): every (entry, fidelity, seed) is its own "
+    "single-GPU array task, which is the cheaper shape for these runs (see `repro plan`)")
+
+
+def _check_gpus(resources: dict | None) -> None:
+    """Refuse ``gpus > 1``: :class:`EntryJob` runs one process, so extra GPUs would be paid for and unused.
+
+    Raises:
+        LaunchError: ``resources["gpus"]`` is above 1 (or negative).
+    """
+    n = (resources or {}).get("gpus")
+    if n is None:
+        return
+    if int(n) < 0:
+        raise LaunchError(f"--gpus must be 0 or 1, got {n}")
+    if int(n) > 1:
+        raise LaunchError(MULTI_GPU_REFUSED.format(n=int(n), idle=int(n) - 1))
+
+
 def _max_resources(items: Sequence[Resources]) -> Resources:
     return Resources(*(max(getattr(r, f) for r in items) for f in ("gpus", "cpus", "mem_gb", "time_min")))
 
@@ -299,6 +320,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
     from repro.config.registry import load_entry
     from repro.run import data_key, default_work_dir
 
+    _check_gpus(resources)
     kind = _executor_kind(executor)
     seed_list = _seeds(seeds)
     try:
@@ -456,7 +478,7 @@ def add_launch_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every entry (repeatable)")
     add_scale_argument(parser)
-    parser.add_argument("--gpus", type=int, help="GPUs per job (default 1)")
+    parser.add_argument("--gpus", type=int, help="GPUs per job: 1 (default) or 0; N > 1 is refused (one process per job)")
     parser.add_argument("--cpus", type=int, help="CPUs per job (default 8)")
     parser.add_argument("--mem-gb", type=int, help="memory per job in GB (default: by dataset)")
     parser.add_argument("--time-min", type=int, help="time limit per job slice in minutes (default: by dataset/arch)")

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "cache_misses", "dataset_sizes",
-           "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK"]
+           "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK", "backbone_key",
+           "peak_memory"]
 
 PROFILE_SCHEMA = "repro-stage-profile/1"
 NET_DEPTH = {"zoedepth": "zoedepth", "midas": "midas", "mde_features": "zoedepth"}
@@ -235,7 +236,30 @@ def _uses_store(config) -> bool:
         config.lhp.enabled and config.lhp.propagation == "attention")
 
 
-def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs, str, list[str]]:
+def backbone_key(profile: Profile, arch: str, size: int, precision: str, notes: list[str] | None = None) -> str:
+    """``backbone/<arch>/<size>/<precision>`` (fp32 for a CPU-measured profile: autocast is CUDA-only); a profile
+    without the bf16 rate prices bf16 at fp32, said in ``notes``."""
+    if profile.device != "cuda":  # the trainer autocasts on CUDA only: on a CPU every pass is fp32
+        precision = "fp32"
+    key = f"backbone/{arch}/{size}/{precision}"
+    if profile.has(key) or precision == "fp32":
+        return key
+    if notes is not None:
+        notes.append(f"stage profile {profile.path.name} has no {key}: bf16 backbone passes priced at the fp32 rate")
+    return f"backbone/{arch}/{size}/fp32"
+
+
+def _precision(config, training: bool) -> str:
+    """Precision of the frozen backbone's passes: ``model.backbone_precision`` when set, else ``train.precision``
+    in training (the trainer's autocast) and fp32 elsewhere (validation, evaluation, store, kNN)."""
+    forced = getattr(config.model, "backbone_precision", "default")
+    if forced != "default":
+        return forced
+    return config.train.precision if training else "fp32"
+
+
+def run_costs(config, profile: Profile, n_train: int, n_val: int, notes: list[str] | None = None
+              ) -> tuple[Costs, str, list[str]]:
     """Seconds of one run (one seed) per stage; ``(costs, training-step key, differing fields)``."""
     from repro.schedules import training_batches
 
@@ -253,19 +277,20 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int) -> tuple[Costs
     misses = cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
     if _uses_store(config):  # misses are read from the store instead of computed
         costs.add("train-store-read", profile, _store_key(profile, arch, "read"), misses)
-    else:
-        costs.add("train-backbone", profile, f"backbone/{arch}/224/fp32", misses)
+    else:  # the training backbone runs under the trainer's autocast (train.precision, SPEC R16)
+        costs.add("train-backbone", profile, backbone_key(profile, arch, 224, _precision(config, True), notes), misses)
     costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
     kind = "dino" if config.method == "dino" else "segment"
     cached_val = min(n_val, _capacity(t.feature_cache_gb, 40 * 40 * c * 4))
     validations = batches // t.val_every if t.val_every > 0 else 0
     costs.add("validation", profile, f"val/{arch}/{kind}", validations * n_val)
-    costs.add("validation", profile, f"backbone/{arch}/320/fp32", validations * (n_val - cached_val))
-    costs.add("val-features", profile, f"backbone/{arch}/320/fp32", cached_val)
+    val_key = backbone_key(profile, arch, 320, _precision(config, False), notes)
+    costs.add("validation", profile, val_key, validations * (n_val - cached_val))
+    costs.add("val-features", profile, val_key, cached_val)
     # final and best-on-val in one pass: the backbone once per image (uncached ones, plus the flipped image),
     # head, upsampling, probes and CRF per checkpoint; the figures reuse the first images' predictions
     checkpoints = 2 if validations > 0 else 1
-    costs.add("eval-backbone", profile, f"backbone/{arch}/320/fp32", (n_val - cached_val) + (n_val if e.flip else 0))
+    costs.add("eval-backbone", profile, val_key, (n_val - cached_val) + (n_val if e.flip else 0))
     costs.add("eval-head", profile, f"eval/{arch}/{kind}/head", checkpoints * (2 if e.flip else 1) * n_val)
     costs.add("eval-upsample", profile, f"eval/{arch}/{kind}/upsample_probes", checkpoints * n_val)
     if e.crf:
@@ -321,17 +346,18 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
     train_prep = "prepare/train224-five" if d.five_crop else "prepare/val320"
     stage("prepare", paths.crops, ("prepare", train_prep, n_train, scale))
     stage("prepare", paths.val_crops, ("prepare", "prepare/val320", n_val, scale))
+    net = "depth"
     if d.depth_source != "none" and d.depth_scope == "image":  # R4: one map per full image, then cut per crop
         key, tta = _depth_source(profile, config, "image", notes)
         cut = "depth/crop_from_image/stage" if profile.has("depth/crop_from_image/stage") else "depth/image_plane/stage"
-        stage("depth", paths.image_depth, ("depth", key, n_train, tta))
-        stage("depth", paths.val_image_depth, ("depth", key, n_val, tta))
+        stage("depth", paths.image_depth, (net, key, n_train, tta))
+        stage("depth", paths.val_image_depth, (net, key, n_val, tta))
         stage("depth", paths.depth, ("depth", cut, crops, 1.0))
         stage("depth", paths.val_depth, ("depth", cut, n_val, 1.0))
     elif d.depth_source != "none":  # eq. 4: the estimator on every crop
         key, tta = _depth_source(profile, config, "crop", notes)
-        stage("depth", paths.depth, ("depth", key, crops, tta))
-        stage("depth", paths.val_depth, ("depth", key, n_val, tta))
+        stage("depth", paths.depth, (net, key, crops, tta))
+        stage("depth", paths.val_depth, (net, key, n_val, tta))
     stage("shards", paths.shards, ("shards", "shards/train224", crops, 1.0))
     knn = Costs()
     knn.add("knn-features", profile, f"backbone/{arch}/224/fp32", crops)
@@ -343,5 +369,62 @@ def data_stages(config, profile: Profile, n_train: int, n_val: int, notes: list[
     out[f"knn:{paths.knn}"] = DataStage("knn", str(paths.knn.relative_to(WORK / "data")), hours_by_stage(knn.gpu),
                                         hours_by_stage(knn.cpu))
     if getattr(paths, "features", None) is not None:  # train.feature_store: built by prepare_data (with any LHP)
-        stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, 1.0))
+        speed = 1.0  # a bf16 store (model.backbone_precision=bf16): the write scaled as the backbone's bf16/fp32 rates
+        if _precision(config, False) == "bf16" and profile.device == "cuda":
+            fast = backbone_key(profile, arch, 224, "bf16", notes)
+            speed = profile.stage(f"backbone/{arch}/224/fp32")["rate"] / profile.stage(fast)["rate"]
+        stage("features", paths.features, ("feature-store", _store_key(profile, arch, "write"), crops, speed))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ peak memory
+ARCH_PARAMS = {"vit_small_patch8": (21.67e6, 12, 384, 6), "vit_base_patch8": (86.58e6, 12, 768, 12)}
+"""(parameters, blocks, width D, heads) of the DINO backbones (parameter counts: timm's benchmark CSVs)."""
+ZOEDEPTH_PARAMS = 345e6
+"""ZoeD_N: MiDaS v3.1 BEiT-L-384 (344 M, MiDaS README) plus the metric-bins head; priced for both depth networks."""
+GIB = 2.0**30
+
+
+def _vit_activation_bytes(batch: int, size: int, width: int, heads: int, nbytes: int, fused: bool = True) -> float:
+    """Live activations of one frozen ViT block in inference: ``b N (D + 3D + 4D + D) bytes`` (residual, q/k/v,
+    MLP hidden, output), plus ``2 b h N^2 bytes`` (scores and softmax) when attention is not fused."""
+    n = (size // 8) ** 2 + 1
+    return batch * n * 9 * width * nbytes + (0 if fused else 2 * batch * heads * n * n * nbytes)
+
+
+def peak_memory(config) -> dict[str, float]:
+    """Peak accelerator memory (GiB) of each GPU stage of one run, DERIVED (not measured).
+
+    * ``train``: batch ``B`` anchors + ``B`` kNN partners (``2B`` crops at 224 px, 28 x 28 features):
+      the backbone's fp32 weights; the frozen backbone pass over the ``2B`` crops (fused attention,
+      :func:`_vit_activation_bytes`, 2 bytes under bf16, 4 under fp32) unless every crop hits the
+      feature cache or store; the features ``2B x C x 784 x 4``; the head's activations and gradients
+      (``2B x 784 x (2C + Q) x 4 x 3``: forward, backward, Adam); the correlation tensors ``2B x S^4 x 4 x 8``
+      (``S`` = ``sampling.feature_samples``, 28 for full sampling; self/kNN/random/depth, forward and
+      backward); attention LHP adds the unfused last-block attention ``2 x 2B x h x 785^2 x 4``.
+    * ``eval``: ``eval.batch_size`` images at 320 px (40 x 40 features, 1601 tokens): weights, the fp32
+      backbone pass, and the upsampled logits of both probes ``b x 320^2 x (Q + 2 K) x 4 x 2`` (``K``
+      = classes).
+    * ``depth``: ZoeDepth (:data:`ZOEDEPTH_PARAMS`, fp32) at batch 8 on 384 x 512 inputs
+      (768 patch tokens of width 1024) plus the DPT decoder's 256-channel maps up to 192 x 256.
+    """
+    params, _, width, heads = ARCH_PARAMS[config.model.arch]
+    weights = params * 4
+    b2 = 2 * config.train.batch_size
+    nbytes = 2 if config.train.precision == "bf16" else 4
+    q = config.model.code_dim
+    s = 28 if config.sampling.mode == "full" else config.sampling.feature_samples
+    attention = config.lhp.enabled and config.lhp.propagation == "attention"
+    train = (weights + _vit_activation_bytes(b2, 224, width, heads, nbytes)
+             + b2 * width * 784 * 4 + b2 * 784 * (2 * width + q) * 4 * 3 + b2 * s**4 * 4 * 8
+             + (2 * b2 * heads * 785**2 * 4 if attention else 0))
+    eb = config.eval.batch_size
+    from repro.data.registry import num_classes_for
+
+    classes = num_classes_for(config)
+    evaluate = weights + _vit_activation_bytes(eb, 320, width, heads, 4) + eb * 320**2 * (q + 2 * classes) * 4 * 2
+    out = {"train": train / GIB, "eval": evaluate / GIB}
+    if config.data.depth_source in NET_DEPTH or config.data.depth_source not in (*CHEAP_DEPTH, "none"):
+        depth = ZOEDEPTH_PARAMS * 4 + 8 * 769 * 9 * 1024 * 4 + 8 * 256 * 192 * 256 * 4 * 2
+        out["depth"] = depth / GIB
     return out

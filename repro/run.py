@@ -57,7 +57,8 @@ class ValidationContext:
         from repro.train import resolve_checkpoint
 
         return DinoBackbone(self.config.model.arch, resolve_checkpoint(self.config),
-                            pos_embed=self.config.model.pos_embed).to(self.device)
+                            pos_embed=self.config.model.pos_embed,
+                            precision=self.config.model.backbone_precision).to(self.device)
 
     @functools.cached_property
     def val(self):

@@ -244,7 +244,8 @@ def train(config: ExperimentConfig, run_dir: str | Path, *, shards: str | Path, 
                                                                     logging_dir=str(run_dir / "train")))
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.train.seed)  # the initial parameters; nothing in the loop uses the global RNG
-    backbone = DinoBackbone(cfg.model.arch, resolve_checkpoint(cfg), pos_embed=cfg.model.pos_embed).to(device)
+    backbone = DinoBackbone(cfg.model.arch, resolve_checkpoint(cfg), pos_embed=cfg.model.pos_embed,
+                            precision=cfg.model.backbone_precision).to(device)
     parts = build_parts(cfg, backbone.feature_dim, num_classes_for(cfg)).to(device)
     optimizers = _optimizers(cfg, parts)
     state = TrainState(cfg.train.seed + 7919 * rank)

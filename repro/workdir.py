@@ -9,7 +9,7 @@ bilinear crops, but share what they have in common)::
     data/<dataset>/depth-image-<split>-<source>-<uint8|float>/        per-image maps (depth_scope: image)
     data/<dataset>/depth-<crops tag>-<source>-<scope>-<encoding>/
     data/<dataset>/shards-<crops tag>-<depth tag>/
-    data/<dataset>/knn-<crops tag>-<depth tag>-<arch>[-drop<p>].npz
+    data/<dataset>/knn-<crops tag>-<arch>[-drop<p>].npz
     data/<dataset>/features-<crops tag>-<arch>/                      train.feature_store
     <entry>/<fidelity>/seed<S>/   config.yaml env.json status.json logs/run.log train/ model.pt best.pt
                                   metrics.json figures/ .lock        (fidelity: paper | released)
@@ -128,6 +128,12 @@ def data_key(config: ExperimentConfig) -> str:
     return f"{d.dataset}/{_crop_tag(config, train=True)}/{depth}/{config.model.arch}/knn-dropout{d.knn_dropout:g}"
 
 
+def _precision_tag(config: ExperimentConfig) -> str:
+    """``""`` for ``model.backbone_precision: default``, else ``-bf16`` / ``-fp32`` (a store of other features)."""
+    p = config.model.backbone_precision
+    return "" if p == "default" else f"-{p}"
+
+
 def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
     """The shared data folders of a config under ``work_dir`` (named after :func:`data_key`'s parts)."""
     d = config.data
@@ -147,10 +153,11 @@ def data_paths(config: ExperimentConfig, work_dir: str | Path) -> DataPaths:
         crops=base / f"crops-{train}",
         depth=base / f"depth-{train}-{depth}" if depth else None,
         shards=base / f"shards-{train}-{depth or 'nodepth'}",
-        knn=base / f"knn-{train}-{depth or 'nodepth'}-{config.model.arch}{knn_drop}.npz",
+        knn=base / f"knn-{train}-{config.model.arch}{knn_drop}.npz",  # RGB only: one per crops folder, any depth
         val_crops=base / f"crops-{val}",
         val_depth=base / f"depth-{val}-{depth}" if depth else None,
-        features=base / f"features-{train}-{config.model.arch}" if config.train.feature_store else None,
+        features=base / f"features-{train}-{config.model.arch}{_precision_tag(config)}" if config.train.feature_store
+        else None,
         **image_depth,
     )
 
@@ -251,7 +258,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
         timed("shards", shards_stage, paths.crops, paths.depth, paths.shards, shard_size=d.shard_size,
               depth_source=d.depth_source)
         timed("knn", knn_stage, paths.shards, paths.knn, arch=config.model.arch, checkpoint=resolve_checkpoint(config),
-              k=d.knn_k, dropout=d.knn_dropout, seed=KNN_DROPOUT_SEED)
+              k=d.knn_k, dropout=d.knn_dropout, seed=KNN_DROPOUT_SEED, identity=paths.crops)
         if paths.features is not None:
             timed("features", _feature_store, config, paths, quiet)
     return paths
@@ -266,10 +273,13 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
     checkpoint = resolve_checkpoint(config)
     params = {"crops": str(paths.crops.resolve()), "arch": config.model.arch, "checkpoint": str(checkpoint),
               "pos_embed": config.model.pos_embed}
+    if config.model.backbone_precision != "default":
+        params["precision"] = config.model.backbone_precision
     if (paths.features / "index.json").is_file():
         return feature_store_stage(paths.crops, paths.features, None, params=params)  # checks params, reuses
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed).to(device)
+    backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed,
+                            precision=config.model.backbone_precision).to(device)
     return feature_store_stage(paths.crops, paths.features, backbone, params=params, device=device,
                                progress=not quiet)
 

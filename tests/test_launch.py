@@ -72,6 +72,18 @@ def test_dry_run_plans_data_jobs_per_key_and_records_them(tmp_path, capsys):
     assert {j.fidelity for j in paper_only} == {"paper"} and len([j for j in paper_only if j.kind == "entry"]) == 1
 
 
+def test_more_than_one_gpu_per_job_is_refused_with_one_error_line(tmp_path, capsys):
+    """An entry job starts one process: --gpus 2 would leave a GPU idle, so it is refused before anything is made."""
+    code = main(["launch", "demo", "--gpus", "2", "--executor", "local", "--work-dir", str(tmp_path), "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("repro: error: --gpus 2:") and "1 of the 2 GPUs would sit idle" in err[0]
+    assert "single-GPU array task" in err[0]
+    assert not (tmp_path / "launch").exists()  # refused before any record was written
+    with pytest.raises(Exception, match="--gpus must be 0 or 1"):
+        launch(["demo"], resources={"gpus": -1}, work_dir=tmp_path, dry_run=True)
+
+
 def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     launch(["demo"], executor="auto", work_dir=tmp_path / "w", dry_run=True)

@@ -121,6 +121,12 @@ def test_knn_table_on_shards(chain, tmp_path):
     mtime = os.stat(path).st_mtime_ns
     knn_stage(shards, work / "knn.npz", arch="vit_small_patch8", checkpoint=ckpt)
     assert os.stat(path).st_mtime_ns == mtime
+    # recorded as made from the crops: shards of the same crops with other depth (another folder) reuse it
+    shared = knn_stage(shards, work / "knn-crops.npz", arch="vit_small_patch8", checkpoint=ckpt, identity=crops)
+    other = shutil.copytree(shards, tmp_path / "other-depth-shards")
+    mtime = os.stat(shared).st_mtime_ns
+    assert knn_stage(other, shared, arch="vit_small_patch8", checkpoint=ckpt, identity=crops) == shared
+    assert os.stat(shared).st_mtime_ns == mtime and np.array_equal(load_knn(shared).indices, table.indices)
 
 
 def test_truncated_shard_names_the_shard(chain, tmp_path):

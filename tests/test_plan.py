@@ -161,9 +161,9 @@ def test_dominant_stage_is_named(profile, tmp_path):
     assert max(cpu_st, key=cpu_st.get) == "eval-crf"
     assert max(gpu_st, key=gpu_st.get) == "train-step"
     text = format_plan(plan)
-    assert "dominant stage: GPU train-step" in text and "CPU eval-crf" in text
+    assert "dominant stage: GPU-h@fake train-step" in text and "core-h@CPU eval-crf" in text
     slow = load_profile(fake_profile(tmp_path / "slow.json", crf_rate=1e-4))
-    assert re.search(r"dominant stage: GPU \S+ \d+%; CPU eval-crf (99|100)%",
+    assert re.search(r"dominant stage: GPU-h@fake \S+ \d+%; core-h@CPU eval-crf (99|100)%",
                      format_plan(make_plan({"table1": ["table1/stego-vits8"]}, slow, seeds=1)))
 
 
@@ -180,13 +180,17 @@ def test_missing_profile_is_said_loudly(tmp_path, monkeypatch, capsys):
         load_profile(tmp_path / "missing.json")
     monkeypatch.setenv("REPRO_PROFILES", str(tmp_path / "none"))  # no default profile either
     assert main(["plan", "table1/stego-vits8"]) == 2
-    assert "cpu-2core.json not found" in capsys.readouterr().out
+    assert "published-amp-pt240-rtx4090.json not found" in capsys.readouterr().out
     (tmp_path / "profiles").mkdir()
-    fake_profile(tmp_path / "profiles" / "cpu-2core.json")
+    fake_profile(tmp_path / "profiles" / "published-amp-pt240-rtx4090.json")
     monkeypatch.setenv("REPRO_PROFILES", str(tmp_path / "profiles"))
     assert main(["plan", "table1/stego-vits8", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "NO BENCHMARK PROFILE FOR THE TARGET HARDWARE" in out and "table1/stego-vits8" in out
+    assert "no --profile (or $REPRO_PROFILE): using the default profile published-amp-pt240-rtx4090.json" in out
+    assert "table1/stego-vits8" in out
+    fake_profile(tmp_path / "profiles" / "other.json")  # a NAME of the profiles folder
+    assert main(["plan", "table1/stego-vits8", "--seeds", "1", "--profile", "other"]) == 0
+    assert "other.json -- MEASURED on cuda" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(PlanError, match="is not a stage profile"):
         load_profile(tmp_path / "bad.json")
@@ -199,4 +203,4 @@ def test_launch_dry_run_prints_the_plan(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "w"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "seeds 2, fidelities paper+released" in out and "dominant stage:" in out
-    assert "profile: " in out and "p.json -- measured on cuda" in out and "NO BENCHMARK PROFILE" not in out
+    assert "profile: " in out and "p.json -- MEASURED on cuda" in out and "default profile" not in out

@@ -52,6 +52,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lhp.variant": ("paper", "released"),
     "train.step_unit": ("batch", "released"),
     "train.precision": ("bf16", "fp32"),
+    "model.backbone_precision": ("default", "bf16", "fp32"),
     "eval.crf_image": ("rgb", "bgr_truncated"),
 }
 

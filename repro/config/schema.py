@@ -60,6 +60,7 @@ class ModelConfig:
     checkpoint: str = ""
     pos_embed: str = "dino"  # dino (R2: DINO's interpolate_pos_encoding) | timm
     code_dim: int = 70  # Q
+    backbone_precision: str = "default"  # default (train.precision in training, fp32 elsewhere) | bf16 | fp32
     dropout: float = 0.1
     dropout_target: bool = True
 

@@ -420,10 +420,16 @@ def shards_stage(
 
 
 def knn_stage(shards: str | Path, out: str | Path, *, arch: str, checkpoint: str | Path, k: int = 30,
-              batch_size: int = 32, device: str | None = None, dropout: float = 0.0, seed: int = 0) -> Path:
+              batch_size: int = 32, device: str | None = None, dropout: float = 0.0, seed: int = 0,
+              identity: str | Path | None = None) -> Path:
     """Build the kNN table of a training shard folder (STEGO sec. 3.3).
 
+    The table depends on the crops' RGB and the backbone only, so shard folders of the same crops with
+    different depth give the same table: with ``identity`` (the crops folder) it is recorded instead of
+    ``shards`` and the table is reused by every depth source of those crops.
+
     Args:
+        identity: what the table is recorded as made from (default: the shard folder).
         dropout: R11: ``Dropout2d(dropout)`` active on the features before pooling, as the released
             ``precompute_knns.py`` ran (0: the paper's plain GAP).
         seed: seed of the dropout masks (recorded with ``dropout`` and ``batch_size`` in the table's
@@ -438,6 +444,8 @@ def knn_stage(shards: str | Path, out: str | Path, *, arch: str, checkpoint: str
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     params = {"shards": str(Path(shards).resolve()), "arch": arch, "checkpoint": str(checkpoint), "k": k}
+    if identity is not None:
+        params = {"crops": str(Path(identity).resolve()), **{k_: v for k_, v in params.items() if k_ != "shards"}}
     if dropout:
         params.update(dropout=float(dropout), dropout_seed=int(seed), batch_size=int(batch_size))
     meta_path = out.with_suffix(out.suffix + ".json")

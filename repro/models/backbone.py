@@ -38,6 +38,9 @@ __all__ = [
     "last_block_attention", "load_dino_state_dict", "default_weights_dir",
 ]
 
+PRECISIONS = ("default", "bf16", "fp32")
+"""Frozen-backbone precision: ``default`` (whatever autocast the caller runs under), ``bf16`` (autocast to
+bfloat16 on the input's device, CPU included), ``fp32`` (autocast disabled)."""
 POS_EMBED_MODES = ("dino", "timm")
 """Position-embedding resizing: DINO's own (bicubic, +0.1 offset, SPEC R2) or timm's antialiased resampling."""
 
@@ -198,16 +201,21 @@ class DinoBackbone(nn.Module):
         pos_embed: ``"dino"`` (DINO's ``interpolate_pos_encoding``, what every published number
             used, SPEC R2) or ``"timm"`` (timm's antialiased ``resample_abs_pos_embed``). Both
             leave 224 px inputs unchanged.
+        precision: one of :data:`PRECISIONS` (``model.backbone_precision``); features are float32 in every case.
 
     Raises:
         MissingFileError: if the checkpoint file is missing.
         ValueError: if its keys or shapes do not match the architecture, or ``pos_embed`` is unknown.
     """
 
-    def __init__(self, arch: str, checkpoint: str | Path | dict[str, Tensor], pos_embed: str = "dino") -> None:
+    def __init__(self, arch: str, checkpoint: str | Path | dict[str, Tensor], pos_embed: str = "dino",
+                 precision: str = "default") -> None:
         super().__init__()
         if pos_embed not in POS_EMBED_MODES:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_MODES}, got {pos_embed!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.arch = get_arch(arch)
         self.vit = _create_vit(self.arch)
         if pos_embed == "dino":
@@ -262,7 +270,12 @@ class DinoBackbone(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {p}")
-        tokens = self.vit.forward_features(images)  # (B, prefix + h*w, C), after the final norm
+        if self.precision == "default":
+            tokens = self.vit.forward_features(images)  # (B, prefix + h*w, C), after the final norm
+        else:  # model.backbone_precision: bf16 autocast, or none at all (fp32) whatever the caller runs under
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                tokens = self.vit.forward_features(images)
+            tokens = tokens.float()
         patches = tokens[:, self.vit.num_prefix_tokens :, :]
         return patches.transpose(1, 2).reshape(images.shape[0], -1, h // p, w // p)
 

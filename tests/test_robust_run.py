@@ -52,8 +52,9 @@ def test_a_second_identical_run_fails_clearly_while_the_first_holds_the_folder(d
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = run_dir_for(resolve_entry(ENTRY, overrides=overrides + name), work)
     deadline = time.monotonic() + 300
+    # wait for everything read below: the first run's lock, its status and its config.yaml (written after the status)
     while not ((run_dir / ".lock").is_file() and (run_dir / ".lock").read_text().startswith(f"{first.pid}@")
-               and (run_dir / "status.json").is_file()):
+               and (run_dir / "status.json").is_file() and (run_dir / "config.yaml").is_file()):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
         time.sleep(0.05)
     config_before = (run_dir / "config.yaml").read_bytes()

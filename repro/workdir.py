@@ -57,6 +57,10 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
         KeyError: an unknown entry name.
     """
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    for item in overrides:  # an explicit empty name is refused, not replaced by the file's stem
+        key, sep, value = str(item).partition("=")
+        if sep and key.strip() == "name":
+            check_run_name(value.strip(), f"--set {item}")
     path = Path(entry)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         config = load_config(path, overrides)
@@ -65,7 +69,7 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
         from repro.config.registry import load_entry
 
         config = load_entry(str(entry), overrides)
-    check_run_name(config.name or "unnamed", f"{entry}: config key 'name'")
+    check_run_name(config.name, f"{entry}: config key 'name'")
     root = os.path.expandvars(config.data.root)
     if "$" in root:
         raise ConfigError(f"data.root {config.data.root!r} uses an unset environment variable; export it "
@@ -264,7 +268,7 @@ def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
     Raises:
         ConfigError: a run name that would leave the work folder (:func:`repro.identity.check_run_name`).
     """
-    name = check_run_name(config.name or "unnamed")
+    name = check_run_name(config.name)
     return Path(work_dir) / name / config.fidelity / f"seed{config.train.seed}"
 
 

@@ -120,7 +120,7 @@ def test_disk_full_during_training_is_recorded_as_failed(done, monkeypatch):
     assert status(run_dir)["state"] == "done"  # space back: the same folder goes on
 
 
-@pytest.mark.parametrize("name", ["../../../../somewhere", "ABSOLUTE", "table1/../../x", "a//b", "..", "a\\b"])
+@pytest.mark.parametrize("name", ["../../../../somewhere", "ABSOLUTE", "table1/../../x", "a//b", "..", "a\\b", "", " "])
 def test_unsafe_run_names_are_refused(done, tmp_path, name, capsys):
     """Attack: --set name=../../../../somewhere created the run folder outside the work dir."""
     _, overrides, _ = done

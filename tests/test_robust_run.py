@@ -153,3 +153,25 @@ def test_eval_never_overwrites_the_metrics_of_another_config(done, capsys):
     assert main(["eval", ENTRY, *cli_args(work, overrides)]) == 0  # the run's own config: metrics.json
     again = json.loads((run_dir / "metrics.json").read_text())
     assert again["final"]["summary"] == json.loads(before)["final"]["summary"] and "variant" not in again
+
+
+def _killed_crf_worker(job):
+    """Stands in for the CRF job in a pool process: the process dies as if killed (no exception, no result)."""
+    os._exit(9)
+
+
+def test_a_killed_crf_worker_fails_the_evaluation_with_one_line_and_status_failed(done, monkeypatch, capsys):
+    """Attack: a CRF worker killed during evaluation gave a raw BrokenProcessPool traceback; status.json said done."""
+    import repro.evaluate.protocol
+
+    work, overrides, run_dir = done
+    monkeypatch.setattr(repro.evaluate.protocol, "_crf_argmax", _killed_crf_worker)  # pickled by reference
+    assert main(["eval", ENTRY, *cli_args(work, overrides, "eval.crf=true", "eval.crf_processes=2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("repro: error: a DenseCRF worker process of the evaluation's pool "
+                                               "(2 processes) died"), err
+    assert status(run_dir)["state"] == "failed" and status(run_dir)["stage"] == "eval"
+    assert "CRFPoolError" in status(run_dir)["error"]
+    monkeypatch.undo()
+    assert main(["eval", ENTRY, *cli_args(work, overrides)]) == 0  # retried: the folder says done again
+    assert status(run_dir)["state"] == "done"

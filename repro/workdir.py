@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,7 @@ import torch
 
 from repro.config.loader import ConfigError, load_config
 from repro.config.schema import ExperimentConfig
-from repro.identity import check_run_name
+from repro.identity import check_run_name, content_mismatch, content_sha256
 
 __all__ = ["DataPaths", "default_work_dir", "resolve_entry", "data_key", "data_paths", "prepare_data",
            "prepare_val_crops", "run_dir_for", "KNN_DROPOUT_SEED"]
@@ -253,8 +254,9 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
 
     checkpoint = resolve_checkpoint(config)
     params = {"crops": str(paths.crops.resolve()), "arch": config.model.arch, "checkpoint": str(checkpoint),
-              "pos_embed": config.model.pos_embed}
-    if (paths.features / "index.json").is_file():
+              "checkpoint_sha256": content_sha256(checkpoint), "pos_embed": config.model.pos_embed}
+    index = paths.features / "index.json"
+    if index.is_file() and not content_mismatch(json.loads(index.read_text()).get("params"), params):
         return feature_store_stage(paths.crops, paths.features, None, params=params)  # checks params, reuses
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed).to(device)

@@ -111,7 +111,7 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
         FileExistsError: if ``out`` was made with other params (e.g. another profile's encoding).
         repro.errors.MissingFileError: missing sensor depth or estimator weights.
     """
-    from repro.data.pipeline import _existing, _finish
+    from repro.data.pipeline import _existing, _finish, weights_sha256
     from repro.depth import get_estimator
     from repro.errors import MissingFileError
 
@@ -121,6 +121,8 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
     params = {"dataset": dataset.name, "split": dataset.split, "n_images": len(dataset), "source": source,
               "weights": None if weights is None else str(weights), "tta": bool(tta) and source != "sensor",
               "store": store, "scope": "image"}
+    if weights_sha256(source, weights):  # other weights bytes at the same path: other maps
+        params["weights_sha256"] = weights_sha256(source, weights)
     if _existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # finished maps of an interrupted run are kept

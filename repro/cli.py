@@ -369,6 +369,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from repro.data.features import FeatureStoreError
     from repro.data.sample import DatasetError
     from repro.data.shards import ShardError
+    from repro.evaluate.crf import CRFPoolError
     from repro.errors import MissingFileError, RunBusyError
     from repro.launch import LaunchError
     from repro.models.lightning import CheckpointLayoutError
@@ -377,7 +378,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, UnknownEntryError, DatasetError, ShardError, MissingFileError, RunBusyError, LaunchError,
             CheckpointError, CheckpointFormatError, CheckpointLayoutError, UnsafeCheckpointError, FeatureStoreError,
-            FileExistsError)
+            FileExistsError, CRFPoolError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

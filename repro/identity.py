@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["NOT_IDENTITY", "ADDED_KEYS", "flat_config", "identity", "config_hash", "config_diff", "describe_diff",
-           "check_run_name", "file_sha256"]
+__all__ = ["NOT_IDENTITY", "ADDED_KEYS", "flat_config", "identity", "config_hash", "config_diff",
+           "describe_diff", "check_run_name", "file_sha256", "cached_file_sha256", "content_sha256", "content_mismatch"]
 
 NOT_IDENTITY = frozenset({
     "name", "table", "description", "paper",
@@ -92,6 +92,71 @@ def file_sha256(path: str | Path) -> str:
     """
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    """:func:`file_sha256`, computed once per file in this process: cached by (resolved path, size, mtime).
+
+    Rewriting the file (a weights swap at the same path) changes its size or modification time, so
+    the digest is computed again. A file rewritten within one mtime tick to the same size would be
+    missed; :func:`file_sha256` reads the bytes every time.
+
+    Raises:
+        OSError: if the file cannot be read.
+    """
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    key = (str(resolved), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(resolved)
+    return _SHA_CACHE[key]
+
+
+def content_sha256(path: str | Path) -> str | None:
+    """The content identity of a weights file or folder: hex sha256, or None if ``path`` does not exist.
+
+    A file: :func:`cached_file_sha256`. A folder (e.g. a Hugging Face model folder): sha256 of the
+    sorted ``"<relative path> <file sha256>"`` lines of every file below it.
+    """
+    path = Path(path)
+    if path.is_file():
+        return cached_file_sha256(path)
+    if not path.is_dir():
+        return None
+    lines = [f"{p.relative_to(path).as_posix()} {cached_file_sha256(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _strip_content(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _strip_content(v) for k, v in value.items() if not str(k).endswith("_sha256")}
+    return value
+
+
+def _content_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _content_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if a != b and prefix.rstrip(".").endswith("_sha256") else []
+
+
+def content_mismatch(recorded: Any, params: Any) -> list[str] | None:
+    """The content keys (``*_sha256``, at any depth) on which recorded stage params differ from ``params``.
+
+    Returns:
+        None when the params differ in anything else too (or are equal); else the differing keys,
+        e.g. ``["checkpoint_sha256"]``: the same settings, other input bytes.
+    """
+    if recorded == params or not isinstance(recorded, Mapping) or not isinstance(params, Mapping):
+        return None
+    if _strip_content(recorded) != _strip_content(params):
+        return None
+    return _content_diff(recorded, params) or None
 
 
 def config_diff(config: Any, reference: Any) -> dict[str, tuple[Any, Any]]:

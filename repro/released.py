@@ -28,7 +28,8 @@ import yaml
 from repro.errors import MissingFileError
 
 __all__ = ["LABEL", "PublishedCheckpoint", "load_registry", "find_published", "released_dir", "local_path",
-           "released_metrics_path", "check_against_entry", "evaluate_released", "import_summary"]
+           "released_metrics_path", "check_against_entry", "evaluate_released", "import_summary", "CFG_KEYS",
+           "compare_cfg", "describe_cfg_difference"]
 
 log = logging.getLogger("repro.released")
 LABEL = "released-checkpoint"
@@ -131,6 +132,78 @@ def import_summary(model, registry: Sequence[PublishedCheckpoint] | None = None)
     return {**model.provenance(), **_registry_check(model, registry if registry is not None else load_registry())}
 
 
+def _arch(cfg: dict) -> str:
+    return f"{cfg.get('model_type')}_patch{cfg.get('dino_patch_size')}"
+
+
+CFG_KEYS: dict[str, tuple[str, Any]] = {
+    "model_type": ("model.arch", _arch), "dino_patch_size": ("model.arch", _arch),
+    "dim": ("model.code_dim", None), "dataset_name": ("data.dataset", lambda cfg: DATASET_NAMES.get(
+        cfg.get("dataset_name"), cfg.get("dataset_name"))),
+    "crop_type": ("data.five_crop", lambda cfg: cfg.get("crop_type") == "five"), "res": ("data.crop_size", None),
+    "num_neighbors": ("data.num_neighbors", None), "zero_clamp": ("loss.zero_clamp", None),
+    "neg_samples": ("loss.neg_samples", None),
+    "pos_intra_weight": ("loss.lambda_self", None), "pos_inter_weight": ("loss.lambda_knn", None),
+    "neg_inter_weight": ("loss.lambda_random", None), "pos_intra_shift": ("loss.b_self", None),
+    "pos_inter_shift": ("loss.b_knn", None), "neg_inter_shift": ("loss.b_random", None),
+    "lr": ("train.lr", None), "max_steps": ("train.max_steps", None), "batch_size": ("train.batch_size", None),
+    "feature_samples": ("sampling.feature_samples", None),
+    "depth_feat_weight": ("loss.lambda_depthg", None), "depth_feat_shift": ("loss.b_depthg", None),
+    "decay_every_steps": ("guidance.decay_step", None), "depth_loss_decay_factor": ("guidance.decay_factor", None),
+    "fps_sample_decay_every_steps": ("sampling.decrease_every", None),
+    "fps_sample_decay_factor": ("sampling.released_factor", None),
+    "lhp": ("lhp.enabled", None), "propagation_strategy": ("lhp.propagation", None),
+}
+"""Keys of the released training cfg (``src/configs/train_config.yml`` / DepthG's ``local_config.yml``) ->
+repro config key, with how the compared value is derived from the cfg (None: the value itself). Keys
+the saved cfg lacks (STEGO has no depth keys) are not compared."""
+
+
+def compare_cfg(model, config) -> list[dict[str, Any]]:
+    """Compare a checkpoint's saved ``cfg`` with an entry's resolved config, key by key (:data:`CFG_KEYS`).
+
+    DepthG's training loop overwrites some cfg values in place (guidance decay of ``depth_feat_weight`` /
+    ``depth_feat_shift``, the FPS schedule of ``feature_samples``: ``lightning.DEPTHG_DECAYED_KEYS``), so
+    a DepthG checkpoint saves those *after* decay; such differences carry ``"after_decay": True``.
+
+    Args:
+        model: a :class:`~repro.models.lightning.ReleasedModel`.
+        config: the entry's resolved :class:`~repro.config.ExperimentConfig`.
+
+    Returns:
+        One record per differing repro key: ``{"key", "cfg_keys", "saved", "entry", "after_decay"}``,
+        in :data:`CFG_KEYS` order.
+    """
+    from repro.identity import flat_config
+    from repro.models.lightning import DEPTHG_DECAYED_KEYS
+
+    cfg, flat, out, seen = model.checkpoint.cfg, flat_config(config), [], set()
+    for cfg_key, (key, derive) in CFG_KEYS.items():
+        if cfg_key not in cfg or key in seen or key not in flat:
+            continue
+        seen.add(key)
+        saved = derive(cfg) if derive else cfg[cfg_key]
+        entry = flat[key]
+        same = (saved == entry or (isinstance(saved, (int, float)) and isinstance(entry, (int, float))
+                                   and not isinstance(saved, bool) and abs(saved - entry) <= 1e-9 * max(1, abs(entry))))
+        if not same:
+            cfg_keys = [k for k, (target, _) in CFG_KEYS.items() if target == key and k in cfg]
+            out.append({"key": key, "cfg_keys": cfg_keys, "saved": saved, "entry": entry,
+                        "after_decay": model.project == "depthg" and cfg_key in DEPTHG_DECAYED_KEYS})
+    return out
+
+
+def describe_cfg_difference(item: dict[str, Any]) -> str:
+    """``"loss.lambda_depthg: saved 0.0152 (cfg depth_feat_weight, after DepthG's decay), entry 0.19"``."""
+    decay = ", saved after DepthG's in-place decay" if item["after_decay"] else ""
+    return f"{item['key']}: saved {item['saved']!r} (cfg {'/'.join(item['cfg_keys'])}{decay}), entry {item['entry']!r}"
+
+
+def cfg_record(model, config) -> dict[str, Any]:
+    """``{"entry", "fidelity", "differences": compare_cfg(...)}`` for ``checkpoint.json`` / ``metrics.json``."""
+    return {"entry": config.name, "fidelity": config.fidelity, "differences": compare_cfg(model, config)}
+
+
 def check_against_entry(model, config) -> list[str]:
     """Check that a converted checkpoint can be scored on an entry's validation set.
 
@@ -221,7 +294,10 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
                 "score_void": config.data.score_void}
     start = time.perf_counter()
     model = load_released(checkpoint, extra_globals=extra_globals)
-    record = {**import_summary(model, registry), "entry_notes": check_against_entry(model, config)}
+    record = {**import_summary(model, registry), "entry_notes": check_against_entry(model, config),
+              "cfg_vs_entry": cfg_record(model, config)}
+    for item in record["cfg_vs_entry"]["differences"]:
+        log.info("%s cfg differs from %s: %s", model.checkpoint.path.name, config.name, describe_cfg_difference(item))
     timings = {"import": time.perf_counter() - start}
     if not force and out.is_file():
         old = json.loads(out.read_text())

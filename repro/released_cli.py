@@ -34,7 +34,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from repro.evaluate.report import write_json
     from repro.models.bundle import save_parts
     from repro.models.lightning import load_released
-    from repro.released import import_summary
+    from repro.released import cfg_record, describe_cfg_difference, find_published, import_summary
 
     start = time.perf_counter()
     model = load_released(args.file, extra_globals=args.allow_global)
@@ -44,10 +44,24 @@ def _cmd_import(args: argparse.Namespace) -> int:
     print(f"{c.path.name}: {model.project} LitUnsupervisedSegmenter, {model.arch}, {model.n_classes} classes "
           f"(+{model.extra_clusters} extra clusters), code dim {model.code_dim}, LHP head "
           f"{'yes' if model.parts.projection is not None else 'no'}")
-    print(f"  Lightning {c.lightning_version}, global_step {c.global_step}, epoch {c.epoch}, {c.size / 2**20:.1f} MiB")
+    print(f"  Lightning {c.lightning_version} ({c.layout}), global_step {c.global_step}, epoch {c.epoch}, "
+          f"{c.size / 2**20:.1f} MiB")
     print(f"  sha256 {c.sha256}: {summary['sha256_status']}")
     for note in model.notes:
         print(f"  note: {note}")
+    entry = args.entry or (find_published(summary["registry_name"]).entry if summary["registry_name"] else None)
+    if entry:
+        from repro.config.registry import load_entry
+
+        record = cfg_record(model, load_entry(entry, ["fidelity=released"]))
+        summary["cfg_vs_entry"] = record
+        diffs = record["differences"]
+        print(f"  saved cfg vs {entry} ({record['fidelity']}): "
+              + (f"{len(diffs)} difference(s)" if diffs else "no difference in the compared keys"))
+        for item in diffs:
+            print(f"    {describe_cfg_difference(item)}")
+    else:
+        print("  saved cfg not compared: not a registered file; pass --entry ENTRY to compare it with an entry")
     print(f"  read and converted in {seconds:.1f} s")
     if args.out:
         import torch
@@ -121,6 +135,8 @@ def add_released_commands(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("file", help="the .ckpt file")
     imp.add_argument("--out", help="also write backbone.pth (DINO format), parts.pt and checkpoint.json here")
     imp.add_argument("--json", action="store_true", help="print the full record (with the saved hyperparameters)")
+    imp.add_argument("--entry", help="compare the saved cfg with this entry's config (default: the registered "
+                                     "entry of a registered file)")
     imp.add_argument("--allow-global", action="append", default=[], metavar="NAME",
                      help="read this pickle global as an inert stand-in (never runs its code; repeatable)")
     imp.set_defaults(func=_cmd_import)

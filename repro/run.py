@@ -285,8 +285,24 @@ def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, 
     variant = "_".join(re.sub(r"[^A-Za-z0-9._-]", "-", f"{k[len('eval.'):]}-{str(v[0]).lower()}")
                        for k, v in diff.items()) or None
     with _run_lock(run_dir):
-        metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=quiet, variant=variant)
+        try:
+            metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=quiet, variant=variant)
+        except BaseException as exc:  # the folder says so: never a stale "done" over a failed evaluation
+            if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                _status_failed(run_dir, "eval", exc)
+            raise
+        if _read_status(run_dir).get("state") == "failed":
+            _status(run_dir, "done", "eval")  # a retried evaluation that succeeded
     return metrics, _metrics_file(run_dir, variant)
+
+
+def _read_status(run_dir: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _validator(config: ExperimentConfig, context: ValidationContext):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,7 @@ import torch
 from repro.config.loader import ConfigError, load_config
 from repro.config.schema import ExperimentConfig
 from repro.config.scales import scale_root
-from repro.identity import check_run_name
+from repro.identity import check_run_name, content_mismatch, content_sha256
 from repro.standins import with_stand_ins
 
 __all__ = ["DataPaths", "default_work_dir", "resolve_entry", "data_key", "data_paths", "prepare_data",
@@ -59,6 +60,10 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
         KeyError: an unknown entry name.
     """
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    for item in overrides:  # an explicit empty name is refused, not replaced by the file's stem
+        key, sep, value = str(item).partition("=")
+        if sep and key.strip() == "name":
+            check_run_name(value.strip(), f"--set {item}")
     path = Path(entry)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         config = load_config(path, overrides)
@@ -67,7 +72,7 @@ def resolve_entry(entry: str | Path, *, seed: int | None = None, overrides: Sequ
         from repro.config.registry import load_entry
 
         config = load_entry(str(entry), overrides)
-    check_run_name(config.name or "unnamed", f"{entry}: config key 'name'")
+    check_run_name(config.name, f"{entry}: config key 'name'")
     root = os.path.expandvars(config.data.root)
     if "$" in root:
         raise ConfigError(f"data.root {config.data.root!r} uses an unset environment variable; export it "
@@ -272,10 +277,11 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
 
     checkpoint = resolve_checkpoint(config)
     params = {"crops": str(paths.crops.resolve()), "arch": config.model.arch, "checkpoint": str(checkpoint),
-              "pos_embed": config.model.pos_embed}
+              "checkpoint_sha256": content_sha256(checkpoint), "pos_embed": config.model.pos_embed}
     if config.model.backbone_precision != "default":
         params["precision"] = config.model.backbone_precision
-    if (paths.features / "index.json").is_file():
+    index = paths.features / "index.json"
+    if index.is_file() and not content_mismatch(json.loads(index.read_text()).get("params"), params):
         return feature_store_stage(paths.crops, paths.features, None, params=params)  # checks params, reuses
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed,
@@ -297,7 +303,7 @@ def run_dir_for(config: ExperimentConfig, work_dir: str | Path) -> Path:
     Raises:
         ConfigError: a run name that would leave the work folder (:func:`repro.identity.check_run_name`).
     """
-    name = check_run_name(config.name or "unnamed")
+    name = check_run_name(config.name)
     return scale_root(work_dir, config.scale) / name / config.fidelity / f"seed{config.train.seed}"
 
 

@@ -211,7 +211,7 @@ def test_nyuv2_depthg_layout_reads_back_like_the_png_layout(nyu, shared_data, tm
     assert fits == ["0001", "0002", "0014", "0021", "0028"]
     _png(tmp_path / "train_rgb/0003.png", np.zeros((4, 5, 3), np.uint8))
     _png(tmp_path / "train_seg13/0003.png", np.full((4, 5), 13, np.uint8))
-    _png(tmp_path / "train_depth/0003.png", np.full((4, 5), 65535, np.uint16))
+    _png(tmp_path / "train_depth/0003.png", np.arange(65515, 65535, dtype=np.uint16).reshape(4, 5))  # not constant
     ds = NYUv2(tmp_path, "test")
     assert ds.layout == "depthg" and ds.keys() == nyu.keys()
     for a, b in zip(nyu, ds):
@@ -224,7 +224,8 @@ def test_nyuv2_depthg_layout_reads_back_like_the_png_layout(nyu, shared_data, tm
             assert b.depth is None
     train = NYUv2(tmp_path, "train")[0]
     assert train.key == "nyuv2_train_0003" and train.label.max() == 12
-    np.testing.assert_array_equal(train.depth, np.float32(6.5535))
+    deep = np.arange(65515, 65535, dtype=np.uint16).reshape(4, 5)  # up to 6.5534 m in units of 0.1 mm
+    np.testing.assert_array_equal(train.depth, (deep.astype(np.float64) / 10000).astype(np.float32))
     report = verify_dataset("nyuv2", tmp_path)
     assert report.ok and "ok   test: subset: 10 of 654 images, layout OK" in report.lines
     assert "info test: 5 images without a sensor depth file (depth=None)" in report.lines
@@ -323,7 +324,7 @@ def test_missing_cityscapes_label_raises_missing_file(tmp_path):
 
 def test_nyu_label_out_of_range_names_the_file(tmp_path):
     _png(tmp_path / "rgb/0001.png", np.zeros((4, 5, 3), np.uint8))
-    _png(tmp_path / "depth/0001.png", np.full((4, 5), 2500, np.uint16))
+    _png(tmp_path / "depth/0001.png", np.arange(2500, 2520, dtype=np.uint16).reshape(4, 5))  # not constant
     label = np.full((4, 5), 3, np.uint8)
     label[0, 0] = 20
     _png(tmp_path / "label13/0001.png", label)

@@ -325,6 +325,16 @@ def test_other_bad_inputs_say_what_and_where(tiny_inputs, shared_data):
         convert_nyuv2(mat, tiny_inputs["splits"], tiny_inputs["mapping"], out, progress=False)
 
 
+@pytest.mark.parametrize("value, message", [(0.0, r"no depth reading \(every value is 0\)")])
+def test_all_zero_depth_is_refused_naming_the_frame(tiny_inputs, value, message):
+    """Attack: `repro data convert nyuv2` accepted a file whose depths are all zero."""
+    d = tiny_inputs["dir"]
+    mat = write_labeled_mat(d / "nyu_depth_v2_labeled.mat", tiny_inputs["frames"], 12)
+    _replace(mat, "depths", np.full((12, 8, 6), value, np.float32))
+    with pytest.raises(DatasetError, match=rf"nyu_depth_v2_labeled\.mat: variable 'depths', frame \d+: {message}"):
+        convert_nyuv2(mat, tiny_inputs["splits"], tiny_inputs["mapping"], d / "out", progress=False)
+
+
 def test_depth_m_to_mm_rounds_to_the_nearest_millimetre():
     m = np.array([[0.0, 0.0014, 0.0016, 2.5004, 65.535]], np.float64)
     np.testing.assert_array_equal(depth_m_to_mm(m, "x"), [[0, 1, 2, 2500, 65535]])

@@ -128,6 +128,17 @@ def test_zero_and_eight_bit_depth_pngs_name_the_file(shared_data, tmp_path):
     assert ds[2].depth.min() > 0
 
 
+def test_a_constant_depth_png_names_the_file(shared_data, tmp_path):
+    """Attack: a depth map whose every reading is the same value was accepted as sensor depth."""
+    root = nyu_copy(shared_data, tmp_path)
+    flat = root / "depth" / "0001.png"
+    constant = np.full((480, 640), 2500, np.uint16)
+    constant[:10] = 0  # holes do not make it a measurement
+    Image.fromarray(constant).save(flat)
+    with pytest.raises(DatasetError, match=f"{flat}: depth map is constant \\(every reading is 2500, 2.5 m\\)"):
+        NYUv2(root, "test", require_depth=True)[0]
+
+
 def test_nan_depth_names_the_file(chain, tmp_path):
     """Attack: NaN depth gave an error that did not name the file."""
     _, crops, depth, _, _ = chain

@@ -52,8 +52,9 @@ def test_a_second_identical_run_fails_clearly_while_the_first_holds_the_folder(d
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = run_dir_for(resolve_entry(ENTRY, overrides=overrides + name), work)
     deadline = time.monotonic() + 300
+    # wait for everything read below: the first run's lock, its status and its config.yaml (written after the status)
     while not ((run_dir / ".lock").is_file() and (run_dir / ".lock").read_text().startswith(f"{first.pid}@")
-               and (run_dir / "status.json").is_file()):
+               and (run_dir / "status.json").is_file() and (run_dir / "config.yaml").is_file()):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
         time.sleep(0.05)
     config_before = (run_dir / "config.yaml").read_bytes()
@@ -119,7 +120,7 @@ def test_disk_full_during_training_is_recorded_as_failed(done, monkeypatch):
     assert status(run_dir)["state"] == "done"  # space back: the same folder goes on
 
 
-@pytest.mark.parametrize("name", ["../../../../somewhere", "ABSOLUTE", "table1/../../x", "a//b", "..", "a\\b"])
+@pytest.mark.parametrize("name", ["../../../../somewhere", "ABSOLUTE", "table1/../../x", "a//b", "..", "a\\b", "", " "])
 def test_unsafe_run_names_are_refused(done, tmp_path, name, capsys):
     """Attack: --set name=../../../../somewhere created the run folder outside the work dir."""
     _, overrides, _ = done
@@ -152,3 +153,25 @@ def test_eval_never_overwrites_the_metrics_of_another_config(done, capsys):
     assert main(["eval", ENTRY, *cli_args(work, overrides)]) == 0  # the run's own config: metrics.json
     again = json.loads((run_dir / "metrics.json").read_text())
     assert again["final"]["summary"] == json.loads(before)["final"]["summary"] and "variant" not in again
+
+
+def _killed_crf_worker(job):
+    """Stands in for the CRF job in a pool process: the process dies as if killed (no exception, no result)."""
+    os._exit(9)
+
+
+def test_a_killed_crf_worker_fails_the_evaluation_with_one_line_and_status_failed(done, monkeypatch, capsys):
+    """Attack: a CRF worker killed during evaluation gave a raw BrokenProcessPool traceback; status.json said done."""
+    import repro.evaluate.protocol
+
+    work, overrides, run_dir = done
+    monkeypatch.setattr(repro.evaluate.protocol, "_crf_argmax", _killed_crf_worker)  # pickled by reference
+    assert main(["eval", ENTRY, *cli_args(work, overrides, "eval.crf=true", "eval.crf_processes=2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("repro: error: a DenseCRF worker process of the evaluation's pool "
+                                               "(2 processes) died"), err
+    assert status(run_dir)["state"] == "failed" and status(run_dir)["stage"] == "eval"
+    assert "CRFPoolError" in status(run_dir)["error"]
+    monkeypatch.undo()
+    assert main(["eval", ENTRY, *cli_args(work, overrides)]) == 0  # retried: the folder says done again
+    assert status(run_dir)["state"] == "done"

@@ -113,7 +113,7 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
         FileExistsError: if ``out`` was made with other params (e.g. another profile's encoding).
         repro.errors.MissingFileError: missing sensor depth or estimator weights.
     """
-    from repro.data.pipeline import _existing, _finish
+    from repro.data.pipeline import _existing, _finish, weights_sha256
     from repro.depth import get_estimator
     from repro.depth.files import FILE_SOURCES, read_depth_file
     from repro.errors import MissingFileError
@@ -129,6 +129,8 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
         if depth_files is None:
             raise ValueError(f"depth source {source!r} reads per-image maps: set data.depth_files to their folder")
         params.update(tta=False, depth_files=str(Path(depth_files).resolve()))
+    if weights_sha256(source, weights):  # other weights bytes at the same path: other maps
+        params["weights_sha256"] = weights_sha256(source, weights)
     if _existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # finished maps of an interrupted run are kept

@@ -65,7 +65,9 @@ def depth_m_to_mm(depth_m: np.ndarray, where: str) -> np.ndarray:
         ``(H, W)`` uint16 millimetres.
 
     Raises:
-        DatasetError: for non-finite or negative depth, or depth beyond 65.535 m (uint16 mm).
+        DatasetError: for non-finite or negative depth, depth beyond 65.535 m (uint16 mm), or a frame
+            without any reading (all 0). (A constant map is refused where the PNG is read, since a small
+            window of a real frame may be flat to the millimetre.)
     """
     m = np.asarray(depth_m, dtype=np.float64)
     if not np.isfinite(m).all():
@@ -74,6 +76,8 @@ def depth_m_to_mm(depth_m: np.ndarray, where: str) -> np.ndarray:
     if mm.size and (mm.min() < 0 or mm.max() > _MAX_MM):
         raise DatasetError(f"{where}: depth outside 0..65.535 m (uint16 millimetres): "
                            f"min {m.min():.4f} m, max {m.max():.4f} m")
+    if mm.size and not mm.any():
+        raise DatasetError(f"{where}: no depth reading (every value is 0); not the published file: download it again")
     return mm.astype(np.uint16)
 
 

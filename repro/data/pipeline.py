@@ -17,6 +17,7 @@ an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,18 +30,51 @@ from tqdm import tqdm
 from repro.data.crops import make_crops
 from repro.data.sample import DatasetError, Sample
 from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
+from repro.identity import content_mismatch, content_sha256
 
 __all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
 INDEX = "index.json"
+log = logging.getLogger("repro.data")
+
+
+def weights_sha256(source: str, weights: str | Path | None) -> str | None:
+    """Content identity of a network depth estimator's weights folder (None for sensor and plane sources).
+
+    ``weights`` None means the estimator's default folder (:func:`repro.depth.get_estimator`); a
+    missing folder gives None (the estimator then names the download).
+    """
+    from repro.depth import hf
+
+    if source not in hf.DEFAULT_WEIGHTS:
+        return None
+    if weights is None:
+        from repro.models.backbone import default_weights_dir
+
+        weights = default_weights_dir() / hf.DEFAULT_WEIGHTS[source].name
+    return content_sha256(weights)
 
 
 def _existing(out: Path, params: dict) -> bool:
-    """True if ``out`` holds a complete output made with ``params``; stale output raises."""
+    """True if ``out`` holds a complete output made with ``params``; stale output raises.
+
+    An output whose params differ only in content keys (``*_sha256``: the same settings, other
+    weights bytes at the same path) is removed, with one warning saying which, and built again.
+    """
     index_path = out / INDEX if out.is_dir() else out.with_suffix(out.suffix + ".json")
     if not index_path.is_file():
         return False
     recorded = json.loads(index_path.read_text()).get("params")
+    changed = content_mismatch(recorded, params)
+    if changed:
+        log.warning("%s was made from other input bytes (%s changed: the weights at the same path were replaced); "
+                    "rebuilding it", out, ", ".join(changed))
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+            index_path.unlink()
+        return False
     if recorded != params:
         raise FileExistsError(
             f"{out} was made with other parameters ({recorded}); remove it or choose another output folder"
@@ -222,6 +256,8 @@ def depth_stage(
               "scope": scope, "encoding": encoding}
     if source in FILE_SOURCES and scope == "crop":
         params["depth_files"] = str(Path(depth_files).resolve())
+    if scope == "crop" and weights_sha256(source, weights):  # the image scope's own params carry it
+        params["weights_sha256"] = weights_sha256(source, weights)
     if scope == "image":
         if image_depth is None or not (Path(image_depth) / INDEX).is_file():
             raise FileNotFoundError(f"scope 'image' needs a finished per-image depth folder, got {image_depth}; "
@@ -443,14 +479,21 @@ def knn_stage(shards: str | Path, out: str | Path, *, arch: str, checkpoint: str
 
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    params = {"shards": str(Path(shards).resolve()), "arch": arch, "checkpoint": str(checkpoint), "k": k}
+    params = {"shards": str(Path(shards).resolve()), "arch": arch, "checkpoint": str(checkpoint),
+              "checkpoint_sha256": content_sha256(checkpoint), "k": k}
     if identity is not None:
         params = {"crops": str(Path(identity).resolve()), **{k_: v for k_, v in params.items() if k_ != "shards"}}
     if dropout:
         params.update(dropout=float(dropout), dropout_seed=int(seed), batch_size=int(batch_size))
     meta_path = out.with_suffix(out.suffix + ".json")
-    if out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("params") == params:
-        return out
+    if out.is_file() and meta_path.is_file():
+        recorded = json.loads(meta_path.read_text()).get("params")
+        if recorded == params:
+            return out
+        changed = content_mismatch(recorded, params)
+        log.warning("%s was made with other %s; rebuilding it", out,
+                    f"input bytes ({', '.join(changed)} changed: the weights at the same path were replaced)"
+                    if changed else "parameters")
     backbone = DinoBackbone(arch, checkpoint).to(device)
     keys: list[str] = []
 

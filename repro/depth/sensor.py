@@ -74,7 +74,8 @@ def sensor_depth_from_png_array(raw: np.ndarray, path: str | Path, scale: float 
 
     Raises:
         DatasetError: for a non-integer or 8-bit PNG (an 8-bit export cannot hold millimetres up
-            to 10 m: re-export it as 16 bit), or a map without any reading (all 0); each names the file.
+            to 10 m: re-export it as 16 bit), a map without any reading (all 0) or a constant one; each
+            names the file.
     """
     from repro.data.sample import DatasetError
 
@@ -87,6 +88,10 @@ def sensor_depth_from_png_array(raw: np.ndarray, path: str | Path, scale: float 
     valid = raw > 0
     if not valid.any():
         raise DatasetError(f"{path}: depth map has no reading (every pixel is 0); re-export the file or leave it out")
+    readings = raw[valid]
+    if readings.min() == readings.max():
+        raise DatasetError(f"{path}: depth map is constant (every reading is {int(readings[0])}, "
+                           f"{readings[0] / scale:g} m): not a depth measurement; re-export the file or leave it out")
     depth = (raw.astype(np.float64) / scale).astype(np.float32)
     return fill_invalid_nearest(depth, valid), int((~valid).sum())
 

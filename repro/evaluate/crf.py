@@ -17,8 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CRFParams", "CRF_IMAGES", "crf_images", "denormalize_image", "dense_crf", "dense_crf_batch",
+__all__ = ["CRFPoolError", "CRFParams", "CRF_IMAGES", "crf_images", "denormalize_image", "dense_crf", "dense_crf_batch",
            "released_crf_image"]
+
+class CRFPoolError(RuntimeError):
+    """A DenseCRF worker process died (killed by a signal, out of memory) and the evaluation cannot finish."""
+
+
+def pool_broken_message(processes: int | str) -> str:
+    """The one-line explanation of a broken CRF pool, with the fix."""
+    return (f"a DenseCRF worker process of the evaluation's pool ({processes} processes) died before finishing "
+            "(killed by a signal or by the out-of-memory killer?); nothing was scored. Rerun; if it happens "
+            "again, use fewer CRF processes (--set eval.crf_processes=0 runs the CRF in this process)")
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

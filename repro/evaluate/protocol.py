@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.data.transforms import images_to_tensor
-from repro.evaluate.crf import CRF_IMAGES, CRFParams, crf_images, dense_crf
+from repro.evaluate.crf import CRF_IMAGES, CRFParams, CRFPoolError, crf_images, dense_crf, pool_broken_message
 from repro.evaluate.metrics import ConfusionMatrix, SegmentationMetrics, compute_metrics
 from repro.models.bundle import TrainedParts
 from repro.models.probes import ClusterProbe, LinearProbe
@@ -124,6 +125,7 @@ class _CRFRunner:
         self.pool = None
         if processes < 0:
             processes = len(os.sched_getaffinity(0))
+        self.processes = processes
         if processes > 0:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -138,11 +140,17 @@ class _CRFRunner:
                 for img, lp in zip(images, log_probs.detach().to("cpu", torch.float32).numpy())]
         if self.pool is None:
             return [_crf_argmax(job) for job in jobs]
-        return [self.pool.submit(_crf_argmax, job) for job in jobs]
+        try:
+            return [self.pool.submit(_crf_argmax, job) for job in jobs]
+        except BrokenProcessPool:
+            raise CRFPoolError(pool_broken_message(self.processes)) from None
 
-    @staticmethod
-    def collect(handles: list) -> Tensor:
-        return torch.from_numpy(np.stack([h if isinstance(h, np.ndarray) else h.result() for h in handles]).astype(np.int64))
+    def collect(self, handles: list) -> Tensor:
+        try:
+            out = [h if isinstance(h, np.ndarray) else h.result() for h in handles]
+        except BrokenProcessPool:
+            raise CRFPoolError(pool_broken_message(self.processes)) from None
+        return torch.from_numpy(np.stack(out).astype(np.int64))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -196,6 +204,7 @@ def evaluate_models(
     Raises:
         ValueError: if a sample has no label, an unknown ``crf_image``, or from the metrics (no
             labelled pixel).
+        CRFPoolError: a CRF worker process died (killed, out of memory); nothing is returned.
     """
     if crf_image not in CRF_IMAGES:
         raise ValueError(f"crf_image must be one of {CRF_IMAGES}, got {crf_image!r}")

@@ -74,6 +74,14 @@ class LightningCheckpoint:
     global_step: int | None = None
     epoch: int | None = None
     top_level_keys: list[str] = field(default_factory=list)
+    callback_keys: str | None = None
+
+    @property
+    def layout(self) -> str:
+        """How the file keys its callbacks: Lightning < 1.5 by class, later versions by string."""
+        return {"class": "callbacks keyed by class, the layout of Lightning < 1.5",
+                "string": "callbacks keyed by string, the layout of Lightning >= 1.5"}.get(self.callback_keys or "",
+                                                                                           "no callback states")
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -101,8 +109,11 @@ def read_lightning_checkpoint(path: str | Path, *, extra_globals: Iterable[str] 
         MissingFileError: the file does not exist.
         UnsafeCheckpointError: the pickle names a global outside the allowlist (all of them are listed;
             nothing was loaded).
-        CheckpointFormatError: a truncated or corrupt file, or one without ``state_dict`` /
-            ``hyper_parameters`` (``n_classes``, ``cfg``).
+        CheckpointFormatError: a truncated or corrupt file; one without ``state_dict`` /
+            ``hyper_parameters`` (``n_classes``, ``cfg``); a state dict that is not a mapping of names to
+            tensors; ``n_classes`` not a positive integer; hyper-parameters that are cyclic or nest deeper
+            than :data:`~repro.models.safe_load.MAX_DEPTH`; NaN or infinite values in a tensor (each named
+            with its count).
     """
     path = Path(path)
     if not path.is_file():
@@ -112,21 +123,55 @@ def read_lightning_checkpoint(path: str | Path, *, extra_globals: Iterable[str] 
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path} holds a {type(obj).__name__}, not a Lightning checkpoint dict")
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in obj]
-    hparams = to_plain(obj.get("hyper_parameters", {}))
+    hparams = to_plain(obj.get("hyper_parameters", {}), where=f"{path}: hyper_parameters")
     missing += [f"hyper_parameters.{k}" for k in ("n_classes", "cfg") if not isinstance(hparams, dict) or k not in hparams]
     if missing:
         raise CheckpointFormatError(f"{path} is not a STEGO/DepthG Lightning checkpoint: missing {missing} "
                                     f"(top-level keys: {sorted(map(str, obj))})")
     if not isinstance(hparams["cfg"], dict):
         raise CheckpointFormatError(f"{path}: hyper_parameters.cfg is a {type(hparams['cfg']).__name__}, not a config")
+    n_classes = hparams["n_classes"]
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes <= 0:
+        raise CheckpointFormatError(f"{path}: hyper_parameters.n_classes is {n_classes!r}, not a positive integer "
+                                    "(the number of classes the probes were trained for)")
     state = obj["state_dict"]
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path}: state_dict is a {type(state).__name__}, not a mapping of parameter "
+                                    "names to tensors")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
-        raise CheckpointFormatError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
+        raise CheckpointFormatError(f"{path}: state_dict entries that are not name -> tensor: {bad[:5]}")
+    _check_finite(path, state)
     return LightningCheckpoint(
         path=path, sha256=file_sha256(path), size=path.stat().st_size, state_dict=dict(state), hyper_parameters=hparams,
-        lightning_version=obj.get("pytorch-lightning_version"), global_step=obj.get("global_step"),
-        epoch=obj.get("epoch"), top_level_keys=[str(k) for k in obj])
+        lightning_version=_plain_scalar(obj.get("pytorch-lightning_version")), global_step=obj.get("global_step"),
+        epoch=obj.get("epoch"), top_level_keys=[str(k) for k in obj], callback_keys=_callback_keys(obj.get("callbacks")))
+
+
+def _plain_scalar(value: Any) -> str | None:
+    return value if isinstance(value, str) or value is None else f"<{type(value).__name__}>"
+
+
+def _callback_keys(callbacks: Any) -> str | None:
+    """``"class"`` when Lightning < 1.5 keyed the callback states by their class, ``"string"`` after, else None."""
+    if not isinstance(callbacks, dict) or not callbacks:
+        return None
+    return "class" if any(isinstance(k, type) for k in callbacks) else "string"
+
+
+def _check_finite(path: Path, state: dict[str, Tensor]) -> None:
+    """Refuse NaN or infinite values in any floating-point tensor, naming each tensor and its count."""
+    bad = []
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        more = f" (+{len(bad) - 5} more tensors)" if len(bad) > 5 else ""
+        raise CheckpointFormatError(f"{path}: non-finite (NaN or infinite) values in {len(bad)} tensor(s): "
+                                    f"{', '.join(bad[:5])}{more}; the file is corrupt or the training diverged: "
+                                    "it cannot be scored")
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -174,7 +219,8 @@ class ReleasedModel:
         c = self.checkpoint
         return {"file": c.path.name, "path": str(c.path), "sha256": c.sha256, "size_bytes": c.size,
                 "project": self.project, "lightning_version": c.lightning_version, "global_step": c.global_step,
-                "epoch": c.epoch, "arch": self.arch, "n_classes": self.n_classes, "code_dim": self.code_dim,
+                "epoch": c.epoch, "lightning_layout": c.layout, "arch": self.arch, "n_classes": self.n_classes,
+                "code_dim": self.code_dim,
                 "extra_clusters": self.extra_clusters, "lhp_head": self.parts.projection is not None,
                 "notes": list(self.notes), "hyper_parameters": c.hyper_parameters}
 

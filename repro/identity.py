@@ -126,7 +126,8 @@ def content_sha256(path: str | Path) -> str | None:
         return cached_file_sha256(path)
     if not path.is_dir():
         return None
-    lines = [f"{p.relative_to(path).as_posix()} {cached_file_sha256(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(path.rglob("*")) if p.is_file()]
+    lines = [f"{p.relative_to(path).as_posix()} {cached_file_sha256(p)}" for p in files]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 

@@ -23,14 +23,15 @@ import torch
 
 from repro.config.loader import ConfigError, load_config, save_config
 from repro.config.schema import ExperimentConfig
+from repro.errors import MissingFileError
 from repro.identity import config_diff, config_hash
 from repro.rundir import check_saved_config as _check_saved_config
 from repro.rundir import record_failure as _status_failed
 from repro.rundir import run_lock as _run_lock
 from repro.rundir import write_status as _status
 from repro.standins import with_stand_ins
-from repro.workdir import (DataPaths, data_key, data_paths, default_work_dir, prepare_data, resolve_entry,  # noqa: F401
-                           run_dir_for)
+from repro.workdir import (DataPaths, data_key, data_paths, default_work_dir, prepare_data,  # noqa: F401
+                           prepare_val_crops, resolve_entry, run_dir_for)
 
 __all__ = ["DataPaths", "resolve_entry", "data_key", "data_paths", "prepare_data", "run_dir_for", "run_entry",
            "evaluate_run", "eval_entry", "ValidationContext", "default_work_dir", "STAGES"]  # layout: repro.workdir
@@ -273,8 +274,8 @@ def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, 
     run_dir = run_dir_for(config, work_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        raise FileNotFoundError(f"{saved} not found: {run_dir} holds no run of {config.name}; "
-                                "train it first (`repro run` or `repro train`)")
+        raise MissingFileError(f"the run's config ({run_dir} holds no run of {config.name})", saved,
+                               "train it first: `repro run` or `repro train` with the same entry, --work-dir and --set")
     diff = config_diff(config, load_config(saved, base=None))
     trained = {k: v for k, v in diff.items() if not k.startswith("eval.")}
     if trained:
@@ -286,6 +287,7 @@ def eval_entry(config: ExperimentConfig, *, work_dir: str | Path | None = None, 
                        for k, v in diff.items()) or None
     with _run_lock(run_dir):
         try:
+            prepare_val_crops(config, work_dir, quiet=quiet)  # derived data: rebuilt when the work folder lost it
             metrics = evaluate_run(config, run_dir, data_paths(config, work_dir), quiet=quiet, variant=variant)
         except BaseException as exc:  # the folder says so: never a stale "done" over a failed evaluation
             if not isinstance(exc, (SystemExit, KeyboardInterrupt)):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -272,6 +271,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
 def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> Path:
     """The training crops' frozen features, once per (crops, backbone): :mod:`repro.data.features`."""
     from repro.data.features import feature_store_stage
+    from repro.data.pipeline import read_params
     from repro.models.backbone import DinoBackbone
     from repro.train import resolve_checkpoint
 
@@ -281,7 +281,7 @@ def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> P
     if config.model.backbone_precision != "default":
         params["precision"] = config.model.backbone_precision
     index = paths.features / "index.json"
-    if index.is_file() and not content_mismatch(json.loads(index.read_text()).get("params"), params):
+    if index.is_file() and not content_mismatch(read_params(index), params):
         return feature_store_stage(paths.crops, paths.features, None, params=params)  # checks params, reuses
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = DinoBackbone(config.model.arch, checkpoint, pos_embed=config.model.pos_embed,

@@ -175,3 +175,28 @@ def test_a_killed_crf_worker_fails_the_evaluation_with_one_line_and_status_faile
     monkeypatch.undo()
     assert main(["eval", ENTRY, *cli_args(work, overrides)]) == 0  # retried: the folder says done again
     assert status(run_dir)["state"] == "done"
+
+
+def test_eval_without_a_run_or_without_its_data_is_one_line_or_rebuilds_the_data(shared_data, tmp_path, capsys):
+    """`repro eval` where nothing ran: one line naming the fix (was a FileNotFoundError traceback)."""
+    from repro.cli import main
+
+    rc = main(["eval", "demo/nyuv2-mini", "--work-dir", str(tmp_path / "empty"),
+               "--set", f"data.root={shared_data / 'nyuv2-mini'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("repro: error:") and "repro run" in err and "Traceback" not in err
+
+
+def test_a_stage_index_that_is_not_json_is_named_with_the_folder_to_remove(tmp_path):
+    from repro.data.pipeline import read_params
+
+    index = tmp_path / "features-x" / "index.json"
+    index.parent.mkdir()
+    index.write_text('{"params": {"crops": ')  # an interrupted write
+    with pytest.raises(FileExistsError, match=r"index.json is not valid JSON .*remove .*features-x"):
+        read_params(index)
+    index.write_text("[1, 2]")
+    with pytest.raises(FileExistsError, match="holds a list, not a stage index"):
+        read_params(index)
+    index.write_text('{"params": {"k": 3}}')
+    assert read_params(index) == {"k": 3}

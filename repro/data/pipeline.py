@@ -30,9 +30,10 @@ from tqdm import tqdm
 from repro.data.crops import make_crops
 from repro.data.sample import DatasetError, Sample
 from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
+from repro.errors import MissingFileError
 from repro.identity import content_mismatch, content_sha256
 
-__all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
+__all__ = ["read_params", "prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
 INDEX = "index.json"
 log = logging.getLogger("repro.data")
@@ -55,6 +56,25 @@ def weights_sha256(source: str, weights: str | Path | None) -> str | None:
     return content_sha256(weights)
 
 
+def read_params(index_path: str | Path) -> dict | None:
+    """The ``params`` recorded in a stage's ``index.json``.
+
+    Raises:
+        FileExistsError: the file is not valid JSON or not a mapping (an interrupted copy, a hand edit);
+            the message names it and the folder to remove.
+    """
+    index_path = Path(index_path)
+    try:
+        index = json.loads(index_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FileExistsError(f"{index_path} is not valid JSON ({exc}); remove {index_path.parent} (or the output "
+                              "it describes) to rebuild it") from None
+    if not isinstance(index, dict):
+        raise FileExistsError(f"{index_path} holds a {type(index).__name__}, not a stage index; remove "
+                              f"{index_path.parent} (or the output it describes) to rebuild it")
+    return index.get("params")
+
+
 def _existing(out: Path, params: dict) -> bool:
     """True if ``out`` holds a complete output made with ``params``; stale output raises.
 
@@ -64,7 +84,7 @@ def _existing(out: Path, params: dict) -> bool:
     index_path = out / INDEX if out.is_dir() else out.with_suffix(out.suffix + ".json")
     if not index_path.is_file():
         return False
-    recorded = json.loads(index_path.read_text()).get("params")
+    recorded = read_params(index_path)
     changed = content_mismatch(recorded, params)
     if changed:
         log.warning("%s was made from other input bytes (%s changed: the weights at the same path were replaced); "
@@ -151,18 +171,19 @@ def iter_crops(crops: str | Path) -> Iterator[Sample]:
     """Read the crops of a finished ``prepare`` folder, in index order.
 
     Raises:
-        FileNotFoundError: if the folder is incomplete or a crop file is missing.
+        MissingFileError: if the folder is incomplete or a crop file is missing (names the fix).
     """
     from PIL import Image
 
     crops = Path(crops)
     index_path = crops / INDEX
     if not index_path.is_file():
-        raise FileNotFoundError(f"{crops} is not a finished crops folder (no {INDEX}); run `repro prepare`")
+        raise MissingFileError(f"the index of the crops folder {crops} (not a finished crops folder)", index_path,
+                               f"run `repro prepare` (or `repro run`) to build {crops}")
     for key in json.loads(index_path.read_text())["keys"]:
         img = crops / f"{key}.img.png"
         if not img.is_file():
-            raise FileNotFoundError(f"crop image {img} is missing; rebuild {crops} with `repro prepare`")
+            raise MissingFileError("a crop image", img, f"remove {crops} and rebuild it with `repro prepare`")
         label = crops / f"{key}.label.npy"
         sensor = crops / f"{key}.sensor.npy"
         yield Sample(

@@ -1,6 +1,7 @@
 """Array jobs, time limits and requeues on a real single-node SLURM (``tests/slurm_cluster.py``).
 
-``slurm/nyuv2.sh`` and ``repro.launch.launch`` run the demo entry for real; the time-limit
+``repro.launch.launch`` runs the demo entry for real (a real entry through ``sbatch slurm/*.sh`` is in
+``test_smoke_rehearsal.py``); the time-limit
 tests use stand-ins from ``slurm_helpers`` (seconds instead of minutes) that keep the
 checkpoint-on-signal contract of ``run_entry``. The local-executor test needs no SLURM.
 """
@@ -101,38 +102,6 @@ def job_env(slurm_cluster, helpers_importable, monkeypatch, tmp_path):
     monkeypatch.setenv("REPRO_APPTAINER", str(fake_bin / "apptainer"))
     monkeypatch.setenv("FAKE_APPTAINER_LOG", str(tmp_path / "apptainer-calls.txt"))
     return fake_bin
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_sbatch_script_runs_the_demo_entry(slurm_cluster, demo, tmp_path):
-    work, overrides = demo
-    (tmp_path / "logs" / "repro-nyuv2").mkdir(parents=True)
-    env = {**slurm_cluster.env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "REPRO_ROOT": str(REPO),
-           "REPRO_SET": " ".join(overrides)}
-    start = time.monotonic()
-    job = _sbatch(slurm_cluster, REPO / "slurm" / "nyuv2.sh", f"--chdir={tmp_path}", "--array=0", "--gpus-per-node=0",
-                  "--cpus-per-task=2", "--mem=8G", f"--export=ALL,ENTRIES=demo/nyuv2-mini,SEEDS=1,FIDELITY=paper,REPRO_WORK={work}",
-                  env=env)
-    state = _wait(slurm_cluster, f"{job}_0", timeout=400)
-    log = tmp_path / "logs" / "repro-nyuv2" / f"{job}_0.out"
-    assert state == "COMPLETED", _logs(tmp_path / "logs")
-    assert log.is_file(), "the task log is not at logs/<job name>/<array id>_<index>.out"
-    run_dir = work / "demo" / "nyuv2-mini" / "paper" / "seed0"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["seed"] == 0 and 0 <= metrics["summary"]["unsup_miou"] <= 100, metrics["summary"]
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
-    # ... and its numbers land in RESULTS.md
-    from repro.results import read_results, render_results
-
-    results = render_results(work, tmp_path / "RESULTS.md", tables=["demo"])
-    entry = read_results(results)["entries"]["demo/nyuv2-mini"]
-    # the quick overrides (five_crop, steps, batch, ...) make it a variant of the registered entry: its own row
-    (recorded,) = [v for v in entry["variants"] if v["fidelity"] == "paper" and "train.max_steps=2" in v["label"]]
-    assert entry["fidelities"]["paper"]["metrics"]["unsup_miou"]["n"] == 0
-    assert recorded["metrics"]["unsup_miou"]["mean"] == pytest.approx(metrics["summary"]["unsup_miou"], abs=1e-3)
-    assert recorded["metrics"]["unsup_miou"]["n"] == 1 and "1 done" in recorded["status"]
-    print(f"sbatch slurm/nyuv2.sh demo task: {time.monotonic() - start:.0f} s")
 
 
 @pytest.mark.slurm

@@ -195,6 +195,15 @@ def iter_crops(crops: str | Path) -> Iterator[Sample]:
         )
 
 
+def _image_map(cache: dict[str, np.ndarray], crop: Sample, load) -> np.ndarray:
+    """The full-image map of ``crop`` (``load(image_key)``), kept for the next crop: crops of one image are consecutive."""
+    image_key = crop.meta.get("image_key", crop.key)
+    if image_key not in cache:
+        cache.clear()
+        cache[image_key] = load(image_key)
+    return cache[image_key]
+
+
 def depth_stage(
     crops: str | Path,
     out: str | Path,
@@ -326,12 +335,9 @@ def depth_stage(
             if scope == "image":
                 results = []
                 for c in batch:
-                    image_key = c.meta.get("image_key", c.key)
-                    if image_key not in cache:
-                        cache.clear()  # crops of one image are consecutive
-                        cache[image_key] = load_image_depth(image_depth, image_key)
-                    rng = image_index["ranges"][image_key]
-                    results.append((crop_image_depth(cache[image_key], c.meta, encoding=encoding, resize=resize), rng))
+                    full = _image_map(cache, c, lambda key: load_image_depth(image_depth, key))
+                    rng = image_index["ranges"][c.meta.get("image_key", c.key)]
+                    results.append((crop_image_depth(full, c.meta, encoding=encoding, resize=resize), rng))
             elif gkind == "classes":  # the crop's ground-truth segmentation map (supp. B.1)
                 results = []
                 for c in batch:
@@ -353,11 +359,8 @@ def depth_stage(
                 if source in FILE_SOURCES:  # per-image maps computed elsewhere (R22)
                     raws = []
                     for c in batch:
+                        full = _image_map(cache, c, lambda key: read_depth_file(depth_files, key))
                         image_key = c.meta.get("image_key", c.key)
-                        if image_key not in cache:
-                            cache.clear()  # crops of one image are consecutive
-                            cache[image_key] = read_depth_file(depth_files, image_key)
-                        full = cache[image_key]
                         top, left, ch, cw = c.meta.get("crop_box", [0, 0, *full.shape])
                         if top + ch > full.shape[0] or left + cw > full.shape[1]:
                             raise DatasetError(f"{Path(depth_files) / (image_key + '.npy')}: map is "

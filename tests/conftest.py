@@ -32,3 +32,20 @@ def shared_golden() -> Path:
     """Outputs of the released STEGO/DepthG code (``released/``, ``released-checkpoints/``) under
     ``../shared/golden`` (``$REPRO_SHARED_GOLDEN``)."""
     return _shared("golden", "REPRO_SHARED_GOLDEN", "golden outputs", "released/ and released-checkpoints/")
+
+
+@pytest.fixture(scope="module")
+def golden(shared_golden):
+    """The released checkpoints of the golden fixtures (written by the released classes)."""
+    return shared_golden / "released-checkpoints"
+
+
+@pytest.fixture(scope="module")
+def dino_state(tmp_path_factory):
+    """The state dict of a seed-0 random ViT-S/8 in the official DINO format."""
+    import torch
+
+    from repro.models.backbone import init_random_checkpoint
+
+    path = init_random_checkpoint("vit_small_patch8", tmp_path_factory.mktemp("dino") / "dino.pth", seed=0)
+    return torch.load(path, weights_only=True)

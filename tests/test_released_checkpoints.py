@@ -25,7 +25,7 @@ from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import crf_images, dense_crf_batch, released_crf_image
 from repro.evaluate.metrics import ConfusionMatrix, compute_metrics
 from repro.evaluate.protocol import evaluate_segmentation, predict_logits
-from repro.models.backbone import DinoBackbone, init_random_checkpoint
+from repro.models.backbone import DinoBackbone
 from repro.models.lightning import (
     CheckpointFormatError, CheckpointLayoutError, UnsafeCheckpointError, convert_checkpoint, load_released,
     read_lightning_checkpoint,
@@ -38,15 +38,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def golden(shared_golden):
-    return shared_golden / "released-checkpoints"
-
-
-@pytest.fixture(scope="module")
-def dino_state(tmp_path_factory):
-    path = init_random_checkpoint("vit_small_patch8", tmp_path_factory.mktemp("dino") / "dino.pth", seed=0)
-    return torch.load(path, weights_only=True)
 
 
 def _json(golden, name):

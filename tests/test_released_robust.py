@@ -16,20 +16,10 @@ from test_released_checkpoints import _PICKLE_MODULE, _fixture_ckpt, _OmegaConfN
 from torch.torch_version import TorchVersion
 
 from repro.cli import main
-from repro.models.backbone import init_random_checkpoint
 from repro.models.lightning import CheckpointFormatError, UnsafeCheckpointError, read_lightning_checkpoint
 from repro.models.safe_load import LIGHTNING_GLOBALS, _stand_in, to_plain
 
 
-@pytest.fixture(scope="module")
-def golden(shared_golden):
-    return shared_golden / "released-checkpoints"
-
-
-@pytest.fixture(scope="module")
-def dino_state(tmp_path_factory):
-    path = init_random_checkpoint("vit_small_patch8", tmp_path_factory.mktemp("dino") / "dino.pth", seed=0)
-    return torch.load(path, weights_only=True)
 
 
 _LEGACY_MODULE = types.SimpleNamespace(  # the legacy writer also calls pickle_module.dump (magic number, sys info)

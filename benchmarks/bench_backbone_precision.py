@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
-        from repro.atomic import atomic_path
+        from repro.utils.files import atomic_path
 
         with atomic_path(args.out, suffix=".json") as tmp:
             Path(tmp).write_text(text + "\n")

@@ -1,6 +1,6 @@
 """Time batched farthest point sampling (DepthG sec. 3.4) at training-like sizes.
 
-Prints the median wall time per batch (ms) of ``repro.sampling.farthest_point_sampling``
+Prints the median wall time per batch (ms) of ``repro.method.sampling.farthest_point_sampling``
 for B=32 depth-derived point clouds of 28x28 (P=784) and 40x40 (P=1600) cells and
 n in {81, 121, 144} picks, plus the full ``fps_grid_coords`` call for reference.
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from repro.sampling import depth_to_points, farthest_point_sampling, fps_grid_coords
+from repro.method.sampling import depth_to_points, farthest_point_sampling, fps_grid_coords
 
 
 def _sync(device: torch.device) -> None:

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from repro.losses import LossWeights, stego_depthg_loss
-from repro.sampling import fps_grid_coords, random_grid_coords
+from repro.method.losses import LossWeights, stego_depthg_loss
+from repro.method.sampling import fps_grid_coords, random_grid_coords
 
 WEIGHTS = LossWeights(0.58, 0.36, 0.70, 0.07, 0.02, 0.76, lambda_depthg=0.19, b_depthg=0.03)
 

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stages_lib as L  # noqa: E402  (the helpers next to this script)
 
-from repro.plan_model import PROFILE_SCHEMA  # noqa: E402
+from repro.cluster.costs import PROFILE_SCHEMA  # noqa: E402
 
 ARCHS = ("vit_small_patch8", "vit_base_patch8")
 REQUIRED_TRAIN = [(e, f) for e in ("table1/depthg-vits8", "table1/stego-vits8") for f in ("paper", "released")]
@@ -107,7 +107,7 @@ def data_stages(s: dict, tmp: Path, device: str, depth_full: bool, stages: dict)
 
 def network_stages(s: dict, arch: str, ckpt: Path, crops: Path, val_crops: Path, device: str, first: bool,
                    stages: dict) -> None:
-    from repro.config.registry import load_entry
+    from repro.config.entries import load_entry
     from repro.data.transforms import images_to_tensor
     from repro.evaluate.report import ValidationSet, evaluate_many, evaluate_parts
     from repro.models.backbone import DinoBackbone
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_table(profile, args.reference)
     if args.out:
-        from repro.atomic import atomic_path
+        from repro.utils.files import atomic_path
 
         with atomic_path(args.out, suffix=".json") as tmp_out:
             Path(tmp_out).write_text(json.dumps(profile, indent=1) + "\n")

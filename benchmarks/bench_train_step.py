@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from repro.models.backbone import init_random_checkpoint
-from repro.run import prepare_data, resolve_entry
-from repro.train import train
+from repro.runs.entry import prepare_data, resolve_entry
+from repro.training.loop import train
 
 
 def main() -> None:

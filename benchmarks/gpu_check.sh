@@ -43,7 +43,7 @@ if [[ -e ".venv/.deps-$deps_hash" && -e "build/.setup-$deps_hash" ]]; then  # ma
     demo_work=build/demo
 else  # no .venv set up (e.g. offline): the command `make demo` runs, in this Python
     echo "(make setup is not up to date here; running the demo command of make demo with $PYTHON)"
-    "$PYTHON" -m repro.cli demo --data "$DATA" --work-dir "$demo_work" > "$OUT_DIR/demo.log" 2>&1 || demo_exit=$?
+    "$PYTHON" -m repro.cli.main demo --data "$DATA" --work-dir "$demo_work" > "$OUT_DIR/demo.log" 2>&1 || demo_exit=$?
 fi
 demo_wall=$(( $(date +%s) - start ))
 tail -n 20 "$OUT_DIR/demo.log"

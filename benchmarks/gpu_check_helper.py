@@ -1,7 +1,7 @@
 """Helpers of ``benchmarks/gpu_check.sh``: bf16 vs fp32 training on the demo data, and the combined JSON.
 
 ``precision``: prepares the demo entry's data (``demo/nyuv2-mini`` on the real NYUv2 sample, a
-random-weight ViT-S/8), then trains it twice for ``--steps`` batches with :func:`repro.train.train`,
+random-weight ViT-S/8), then trains it twice for ``--steps`` batches with :func:`repro.training.loop.train`,
 ``train.precision=bf16`` and ``fp32``, each in a fresh process (Accelerate keeps one precision per
 process), with the same seed, data order and random streams; it compares the loss curves (TensorBoard
 scalars logged every batch) and the final parameters (``model.pt``). On a CPU both runs are fp32
@@ -35,8 +35,8 @@ def _overrides(data: Path, ckpt: Path, steps: int, precision: str | None = None)
 
 def _train_one(args: argparse.Namespace) -> None:
     """Child process: one training run of the demo entry at ``--precision``."""
-    from repro.run import data_paths, resolve_entry
-    from repro.train import train
+    from repro.runs.entry import data_paths, resolve_entry
+    from repro.training.loop import train
 
     cfg = resolve_entry(ENTRY, overrides=_overrides(args.data, args.ckpt, args.steps, args.precision))
     paths = data_paths(cfg, args.work)
@@ -57,7 +57,7 @@ def _losses(run: Path) -> dict[str, list[float]]:
 
 
 def _write(path: Path, data: dict) -> None:
-    from repro.atomic import atomic_path
+    from repro.utils.files import atomic_path
 
     with atomic_path(path, suffix=".json") as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -79,7 +79,7 @@ def _compare_params(a: dict, b: dict) -> dict:
 
 def precision(args: argparse.Namespace) -> dict:
     from repro.models.backbone import init_random_checkpoint
-    from repro.run import prepare_data, resolve_entry
+    from repro.runs.entry import prepare_data, resolve_entry
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:

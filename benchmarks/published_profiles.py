@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a committed profile differs from a rebuild")
     args = parser.parse_args(argv)
-    from repro.atomic import atomic_path
+    from repro.utils.files import atomic_path
 
     cpu = json.loads((PROFILES / CPU_PROFILE).read_text())
     beit = cpu_beit_rate()

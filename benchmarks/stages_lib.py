@@ -5,7 +5,7 @@ Every measurement returns a stage record ``{"rate", "unit", "kind", "device", "c
 (backbone, depth networks, training step, evaluation head) and ``cpu`` for CPU-only stages
 (prepare, shards, loader, DenseCRF, a faiss-cpu search), whose ``cores`` turn wall time into
 core-hours in ``repro plan``. The synthetic COCO-like dataset is written in the real layout and
-read through :class:`repro.data.cocostuff.CocoStuff27`; its pixels are smooth random fields, not
+read through :class:`repro.data.datasets.cocostuff.CocoStuff27`; its pixels are smooth random fields, not
 photographs, which costs the same to crop, resize and encode within a few per cent.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repro.plan_model import train_signature
+from repro.cluster.costs import train_signature
 
 def device_kind(device: str) -> dict:
     return {"kind": "gpu", "device": device, "cores": 1 if device == "cuda" else torch.get_num_threads()}
@@ -62,7 +62,7 @@ def _smooth(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 def write_synthetic_coco(root: Path, n_train: int, n_val: int, size: tuple[int, int], seed: int = 0) -> Path:
     """A COCO-Stuff-27 folder in the real layout with random content (images JPEG, label maps PNG).
 
-    No fine->coarse file: the real adapter (:class:`repro.data.cocostuff.CocoStuff27`) maps the fine
+    No fine->coarse file: the real adapter (:class:`repro.data.datasets.cocostuff.CocoStuff27`) maps the fine
     ids with the 182->27 table that ships with repro.
     """
     rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ def write_synthetic_coco(root: Path, n_train: int, n_val: int, size: tuple[int, 
 # ------------------------------------------------------------------------------------------ data stages
 def bench_prepare(root: Path, work: Path, *, split: str, five_crop: bool, size: int, min_time: float) -> tuple[dict, Path]:
     """``prepare_stage`` (decode, five-crop or single crop, resize, PNG/npy writes) in images/s."""
-    from repro.data.cocostuff import CocoStuff27
+    from repro.data.datasets.cocostuff import CocoStuff27
     from repro.data.pipeline import prepare_stage
 
     ds = CocoStuff27(root, split)
@@ -129,7 +129,7 @@ def bench_depth_forward(source: str, weights: Path, image: np.ndarray, batch: in
 def bench_image_depth(root: Path, crops: Path, work: Path, weights: Path, device: str) -> dict[str, dict]:
     """``data.depth_scope: image`` (R4): ``image_depth_stage`` (one map per full image, TTA) and the
     ``depth_stage`` that cuts every crop's map from it (CPU), as ``prepare_data`` runs them."""
-    from repro.data.cocostuff import CocoStuff27
+    from repro.data.datasets.cocostuff import CocoStuff27
     from repro.data.image_depth import image_depth_stage
     from repro.data.pipeline import depth_stage
 
@@ -163,7 +163,7 @@ def bench_loader(shards: Path, min_time: float) -> dict:
     """``TrainingCrops[i]`` (anchor + kNN partner read at their byte offsets, decoded) in items/s."""
     from repro.data.knn import KnnTable
     from repro.data.shards import read_index
-    from repro.data.training import TrainingCrops
+    from repro.data.train_crops import TrainingCrops
 
     keys = sorted(read_index(shards)["keys"])
     k = min(8, len(keys))
@@ -216,13 +216,13 @@ def bench_backbone(backbone, size: int, batch: int, device: str, precision: str,
 
 
 class TrainStep:
-    """One training step built the way :func:`repro.train.train` builds it (parts, optimisers, module, cache)."""
+    """One training step built the way :func:`repro.training.loop.train` builds it (parts, optimisers, module, cache)."""
 
     def __init__(self, cfg, backbone, batch: int, size: int, device: str, cached: bool, seed: int = 0) -> None:
-        from repro.data.registry import DATASETS
+        from repro.data.datasets.registry import DATASETS
         from repro.models.backbone import last_block_attention
         from repro.models.bundle import build_parts
-        from repro.train import TrainModule, TrainState, FeatureCache, _normalise, _optimizers
+        from repro.training.loop import TrainModule, TrainState, FeatureCache, _normalise, _optimizers
 
         self.cfg, self.device = cfg, device
         # train() autocasts with Accelerate's bf16 on CUDA, which is torch.autocast(cuda, bfloat16) and a plain
@@ -288,7 +288,7 @@ def bench_feature_store(crops: Path, folder: Path, backbone, arch: str, batch: i
 
 
 def eval_parts(cfg, backbone, device: str):
-    from repro.data.registry import DATASETS
+    from repro.data.datasets.registry import DATASETS
     from repro.models.bundle import build_parts
 
     parts = build_parts(cfg, backbone.feature_dim, DATASETS[cfg.data.dataset].num_classes).to(device)
@@ -335,7 +335,7 @@ def memory_probe(what: str, entry: str, checkpoint: str, batch: int, size: int, 
                  threads: int, queue) -> None:
     """In a fresh (spawned) process: two training steps without cache, or the evaluation of two checkpoints
     (final and best-on-val, one pass) with flip and CRF over the validation crops; report peak RSS (``VmHWM``) and CUDA ``max_memory_allocated`` in MiB through ``queue``."""
-    from repro.config.registry import load_entry
+    from repro.config.entries import load_entry
     from repro.models.backbone import DinoBackbone
 
     torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Run folders as ``repro run`` leaves them, for the tests of ``repro compare``.
 
-Layout and files as written by ``repro.run.run_entry`` (``<work>/<entry>/<fidelity>/seed<S>/``):
-``config.yaml`` (the resolved config), ``env.json`` (``repro.env.collect_env`` plus the fidelity and the
+Layout and files as written by ``repro.runs.entry.run_entry`` (``<work>/<entry>/<fidelity>/seed<S>/``):
+``config.yaml`` (the resolved config), ``env.json`` (``repro.utils.env.collect_env`` plus the fidelity and the
 backbone file record), ``status.json`` (state, stage, log, updated, per-stage timings), ``metrics.json``
 (entry, seed, fidelity, config hash, ``final`` / ``best_on_val`` / ``summary``, env, timings) and
 ``train/summary.json`` (steps, processes). Smoke runs (brief contract 1) live under ``<work>/smoke/``,
@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from repro.config.loader import save_config
-from repro.config.registry import load_entry
-from repro.identity import config_hash
+from repro.config.entries import load_entry
+from repro.config.identity import config_hash
 
 ENV = {"repro_version": "0.1.0", "python": "3.11.9", "platform": "Linux-5.14.0-x86_64-with-glibc2.34",
        "hostname": "node1", "git_sha": "0123abcd", "git_dirty": False,

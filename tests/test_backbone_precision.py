@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from repro.config.loader import ConfigError
-from repro.config.registry import load_entry
-from repro.identity import config_hash, identity
+from repro.config.entries import load_entry
+from repro.config.identity import config_hash, identity
 from repro.models.backbone import DinoBackbone, init_random_checkpoint
 
 

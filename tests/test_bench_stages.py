@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from repro.plan import load_profile, make_plan, plan_targets
+from repro.cluster.plan import load_profile, make_plan, plan_targets
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("prepare", "depth", "shards", "loader", "knn", "backbone", "store", "train", "val", "eval", "memory")

@@ -133,7 +133,7 @@ def test_version_needs_only_the_tiny_requirements() -> None:
     """``repro --version`` imports no third-party module beyond PyYAML (no torch, numpy...)."""
     code = (
         "import sys\n"
-        "from repro.cli import main\n"
+        "from repro.cli.main import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
         "mods = {m.split('.')[0] for m in sys.modules}\n"
         "print(' '.join(sorted(m for m in mods - set(sys.stdlib_module_names)\n"

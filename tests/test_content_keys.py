@@ -13,11 +13,11 @@ import os
 
 import pytest
 
-import repro.identity
+import repro.config.identity
 from repro.depth.hf import save_random_model
-from repro.identity import cached_file_sha256, content_mismatch, content_sha256, file_sha256
+from repro.config.identity import cached_file_sha256, content_mismatch, content_sha256, file_sha256
 from repro.models.backbone import init_random_checkpoint
-from repro.workdir import prepare_data, resolve_entry
+from repro.runs.workdir import prepare_data, resolve_entry
 from sample_helpers import quick_demo_overrides
 
 ENTRY = "demo/nyuv2-mini"
@@ -36,8 +36,8 @@ def test_cached_file_sha256_reads_a_file_once_until_it_changes(tmp_path, monkeyp
     path = tmp_path / "w.pth"
     path.write_bytes(b"first")
     calls = []
-    real = repro.identity.file_sha256
-    monkeypatch.setattr(repro.identity, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = repro.config.identity.file_sha256
+    monkeypatch.setattr(repro.config.identity, "file_sha256", lambda p: calls.append(p) or real(p))
     assert cached_file_sha256(path) == hashlib.sha256(b"first").hexdigest() == cached_file_sha256(path)
     assert len(calls) == 1
     path.write_bytes(b"second!")  # another size: read again

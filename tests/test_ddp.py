@@ -28,15 +28,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.run import prepare_data, resolve_entry
+from repro.runs.entry import prepare_data, resolve_entry
 from sample_helpers import quick_demo_overrides, random_dino
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
 SCRIPT = """
 import sys
-from repro.run import resolve_entry
-from repro.train import train
+from repro.runs.entry import resolve_entry
+from repro.training.loop import train
 shards, knn, run_dir, *overrides = sys.argv[1:]
 train(resolve_entry({demo!r}, overrides=overrides), run_dir, shards=shards, knn=knn, quiet=True)
 """

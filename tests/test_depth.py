@@ -18,7 +18,7 @@ from repro.depth import (
     read_depth_png,
 )
 from repro.depth.hf import save_random_model
-from repro.errors import MissingFileError
+from repro.utils.errors import MissingFileError
 
 SIZE = (160, 120)  # (W, H): the real 640x480 NYUv2 frames downscaled 4x to keep the CPU forward fast
 

@@ -1,4 +1,4 @@
-"""Tests for repro.env: the ``env.json`` record of a run."""
+"""Tests for repro.utils.env: the ``env.json`` record of a run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import repro
-from repro.env import PACKAGES, collect_env, git_info, write_env
+from repro.utils.env import PACKAGES, collect_env, git_info, write_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEYS = {

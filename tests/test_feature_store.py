@@ -12,8 +12,8 @@ from repro.data.features import FeatureStore, FeatureStoreError
 from repro.data.pipeline import iter_crops
 from repro.data.transforms import images_to_tensor
 from repro.models.backbone import DinoBackbone
-from repro.run import prepare_data, resolve_entry
-from repro.train import FINAL, train
+from repro.runs.entry import prepare_data, resolve_entry
+from repro.training.loop import FINAL, train
 from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"

@@ -22,7 +22,7 @@ from repro.data.crops import make_crops
 from repro.data.image_depth import crop_image_depth, encode_map, image_depth_stage, load_image_depth
 from repro.data.knn import load_knn, search_knn
 from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stage, shards_stage
-from repro.data.registry import class_names_for, num_classes_for
+from repro.data.datasets.registry import class_names_for, num_classes_for
 from repro.data.shards import ShardRandomAccess, iter_shards
 from repro.depth import get_estimator
 from repro.depth.encoding import quantize_estimate, unit_to_uint8
@@ -317,7 +317,7 @@ def test_knn_dropout_is_torch_dropout2d_seeded(nyu, tmp_path):
 
 
 def test_cli_flags_build_the_released_sensor_data(sensor_chain, shared_data, tmp_path):
-    from repro.cli import main
+    from repro.cli.main import main
 
     _, crops, per_image, depth, _ = sensor_chain
     root = str(shared_data / "nyuv2-mini")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repro.data.nyuv2 import NYU13_CLASS_NAMES
+from repro.data.datasets.nyuv2 import NYU13_CLASS_NAMES
 from repro.evaluate.figures import (
     class_palette,
     colorize_labels,

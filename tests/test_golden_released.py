@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from repro.config.registry import load_entry
+from repro.config.entries import load_entry
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.metrics import ConfusionMatrix, compute_metrics
-from repro.lhp import lhp_mix, lhp_weights_3d
-from repro.losses import LossWeights, depth_feature_correlation_loss, stego_depthg_loss, super_perm
+from repro.method.lhp import lhp_mix, lhp_weights_3d
+from repro.method.losses import LossWeights, depth_feature_correlation_loss, stego_depthg_loss, super_perm
 from repro.models.backbone import DinoBackbone, init_random_checkpoint
-from repro.sampling import depth_to_points, fps_grid_coords, pool_depth, sample_at
+from repro.method.sampling import depth_to_points, fps_grid_coords, pool_depth, sample_at
 
 
 def _load(golden, name: str) -> dict[str, np.ndarray]:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repro.data.sample import DatasetError
+from repro.data.datasets.base import DatasetError
 from repro.depth.files import check_depth_files, read_depth_file
-from repro.errors import MissingFileError
-from repro.guidance import fed_guidance, guidance_kind, one_hot_classes, pool_guidance
-from repro.losses import depth_correlation_tensor, depth_feature_correlation_loss
-from repro.sampling import depth_to_points, farthest_point_sampling, fps_grid_coords, guidance_points
+from repro.utils.errors import MissingFileError
+from repro.method.guidance import fed_guidance, guidance_kind, one_hot_classes, pool_guidance
+from repro.method.losses import depth_correlation_tensor, depth_feature_correlation_loss
+from repro.method.sampling import depth_to_points, farthest_point_sampling, fps_grid_coords, guidance_points
 from sample_helpers import random_dino
 
 # ---------------------------------------------------------------- correlation (R19)
@@ -151,8 +151,8 @@ def test_one_hot_class_fractions_against_counting():
 
 
 def test_3d_lhp_is_refused_for_guidance_without_depth():
-    from repro.config.registry import load_entry
-    from repro.guidance import check_guidance_config
+    from repro.config.entries import load_entry
+    from repro.method.guidance import check_guidance_config
 
     for name in ("supp3/mde-features-coco", "supp3/semseg-map-potsdam"):
         check_guidance_config(load_entry(name))  # the entries themselves: no LHP
@@ -215,7 +215,7 @@ class _Images:
         return len(self.shapes)
 
     def __getitem__(self, i):
-        from repro.data.sample import Sample
+        from repro.data.datasets.base import Sample
 
         return Sample(key=self.keys()[i], image=np.zeros((*self.shapes[i], 3), np.uint8), label=None, depth=None,
                       meta={"id": f"img{i}"})
@@ -294,9 +294,9 @@ FIVE = ("table5/kbr", "supp3/mde-features-coco", "supp3/mde-features-potsdam", "
 
 
 def test_plan_prices_every_guidance_source_without_a_stand_in():
-    from repro.config.registry import load_entry
-    from repro.plan import load_profile
-    from repro.plan_model import PlanError, _depth_source
+    from repro.config.entries import load_entry
+    from repro.cluster.plan import load_profile
+    from repro.cluster.costs import PlanError, _depth_source
 
     profile = load_profile(None)
     for name in FIVE:
@@ -374,8 +374,8 @@ TINY = ["scale=smoke", "data.crop_size=32", "data.val_size=32", "sampling.featur
 
 @pytest.mark.parametrize("entry,fidelity", [(e, "paper") for e in FIVE] + [("table5/kbr", "released")])
 def test_entry_runs_end_to_end_on_fake_data(entry, fidelity, fake_roots, zoe_dir, tmp_path):
-    from repro.config.registry import load_entry
-    from repro.run import data_paths, resolve_entry, run_entry
+    from repro.config.entries import load_entry
+    from repro.runs.entry import data_paths, resolve_entry, run_entry
 
     cfg = load_entry(entry)
     root = fake_roots["coco" if cfg.data.dataset == "cocostuff27" else "potsdam"]
@@ -418,8 +418,8 @@ def test_entry_runs_end_to_end_on_fake_data(entry, fidelity, fake_roots, zoe_dir
 
 
 def test_a_bad_depth_file_stops_the_run_before_the_depth_stage(fake_roots, tmp_path):
-    from repro.run import data_paths, resolve_entry
-    from repro.workdir import prepare_data
+    from repro.runs.entry import data_paths, resolve_entry
+    from repro.runs.workdir import prepare_data
 
     maps = _kbr_maps(fake_roots["coco"], tmp_path / "kbr-maps")
     bad = sorted(maps.glob("cocostuff27_train_*.npy"))[1]

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from repro.atomic import atomic_path, owner_tag, remove_stale
-from repro.cli import main
+from repro.utils.files import atomic_path, owner_tag, remove_stale
+from repro.cli.main import main
 from repro.config.loader import save_config
-from repro.config.registry import load_entry
+from repro.config.entries import load_entry
 from repro.data import get_dataset
 from repro.data.knn import KnnTable, save_knn
 from repro.data.pipeline import prepare_stage, shards_stage

@@ -1,4 +1,4 @@
-"""``repro.launch`` / ``repro.jobs`` and ``slurm/*.sh`` without a scheduler (the SLURM runs are in test_slurm.py)."""
+"""``repro.cluster.launch`` / ``repro.cluster.jobs`` and ``slurm/*.sh`` without a scheduler (the SLURM runs are in test_slurm.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import slurm_helpers
-from repro.cli import main
-from repro.config.registry import UnknownEntryError, list_entries, load_entry
-from repro.jobs import DataJob, EntryJob, JobError, Resources, _run_forwarding, resources_for
-from repro.launch import launch, resolve_targets
+from repro.cli.main import main
+from repro.config.entries import UnknownEntryError, list_entries, load_entry
+from repro.cluster.jobs import DataJob, EntryJob, JobError, Resources, _run_forwarding, resources_for
+from repro.cluster.launch import launch, resolve_targets
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"cocostuff": "cocostuff27", "cityscapes": "cityscapes27", "potsdam": "potsdam3", "nyuv2": "nyuv2"}
@@ -98,7 +98,7 @@ def test_container_commands(monkeypatch):
                              "/img/repro.sif", "repro", "run", "table1/depthg-vits8", "--fidelity", "paper",
                              "--seed", "2", "--work-dir", "/scratch/w", "--set", "train.max_steps=10"]
     data = DataJob("table1/depthg-vits8", "key", "/scratch/w", sif="/img/repro.sif", quiet=True)
-    assert data.command()[-9:] == ["/img/repro.sif", "python3", "-m", "repro.jobs", "prepare-data",
+    assert data.command()[-9:] == ["/img/repro.sif", "python3", "-m", "repro.cluster.jobs", "prepare-data",
                                    "table1/depthg-vits8", "--work-dir", "/scratch/w", "--quiet"]
 
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from repro.evaluate import ConfusionMatrix, compute_metrics
-from repro.losses import LossWeights, stego_depthg_loss
+from repro.method.losses import LossWeights, stego_depthg_loss
 from repro.models import ClusterProbe, SegmentationHead
-from repro.sampling import random_grid_coords
+from repro.method.sampling import random_grid_coords
 
 
 @dataclass

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repro.losses import (
+from repro.method.losses import (
     LossWeights,
     correlation_loss,
     depth_feature_correlation_loss,
     derangement,
     stego_depthg_loss,
 )
-from repro.sampling import random_grid_coords, sample_at
+from repro.method.sampling import random_grid_coords, sample_at
 
 
 
@@ -34,7 +34,7 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def loop_correlation_loss(f_i, f_j, s_i, s_j, b, *, sc=True, keep_mean=True, clamp=True):
-    """STEGO eq. 1-4 written out entry by entry (mean instead of sum, see repro.losses).
+    """STEGO eq. 1-4 written out entry by entry (mean instead of sum, see repro.method.losses).
 
     ``keep_mean`` adds the global mean of F (over the whole batch) back after centring,
     as the released code does.

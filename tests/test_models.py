@@ -9,9 +9,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from repro.cli import main as cli_main
-from repro.errors import MissingFileError
-from repro.lhp import lhp_mix, lhp_weights_3d, lhp_weights_attention
+from repro.cli.main import main as cli_main
+from repro.utils.errors import MissingFileError
+from repro.method.lhp import lhp_mix, lhp_weights_3d, lhp_weights_attention
 from repro.models import ClusterProbe, DinoBackbone, LinearProbe, ProjectionHead, SegmentationHead
 from repro.models.backbone import last_block_attention
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.cli import main
-from repro.config.registry import list_entries
-from repro.plan import PROFILE_SCHEMA, PlanError, format_plan, load_profile, make_plan, plan_targets
-from repro.plan_model import cache_misses
-from repro.train_state import FeatureCache
+from repro.cli.main import main
+from repro.config.entries import list_entries
+from repro.cluster.plan import PROFILE_SCHEMA, PlanError, format_plan, load_profile, make_plan, plan_targets
+from repro.cluster.costs import cache_misses
+from repro.training.state import FeatureCache
 
 # A small fake profile with round rates (items per second); CPU stages say how many cores they used.
 RATES = {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from repro.config.registry import load_entry
-from repro.plan import format_plan, load_profile, make_plan, plan_targets, units
-from repro.plan_model import GIB, peak_memory
+from repro.config.entries import load_entry
+from repro.cluster.plan import format_plan, load_profile, make_plan, plan_targets, units
+from repro.cluster.costs import GIB, peak_memory
 from test_plan import fake_profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_supplied_maps_cost_a_cut_and_mde_features_cost_the_zoedepth_network(tmp
 
 
 def test_one_knn_table_per_crops_folder_whatever_the_depth():
-    from repro.workdir import data_paths
+    from repro.runs.workdir import data_paths
 
     paths = {e: data_paths(load_entry(e, ["fidelity=paper"]), Path("W")) for e in ("table5/zoedepth", "table5/midas",
                                                                                    "table1/stego-vits8")}

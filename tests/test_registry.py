@@ -9,9 +9,9 @@ import yaml
 import pytest
 
 from repro.config import ConfigError, load_config
-from repro.config.registry import (EXPERIMENTS_DIR, TABLES, UnknownEntryError, add_list_command, entry_path,
+from repro.config.entries import (EXPERIMENTS_DIR, TABLES, UnknownEntryError, add_list_command, entry_path,
                                    list_entries, load_entry)
-from repro.schedules import feature_samples_schedule, guidance_schedule
+from repro.method.schedules import feature_samples_schedule, guidance_schedule
 
 COUNTS = {"table1": 7, "table2": 3, "table3": 4, "table4": 6, "table5": 3, "table6": 3, "supp3": 12,
           "supp4": 7, "supp5": 2, "supp6": 2, "demo": 1}

@@ -349,8 +349,8 @@ def test_backbone_from_a_state_dict_equals_the_backbone_from_its_file(tmp_path, 
 
 # ------------------------------------------------------------------------------------------ registry, CLI, launch
 def test_registry_lists_the_seven_published_files_with_their_entries():
-    from repro.config.registry import entry_path
-    from repro.released import load_registry
+    from repro.config.entries import entry_path
+    from repro.runs.released import load_registry
 
     registry = load_registry()
     assert sorted((r.project, r.file) for r in registry) == sorted(
@@ -364,7 +364,7 @@ def test_registry_lists_the_seven_published_files_with_their_entries():
 
 
 def test_released_list_shows_what_is_present(tmp_path, complete, capsys):
-    from repro.cli import main
+    from repro.cli.main import main
 
     (tmp_path / "potsdam_test.ckpt").write_bytes(complete["stego"].read_bytes())
     assert main(["released", "list", "--dir", str(tmp_path)]) == 0
@@ -375,7 +375,7 @@ def test_released_list_shows_what_is_present(tmp_path, complete, capsys):
 
 
 def test_released_import_prints_the_provenance_and_writes_the_parts(tmp_path, complete, capsys):
-    from repro.cli import main
+    from repro.cli.main import main
 
     assert main(["released", "import", str(complete["depthg"]), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
@@ -405,8 +405,8 @@ def _nyuv2_checkpoint(path, golden, dino_state):
 
 def test_eval_released_writes_released_checkpoint_metrics_and_skips_a_rerun(tmp_path, golden, dino_state, complete,
                                                                             shared_data, capsys):
-    from repro.cli import main
-    from repro.jobs import ReleasedJob
+    from repro.cli.main import main
+    from repro.cluster.jobs import ReleasedJob
 
     ckpt = _nyuv2_checkpoint(tmp_path / "nyuv2_vits8.ckpt", golden, dino_state)
     work = tmp_path / "work"
@@ -436,9 +436,9 @@ def test_eval_released_writes_released_checkpoint_metrics_and_skips_a_rerun(tmp_
 
 
 def test_launch_released_plans_one_task_per_present_file(tmp_path, complete):
-    from repro.jobs import ReleasedJob
-    from repro.launch import LaunchError
-    from repro.released import launch_released
+    from repro.cluster.jobs import ReleasedJob
+    from repro.cluster.launch import LaunchError
+    from repro.runs.released import launch_released
 
     folder = tmp_path / "released"
     folder.mkdir()

@@ -15,7 +15,7 @@ import torch
 from test_released_checkpoints import _PICKLE_MODULE, _fixture_ckpt, _OmegaConfNamesPickler, _raw, _refill
 from torch.torch_version import TorchVersion
 
-from repro.cli import main
+from repro.cli.main import main
 from repro.models.lightning import CheckpointFormatError, UnsafeCheckpointError, read_lightning_checkpoint
 from repro.models.safe_load import LIGHTNING_GLOBALS, _stand_in, to_plain
 

@@ -13,10 +13,10 @@ import pytest
 
 from repro.config import TABLES
 from repro.config.loader import save_config
-from repro.config.registry import load_entry
-from repro.identity import config_hash
-from repro.results import add_compare_command, collect_runs, render_results
-from repro.resultsfile import check_against, read_results
+from repro.config.entries import load_entry
+from repro.config.identity import config_hash
+from repro.results.compare import add_compare_command, collect_runs, render_results
+from repro.results.document import check_against, read_results
 from results_runs import ENV, numbers, write_checkpoint_score, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_registered_config_change_moves_the_record_to_superseded_once(work, tmp_
 def test_runs_of_a_formerly_registered_config_stay_superseded(tmp_path, monkeypatch):
     """Runs made while the entry was registered with another config: after the registry changes they are
     listed once under Superseded (also when their folders are read again), never in a table or as overrides."""
-    import repro.resultsrecord as rr
+    import repro.results.record as rr
 
     work, entry = tmp_path / "runs", "table1/depthg-vits8"
     old_hash = config_hash(load_entry(entry, ["loss.b_knn=0.1"]))
@@ -419,8 +419,8 @@ def test_environment_groups_ignore_per_run_keys(work, tmp_path):
 
 def test_check_results_fails_on_a_nan_fresh_run(tmp_path, monkeypatch):
     """Attack: `check-results` passed when the fresh run's metrics were NaN."""
-    import repro.run
-    from repro.regression import ENTRY, check_results
+    import repro.runs.entry
+    from repro.results.regression import ENTRY, check_results
 
     out = shutil.copy(REPO / "RESULTS.md", tmp_path / "RESULTS.md")
     recorded = read_results(out)["entries"][ENTRY]["fidelities"]["paper"]["metrics"]
@@ -428,11 +428,11 @@ def test_check_results_fails_on_a_nan_fresh_run(tmp_path, monkeypatch):
     def fresh_run(entry, *, work_dir, quiet, overrides):  # what run_entry leaves, with a NaN metric
         run = Path(work_dir) / entry / "paper" / "seed0"
         run.mkdir(parents=True)
-        save_config(repro.run.resolve_entry(entry, overrides=overrides), run / "config.yaml")
+        save_config(repro.runs.entry.resolve_entry(entry, overrides=overrides), run / "config.yaml")
         summary = {m: s["mean"] for m, s in recorded.items()}
         (run / "metrics.json").write_text(json.dumps({"summary": {**summary, "unsup_miou": float("nan")}}))
         return run
 
-    monkeypatch.setattr(repro.run, "run_entry", fresh_run)
+    monkeypatch.setattr(repro.runs.entry, "run_entry", fresh_run)
     summary, failures = check_results(out, tmp_path / "data", work_dir=tmp_path / "w", checkpoint=tmp_path / "ckpt.pth")
     assert failures == [f"{ENTRY}: unsup_miou = nan in the fresh run (recorded {recorded['unsup_miou']['mean']:.2f})"]

@@ -13,12 +13,12 @@ import pytest
 import yaml
 
 from repro.config import TABLES
-from repro.config.registry import list_entries, load_entry
-from repro.identity import config_hash
-from repro.modelindex import validate, validate_file
-from repro.results import check_stale, default_outputs, render_results
-from repro.resultsfigures import figure_digest, read_digest
-from repro.resultsfile import read_results
+from repro.config.entries import list_entries, load_entry
+from repro.config.identity import config_hash
+from repro.results.modelindex import validate, validate_file
+from repro.results.compare import check_stale, default_outputs, render_results
+from repro.results.figures import figure_digest, read_digest
+from repro.results.document import read_results
 from results_runs import BACKBONE_SHA, numbers, write_checkpoint_score, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ENTRY = "table1/depthg-vits8"
 @pytest.fixture(scope="module")
 def figs(tmp_path_factory):
     """One figures folder for the tests that do not look at figures: a figure whose numbers were drawn before is
-    not drawn again (:func:`repro.resultsfigures.write_figure`), which keeps full regenerations quick."""
+    not drawn again (:func:`repro.results.figures.write_figure`), which keeps full regenerations quick."""
     return tmp_path_factory.mktemp("figures")
 
 
@@ -114,7 +114,7 @@ def test_stale_groups_with_seeds_and_retired_entries_are_listed_once_as_supersed
 
 
 def test_a_registry_change_without_regeneration_fails_the_check(tmp_path, monkeypatch):
-    import repro.resultsrecord as rr
+    import repro.results.record as rr
 
     work = tmp_path / "runs"
     write_run(work, ENTRY, 0, "done", numbers(50.0))
@@ -256,9 +256,9 @@ def test_figures_show_every_seed_mark_pending_lanes_and_are_not_redrawn_when_cur
 
     with Image.open(figure) as image:
         assert image.format == "PNG" and image.size[0] > 1000 and "Software" not in image.text
-    from repro.papertables import paper_order
-    from repro.resultsfigures import figure_data
-    from repro.resultstables import table_metrics
+    from repro.config.papertables import paper_order
+    from repro.results.figures import figure_data
+    from repro.results.tables import table_metrics
 
     record = read_results(out)
     names = paper_order("table1", list_entries("table1"))
@@ -279,7 +279,7 @@ def test_figures_show_every_seed_mark_pending_lanes_and_are_not_redrawn_when_cur
 def test_every_quoted_number_is_placed_in_its_paper_table():
     """repro/config/paper_tables.yaml places every registered entry's quoted values (table, row, column), and names
     only registered entries: a new entry without its place would read 'pending' in the model index."""
-    from repro.papertables import paper_cell, table_layout
+    from repro.config.papertables import paper_cell, table_layout
 
     for key in TABLES:
         layout = table_layout(key) or {}

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.run import prepare_data, resolve_entry, run_dir_for
-from repro.train_state import CheckpointError, latest_checkpoint
+from repro.runs.entry import prepare_data, resolve_entry, run_dir_for
+from repro.training.state import CheckpointError, latest_checkpoint
 from sample_helpers import quick_demo_overrides, random_dino
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,25 +31,25 @@ DEMO = REPO / "repro" / "config" / "experiments" / "demo" / "nyuv2-mini.yaml"
 # kill points are injected from outside repro: the script wraps repro's own functions
 RUN_SCRIPT = """
 import os, signal, sys
-import repro.train, repro.train_state
+import repro.training.loop, repro.training.state
 kill = os.environ.get("KILL_AT", "")
 if kill.startswith(("batch:", "term:")):  # SIGKILL, or SIGTERM as SLURM sends it, while batch N is computed
     at, sig = int(kill.split(":")[1]), signal.SIGKILL if kill.startswith("batch:") else signal.SIGTERM
-    forward = repro.train.TrainModule.forward
+    forward = repro.training.loop.TrainModule.forward
     def dying(self, f, fk, batch, step, *a, **k):
         if step == at:
             os.kill(os.getpid(), sig)
         return forward(self, f, fk, batch, step, *a, **k)
-    repro.train.TrainModule.forward = dying
+    repro.training.loop.TrainModule.forward = dying
 elif kill.startswith("save:"):
     at = int(kill.split(":")[1])
-    save = repro.train_state.torch.save
+    save = repro.training.state.torch.save
     def dying_save(obj, f, *a, **k):
         save(obj, f, *a, **k)
         if f".tmp_step_{at:07d}" in str(f):  # the first file of that checkpoint is on disk, the rest is not
             os.kill(os.getpid(), signal.SIGKILL)
-    repro.train_state.torch.save = dying_save
-from repro.run import run_entry
+    repro.training.state.torch.save = dying_save
+from repro.runs.entry import run_entry
 run_entry(sys.argv[1], work_dir=sys.argv[2], overrides=sys.argv[3:], quiet=False)
 """
 STEPS = 20
@@ -127,12 +127,12 @@ class _Payload:
 
 
 def test_crafted_pickles_in_a_checkpoint_are_refused_and_never_run(demo, tmp_path):
-    from repro.train import train
+    from repro.training.loop import train
 
     work, overrides = demo
     config = resolve_entry(DEMO, overrides=[*overrides, "train.max_steps=4", "train.checkpoint_every=2",
                                             "train.val_every=0"])
-    from repro.run import data_paths
+    from repro.runs.entry import data_paths
 
     paths = data_paths(config, work)
     run_dir = tmp_path / "run"

@@ -14,7 +14,7 @@ from repro.data import DatasetError, NYUv2, get_dataset
 from repro.data.knn import load_knn
 from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stage, shards_stage
 from repro.data.shards import ShardError, ShardRandomAccess, verify_once, verify_shards
-from repro.data.training import TrainingCrops
+from repro.data.train_crops import TrainingCrops
 from repro.depth import normalize_depth
 from repro.models.backbone import init_random_checkpoint
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import repro.atomic
-import repro.train
-from repro.cli import main
-from repro.errors import RunBusyError
-from repro.run import resolve_entry, run_dir_for, run_entry
+import repro.utils.files
+import repro.training.loop
+from repro.cli.main import main
+from repro.utils.errors import RunBusyError
+from repro.runs.entry import resolve_entry, run_dir_for, run_entry
 from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"
@@ -77,7 +77,7 @@ def test_a_failed_attempt_is_retried_in_place_with_a_corrected_config(done, monk
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x384 and 0x70)")
 
-    monkeypatch.setattr(repro.train, "train", broken)
+    monkeypatch.setattr(repro.training.loop, "train", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         run_entry(ENTRY, work_dir=work, overrides=overrides + [name, "model.code_dim=7"], quiet=True)
     run_dir = run_dir_for(resolve_entry(ENTRY, overrides=overrides + [name]), work)
@@ -97,7 +97,7 @@ def test_disk_full_during_training_is_recorded_as_failed(done, monkeypatch):
     overrides = overrides + ["train.max_steps=2"]
     name = "name=robust/disk-full"
     full = {"now": False}
-    real_mkstemp = repro.atomic.tempfile.mkstemp
+    real_mkstemp = repro.utils.files.tempfile.mkstemp
 
     def no_space(*args, **kwargs):
         full["now"] = True
@@ -108,8 +108,8 @@ def test_disk_full_during_training_is_recorded_as_failed(done, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(repro.train, "save_checkpoint", no_space)
-    monkeypatch.setattr(repro.atomic.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(repro.training.loop, "save_checkpoint", no_space)
+    monkeypatch.setattr(repro.utils.files.tempfile, "mkstemp", mkstemp)
     with pytest.raises(OSError, match="No space left on device"):
         run_entry(ENTRY, work_dir=work, overrides=overrides + [name], quiet=True)
     run_dir = run_dir_for(resolve_entry(ENTRY, overrides=overrides + [name]), work)
@@ -136,7 +136,7 @@ def test_eval_never_overwrites_the_metrics_of_another_config(done, capsys):
     """Attack: `repro eval` with another config overwrote metrics.json while config.yaml described the run."""
     work, overrides, run_dir = done
     before = (run_dir / "metrics.json").read_bytes()
-    host = repro.atomic.owner_tag().split("@")[1]
+    host = repro.utils.files.owner_tag().split("@")[1]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     leftover = run_dir / f".metrics.flip-true.json.{dead.pid}@{host}.x7k2.tmp"  # a killed earlier eval's temp file
@@ -179,7 +179,7 @@ def test_a_killed_crf_worker_fails_the_evaluation_with_one_line_and_status_faile
 
 def test_eval_without_a_run_or_without_its_data_is_one_line_or_rebuilds_the_data(shared_data, tmp_path, capsys):
     """`repro eval` where nothing ran: one line naming the fix (was a FileNotFoundError traceback)."""
-    from repro.cli import main
+    from repro.cli.main import main
 
     rc = main(["eval", "demo/nyuv2-mini", "--work-dir", str(tmp_path / "empty"),
                "--set", f"data.root={shared_data / 'nyuv2-mini'}"])

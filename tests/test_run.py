@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from repro.cli import main
-from repro.data.registry import DATASETS
+from repro.cli.main import main
+from repro.data.datasets.registry import DATASETS
 from repro.evaluate.report import ValidationSet, evaluate_parts
 from repro.models.backbone import DinoBackbone
 from repro.models.bundle import load_parts
-from repro.run import data_paths, resolve_entry, run_entry
+from repro.runs.entry import data_paths, resolve_entry, run_entry
 from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"

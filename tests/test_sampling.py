@@ -1,4 +1,4 @@
-"""Tests for repro.sampling: random / depth-guided FPS sampling (STEGO sec. 3, DepthG sec. 3.4)."""
+"""Tests for repro.method.sampling: random / depth-guided FPS sampling (STEGO sec. 3, DepthG sec. 3.4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from repro.sampling import (
+from repro.method.sampling import (
     cell_coords,
     depth_to_points,
     farthest_point_sampling,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from repro.schedules import feature_samples_schedule, guidance_factor, guidance_schedule, training_batches
+from repro.method.schedules import feature_samples_schedule, guidance_factor, guidance_schedule, training_batches
 
 
 def test_paper_guidance_decays_lambda_and_b_together():

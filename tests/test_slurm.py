@@ -1,6 +1,6 @@
 """Array jobs, time limits and requeues on a real single-node SLURM (``tests/slurm_cluster.py``).
 
-``repro.launch.launch`` runs the demo entry for real (a real entry through ``sbatch slurm/*.sh`` is in
+``repro.cluster.launch.launch`` runs the demo entry for real (a real entry through ``sbatch slurm/*.sh`` is in
 ``test_smoke_rehearsal.py``); the time-limit
 tests use stand-ins from ``slurm_helpers`` (seconds instead of minutes) that keep the
 checkpoint-on-signal contract of ``run_entry``. The local-executor test needs no SLURM.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import slurm_helpers
-from repro.launch import LaunchError, launch
+from repro.cluster.launch import LaunchError, launch
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

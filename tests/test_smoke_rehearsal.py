@@ -40,7 +40,7 @@ checkpoints its evaluation on Cityscapes and Potsdam), which keeps CI within its
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> Path:
     """``$REPRO_DATA`` with ``cocostuff/`` (STEGO's copy), ``cityscapes/``, ``potsdam/`` and ``nyuv2/`` (converted)."""
-    from repro.data.nyuv2_convert import convert_nyuv2
+    from repro.data.datasets.nyuv2_convert import convert_nyuv2
 
     root = tmp_path_factory.mktemp("datasets")
     pub.write_cocostuff_stego(root / "cocostuff", n_train=5, n_val=3)

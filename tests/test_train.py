@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.run import prepare_data, resolve_entry
-from repro.train import FINAL, train
-from repro.train_state import latest_checkpoint
+from repro.runs.entry import prepare_data, resolve_entry
+from repro.training.loop import FINAL, train
+from repro.training.state import latest_checkpoint
 from sample_helpers import quick_demo_overrides, random_dino
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,8 +72,8 @@ def test_short_training_learns_and_logs(setup, tmp_path):
 
 RESUME_SCRIPT = """
 import sys
-from repro.run import resolve_entry
-from repro.train import train
+from repro.runs.entry import resolve_entry
+from repro.training.loop import train
 cfg = resolve_entry(sys.argv[1], overrides=sys.argv[4:])
 train(cfg, sys.argv[2], shards=sys.argv[3] + "/shards", knn=sys.argv[3] + "/knn.npz", quiet=False)
 """

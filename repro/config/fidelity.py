@@ -352,7 +352,7 @@ ITEMS: tuple[Item, ...] = (
          "cosine similarity for C > 1",
          fact="C > 1 (MDE features, class fractions): D = cosine similarity of the per-location guidance vectors (a "
               "zero vector gives 0) in both kernels; C = 1 keeps eq. 5 (product) and R7 (released) exactly "
-              "(repro.losses.depth_correlation_tensor)",
+              "(repro.method.losses.depth_correlation_tensor)",
          source="DepthG src/modules.py:1265; DepthG src/modules.py:789-790; DepthG src/modules.py:812-814",
          passage='DepthG §3.3, eq. 5: "D_hw,uv = d_i^hw d_j^uv" (a scalar depth); a multi-channel signal is not in '
                  "the papers, repro's reading: the cosine similarity"),
@@ -362,7 +362,7 @@ ITEMS: tuple[Item, ...] = (
          fact="C > 1: FPS over points (X, Y, g / |g|): the cell's pinhole ray at unit depth (paper camera, "
               "sampling.fov_deg) and the unit guidance vector, so squared distances are the image-plane distance plus "
               "the cosine distance 2 - 2 cos; released order (R8) keeps its start, sorting and transposed coordinates "
-              "(repro.sampling.guidance_points)",
+              "(repro.method.sampling.guidance_points)",
          source="DepthG src/modules.py:999-1037; DepthG src/modules.py:1124-1180",
          passage='DepthG §3.4: "we transform the downsampled depth map d(x_i) into a point cloud"; a multi-channel '
                  "signal is not in the papers, repro's reading: ray plus unit guidance vector"),
@@ -372,7 +372,7 @@ ITEMS: tuple[Item, ...] = (
          "no code path for it in leonsick/depthg",
          fact="the crop's ground-truth class ids (K classes, -1 void) as one-hot vectors; pooled to the feature grid "
               "they are class fractions (void counts for no class; an all-void cell is a zero vector); D and FPS as "
-              "R19/R20 (repro.guidance); 3D-LHP is refused for it and for MDE features (no depth to back-project)",
+              "R19/R20 (repro.method.guidance); 3D-LHP is refused for it and for MDE features (no depth to back-project)",
          source="not in the released code: its one label path, use_true_labels (src/train_segmentation.py:219-221), "
                 "puts one-hot labels in place of the backbone features, not of the depth guidance",
          passage='DepthG supp. B.1 / Table 3: "We further try plugging the ground-truth segmentation maps into the '

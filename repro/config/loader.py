@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from repro.atomic import atomic_path
+from repro.utils.files import atomic_path
 from repro.config.fidelity import PROFILES, item_ids, profile_layers
 from repro.config.scales import FULL, SCALES_FILE, get_scale
 from repro.config.schema import ExperimentConfig
@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fidelity": ("paper", "released"),
     "data.dataset": ("cocostuff27", "cityscapes27", "potsdam3", "nyuv2"),
     # kbr / files: per-image maps computed elsewhere (data.depth_files, repro.depth.files); mde_features,
-    # semseg: DepthG supplement Table 3's other guidance signals (repro.guidance)
+    # semseg: DepthG supplement Table 3's other guidance signals (repro.method.guidance)
     "data.depth_source": ("zoedepth", "midas", "sensor", "image_plane", "perspective_plane", "none",
                           "kbr", "mde_features", "semseg", "files"),
     "data.resize": ("bilinear", "nearest"),

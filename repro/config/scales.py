@@ -2,7 +2,7 @@
 
 A scale is data in one place: a config layer, applied by :func:`repro.config.load_config` after the
 entry's fidelity profile and before command-line overrides, and the resources its jobs ask the
-scheduler for (:func:`repro.jobs.resources_for`). ``full`` is the registered entry. ``smoke`` is a
+scheduler for (:func:`repro.cluster.jobs.resources_for`). ``full`` is the registered entry. ``smoke`` is a
 dress rehearsal of the same code path on the first images of each split for a few batches on one CPU
 core; its runs live under ``<work>/smoke/`` (:func:`scale_root`) and never enter a results table.
 """

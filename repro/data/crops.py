@@ -28,7 +28,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from repro.data.sample import IGNORE, Sample
+from repro.data.datasets.base import IGNORE, Sample
 
 __all__ = ["five_crop_boxes", "crop_sample", "resize_center_crop", "resize_center_crop_array", "jpeg_round_trip",
            "make_crops", "RESIZE_MODES", "CODECS"]

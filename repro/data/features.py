@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from repro.data.transforms import images_to_tensor
-from repro.identity import file_sha256
+from repro.config.identity import file_sha256
 
 __all__ = ["FeatureStore", "feature_store_stage", "FeatureStoreError"]
 

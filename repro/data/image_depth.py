@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repro.data.crops import RESIZE_MODES, resize_center_crop_array
-from repro.data.sample import Sample
+from repro.data.datasets.base import Sample
 from repro.depth.encoding import int_cast, quantize_estimate, quantize_sensor, uint8_to_unit
 
 __all__ = ["image_depth_stage", "image_depth_store", "load_image_depth", "crop_image_depth", "encode_map"]
@@ -91,7 +91,7 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
     """One min-max normalised depth map per FULL image of a dataset split (released ``generate_depth.py``).
 
     Args:
-        dataset: a dataset adapter (:mod:`repro.data.registry`); for ``source="sensor"`` its
+        dataset: a dataset adapter (:mod:`repro.data.datasets.registry`); for ``source="sensor"`` its
             samples must carry sensor depth (metres).
         out: folder to create: ``<image key>.png`` (uint8) or ``<image key>.npy`` (float32), and
             ``index.json`` with the params and each image's raw range ``[d_min, d_max]``.
@@ -111,12 +111,12 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
 
     Raises:
         FileExistsError: if ``out`` was made with other params (e.g. another profile's encoding).
-        repro.errors.MissingFileError: missing sensor depth or estimator weights.
+        repro.utils.errors.MissingFileError: missing sensor depth or estimator weights.
     """
     from repro.data.pipeline import _existing, _finish, weights_sha256
     from repro.depth import get_estimator
     from repro.depth.files import FILE_SOURCES, read_depth_file
-    from repro.errors import MissingFileError
+    from repro.utils.errors import MissingFileError
 
     if store not in ("uint8", "float"):
         raise ValueError(f"store must be uint8 or float, got {store!r}")

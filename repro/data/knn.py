@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from torch import nn
 
-from repro.atomic import atomic_path
+from repro.utils.files import atomic_path
 from repro.data.transforms import images_to_tensor
 
 __all__ = ["pooled_features", "search_knn", "KnnTable", "save_knn", "load_knn"]

@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 from repro.data.crops import make_crops
-from repro.data.sample import DatasetError, Sample
+from repro.data.datasets.base import DatasetError, Sample
 from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
-from repro.errors import MissingFileError
-from repro.identity import content_mismatch, content_sha256
+from repro.utils.errors import MissingFileError
+from repro.config.identity import content_mismatch, content_sha256
 
 __all__ = ["read_params", "prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
 
@@ -113,7 +113,7 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, resiz
     """Crop every image of a dataset adapter and store the crops (SPEC section 3).
 
     Args:
-        dataset: an adapter from :mod:`repro.data.registry` (yields :class:`Sample`).
+        dataset: an adapter from :mod:`repro.data.datasets.registry` (yields :class:`Sample`).
         out: crops folder to create.
         five_crop: five-crop at (0.5 h, 0.5 w) first (training sets except Potsdam).
         size: final side, 224 (train) or 320 (validation).
@@ -220,7 +220,7 @@ def depth_stage(
     progress: bool = True,
     depth_files: str | Path | None = None,
 ) -> Path:
-    """One [0, 1] depth map (or other guidance map, :mod:`repro.guidance`) per crop (DepthG sec. 3.2, eq. 4; R4, R5).
+    """One [0, 1] depth map (or other guidance map, :mod:`repro.method.guidance`) per crop (DepthG sec. 3.2, eq. 4; R4, R5).
 
     Args:
         crops: a finished crops folder.
@@ -249,7 +249,7 @@ def depth_stage(
         depth_files: folder of per-image maps for ``"files"`` / ``"kbr"`` (``data.depth_files``).
 
     Raises:
-        repro.errors.MissingFileError: if a crop has no sensor depth for ``source="sensor"``,
+        repro.utils.errors.MissingFileError: if a crop has no sensor depth for ``source="sensor"``,
             the estimator weights are missing, or (``files`` / ``kbr``) a per-image map is missing.
         FileNotFoundError: ``scope="image"`` without a finished ``image_depth`` folder or map.
         FileExistsError: if ``out`` (or ``image_depth``) was made with other parameters.
@@ -262,11 +262,11 @@ def depth_stage(
     from repro.data.image_depth import crop_image_depth, encode_map, image_depth_store, load_image_depth
     from repro.depth import get_estimator
     from repro.depth.encoding import int_cast, uint8_to_unit
-    from repro.errors import MissingFileError
+    from repro.utils.errors import MissingFileError
 
     from repro.data.crops import resize_center_crop_array
     from repro.depth.files import FILE_SOURCES, read_depth_file
-    from repro.guidance import FEATURE_STRIDE, guidance_kind
+    from repro.method.guidance import FEATURE_STRIDE, guidance_kind
 
     crops, out = Path(crops), Path(out)
     store = image_depth_store(encoding)
@@ -448,7 +448,7 @@ def shards_stage(
         return out
     from repro.depth.encoding import unit_to_uint8
 
-    from repro.guidance import check_stored
+    from repro.method.guidance import check_stored
 
     depth_index = json.loads((Path(depth) / INDEX).read_text()) if depth is not None else {}
     ranges, encoding = depth_index.get("ranges", {}), depth_index.get("encoding", "float")
@@ -462,7 +462,7 @@ def shards_stage(
                 if not path.is_file():
                     raise FileNotFoundError(f"depth map {path} is missing; rerun `repro depth`")
                 depth01 = np.load(path)
-                if gkind is not None:  # MDE features / class ids (repro.guidance)
+                if gkind is not None:  # MDE features / class ids (repro.method.guidance)
                     check_stored(depth01, gkind, crop.image.shape[:2], path)
                 elif depth01.shape != crop.image.shape[:2] or not np.isfinite(depth01).all() or (
                         depth01.size and (depth01.min() < 0 or depth01.max() > 1)):

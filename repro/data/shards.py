@@ -7,7 +7,7 @@ under its key with the fields
 - ``label.png``: ``(H, W)`` uint8 class ids, 255 = ignore (only when the dataset has labels);
 - ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1], or uint8 8-bit depth k
   (read back as ``k / 255``, lossless; SPEC 7 R4) (only with depth); for the other guidance
-  signals (:mod:`repro.guidance`): ``(C, g, g)`` float16 MDE feature maps, or ``(H, W)`` int16
+  signals (:mod:`repro.method.guidance`): ``(C, g, g)`` float16 MDE feature maps, or ``(H, W)`` int16
   class ids (-1 void) of a segmentation map, both read back as they are (float32 / int64);
 - ``json``: metadata (dataset, split, crop box, raw depth range and source, ...).
 
@@ -19,13 +19,13 @@ random draw from the top-7 neighbours without loading the dataset into memory.
 
 The folder is written under a temporary name and renamed when complete, so a crash never
 leaves a half-written folder that looks valid; the temporary folders of dead writers are removed
-by the next write (:func:`repro.atomic.remove_stale`).
+by the next write (:func:`repro.utils.files.remove_stale`).
 
 Integrity on read: :func:`verify_once` checks every shard's sha256 and every indexed offset
 against the tar member it points at, and records the verification (``verified.json``: the
 index's sha256 and each shard's size and modification time) so that later opens only compare
 file stats. A run opens its shards through it (the shards stage when reusing a shard set, and
-:class:`~repro.data.training.TrainingCrops`); :class:`ShardRandomAccess` additionally checks the
+:class:`~repro.data.train_crops.TrainingCrops`); :class:`ShardRandomAccess` additionally checks the
 tar header in front of every field it reads, so an offset that points at another crop fails.
 """
 
@@ -44,9 +44,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from repro.atomic import atomic_path, owner_tag, remove_stale
-from repro.data.sample import IGNORE, Sample
-from repro.identity import file_sha256
+from repro.utils.files import atomic_path, owner_tag, remove_stale
+from repro.data.datasets.base import IGNORE, Sample
+from repro.config.identity import file_sha256
 
 __all__ = ["ShardError", "write_shards", "read_index", "verify_shards", "verify_once", "iter_shards",
            "ShardRandomAccess", "decode_fields"]

@@ -17,7 +17,7 @@ name                      kind                   output of ``predict``
 Depth sources that are not estimators here: ``"kbr"`` / ``"files"`` read per-image maps computed
 elsewhere (:mod:`repro.depth.files`); ``"mde_features"`` (ZoeDepth's penultimate-layer features,
 :class:`repro.depth.hf.ZoeDepthFeatures`) and ``"semseg"`` (the crop's labels) are guidance signals
-that are not depth maps (:mod:`repro.guidance`).
+that are not depth maps (:mod:`repro.method.guidance`).
 
 The transformers-based estimators are imported lazily, so ``import repro.depth`` stays light.
 """
@@ -81,7 +81,7 @@ def get_estimator(name: str, weights: str | Path | None = None, device: str | to
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones).
-        repro.errors.MissingFileError: if network weights are missing (names the download command).
+        repro.utils.errors.MissingFileError: if network weights are missing (names the download command).
     """
     if name in ("zoedepth", "midas"):
         from repro.depth import hf

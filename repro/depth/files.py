@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.errors import MissingFileError
+from repro.utils.errors import MissingFileError
 
 __all__ = ["FILE_SOURCES", "depth_file", "read_depth_file", "check_depth_files", "disparity_to_depth_files"]
 
@@ -58,10 +58,10 @@ def read_depth_file(folder: str | Path, image_key: str, shape: tuple[int, int] |
 
     Raises:
         MissingFileError: if the folder or the file is missing (names the layout).
-        repro.data.sample.DatasetError: naming the file, for an unreadable file, a non-2-D or
+        repro.data.datasets.base.DatasetError: naming the file, for an unreadable file, a non-2-D or
             non-real array, a size other than ``shape``, NaN/inf values or an all-constant map.
     """
-    from repro.data.sample import DatasetError
+    from repro.data.datasets.base import DatasetError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -93,7 +93,7 @@ def check_depth_files(dataset, folder: str | Path) -> int:
     """Check every image of a dataset split against its map (missing, wrong size, NaN, constant).
 
     Args:
-        dataset: a dataset adapter (:mod:`repro.data.registry`).
+        dataset: a dataset adapter (:mod:`repro.data.datasets.registry`).
         folder: ``data.depth_files``.
 
     Returns:
@@ -127,8 +127,8 @@ def disparity_to_depth_files(dataset, disparity_dir: str | Path, out_dir: str | 
         MissingFileError: a missing disparity file. DatasetError: a sample without ``meta["id"]``, or a
             disparity map that is not ``(H, W)`` of its image or holds NaN/inf (names the file).
     """
-    from repro.atomic import atomic_path
-    from repro.data.sample import DatasetError
+    from repro.utils.files import atomic_path
+    from repro.data.datasets.base import DatasetError
 
     disparity_dir, out_dir = Path(disparity_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.depth.base import DepthEstimator, ImageBatch, as_image_list
-from repro.errors import MissingFileError
+from repro.utils.errors import MissingFileError
 
 __all__ = ["ZoeDepthEstimator", "ZoeDepthFeatures", "MidasEstimator", "save_random_model", "DEFAULT_WEIGHTS", "HUB_REPOS"]
 

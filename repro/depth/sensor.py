@@ -31,7 +31,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from repro.depth.base import DepthEstimator
-from repro.errors import MissingFileError
+from repro.utils.errors import MissingFileError
 
 __all__ = ["SensorDepth", "fill_invalid_nearest", "read_depth_png", "sensor_depth_from_png_array"]
 
@@ -77,7 +77,7 @@ def sensor_depth_from_png_array(raw: np.ndarray, path: str | Path, scale: float 
             to 10 m: re-export it as 16 bit), a map without any reading (all 0) or a constant one; each
             names the file.
     """
-    from repro.data.sample import DatasetError
+    from repro.data.datasets.base import DatasetError
 
     raw = np.asarray(raw)
     if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_:

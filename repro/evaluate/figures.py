@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from repro.atomic import atomic_path
+from repro.utils.files import atomic_path
 
 __all__ = [
     "IGNORE_COLOR",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repro.atomic import atomic_path
+from repro.utils.files import atomic_path
 from repro.data.pipeline import iter_crops
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRFParams
@@ -84,7 +84,7 @@ class ValidationSet:
     def depth_of(self, key: str) -> np.ndarray | None:
         """The [0, 1] depth map of a crop, if a depth folder was given and holds one.
 
-        Guidance that is not a depth map (MDE features, class ids: :mod:`repro.guidance`) gives None,
+        Guidance that is not a depth map (MDE features, class ids: :mod:`repro.method.guidance`) gives None,
         so the figures leave their depth column out.
         """
         path = self.depth / f"{key}.npy" if self.depth is not None else None
@@ -144,7 +144,7 @@ def save_eval_figures(out_dir: str | Path, result: EvalResult, val: ValidationSe
         result: the full evaluation (its Hungarian assignment maps clusters to classes) with the
             predictions of the first few crops kept (``keep_first``).
         val: the validation crops (for images and depth).
-        class_names: names in label order (:func:`repro.data.registry.class_names_for`).
+        class_names: names in label order (:func:`repro.data.datasets.registry.class_names_for`).
         title: figure title.
     """
     from repro.evaluate.figures import save_confusion_figure, save_qualitative_figure

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repro.atomic import atomic_path
-from repro.errors import MissingFileError
+from repro.utils.files import atomic_path
+from repro.utils.errors import MissingFileError
 
 __all__ = [
     "ARCHS", "DinoArch", "DinoBackbone", "POS_EMBED_MODES", "dino_interpolate_pos_encoding", "init_random_checkpoint",

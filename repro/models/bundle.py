@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from repro.atomic import atomic_path
-from repro.errors import MissingFileError
+from repro.utils.files import atomic_path
+from repro.utils.errors import MissingFileError
 from repro.models.heads import ProjectionHead, SegmentationHead
 from repro.models.probes import ClusterProbe, LinearProbe
 

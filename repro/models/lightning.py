@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repro.errors import MissingFileError
-from repro.identity import file_sha256
+from repro.utils.errors import MissingFileError
+from repro.config.identity import file_sha256
 from repro.models.backbone import ARCHS, DinoBackbone
 from repro.models.bundle import TrainedParts
 from repro.models.heads import ProjectionHead, SegmentationHead
@@ -374,7 +374,7 @@ def write_random_checkpoint(out: str | Path, *, arch: str, code_dim: int, n_clas
     Returns:
         ``out`` as a :class:`~pathlib.Path`.
     """
-    from repro.atomic import atomic_path
+    from repro.utils.files import atomic_path
 
     gen = torch.Generator().manual_seed(seed)
     shapes = _expected_shapes(arch, code_dim, n_classes, 0)

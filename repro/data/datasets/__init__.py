@@ -1,0 +1,1 @@
+"""The dataset adapters (one per dataset, read in the layout each dataset is published in), their manifests and converters."""

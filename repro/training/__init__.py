@@ -1,0 +1,1 @@
+"""Floor 6: the training loop (Accelerate) and its resumable state."""

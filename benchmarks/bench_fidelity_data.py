@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from repro.data import get_dataset
+from repro.data.crops import iter_crops
 from repro.data.image_depth import image_depth_stage
-from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stage, shards_stage
+from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
 from repro.depth.hf import save_random_model
 from repro.models.backbone import init_random_checkpoint
 

@@ -167,7 +167,7 @@ def _anchor(key: str, rec: dict) -> tuple[str, int, str] | str | None:
     parts = key.split("/")
     if parts[0] == "train":
         sig = rec.get("signature", {})
-        return sig["arch"], 224, "bf16" if sig.get("fidelity") == "paper" else "fp32"  # SPEC R16: paper bf16
+        return sig["arch"], 224, "bf16" if sig.get("fidelity") == "paper" else "fp32"  # docs/fidelity.md R16: paper bf16
     if parts[0] in ("val", "eval") and parts[1] in ARCH_SHAPE:
         return parts[1], 320, "fp32"
     if parts[0] == "store" and parts[2] == "write":

@@ -13,11 +13,12 @@ import os
 
 import pytest
 
-import repro.config.identity
+import repro.utils.files
+from repro.config.identity import content_mismatch
 from repro.depth.hf import save_random_model
-from repro.config.identity import cached_file_sha256, content_mismatch, content_sha256, file_sha256
 from repro.models.backbone import init_random_checkpoint
 from repro.runs.workdir import prepare_data, resolve_entry
+from repro.utils.files import cached_file_sha256, content_sha256, file_sha256
 from sample_helpers import quick_demo_overrides
 
 ENTRY = "demo/nyuv2-mini"
@@ -36,8 +37,8 @@ def test_cached_file_sha256_reads_a_file_once_until_it_changes(tmp_path, monkeyp
     path = tmp_path / "w.pth"
     path.write_bytes(b"first")
     calls = []
-    real = repro.config.identity.file_sha256
-    monkeypatch.setattr(repro.config.identity, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = repro.utils.files.file_sha256
+    monkeypatch.setattr(repro.utils.files, "file_sha256", lambda p: calls.append(p) or real(p))
     assert cached_file_sha256(path) == hashlib.sha256(b"first").hexdigest() == cached_file_sha256(path)
     assert len(calls) == 1
     path.write_bytes(b"second!")  # another size: read again

@@ -14,12 +14,13 @@ from PIL import Image
 from scipy import ndimage
 from scipy.io import savemat
 
-from repro.data import (DATASETS, IGNORE, Cityscapes27, CocoStuff27, DatasetError, NYUv2, Potsdam3,
-                        cityscapes_label_ids_to_27, coco_fine_to_coarse, get_dataset, load_manifest,
-                        potsdam_merge_6_to_3, verify_dataset)
-from repro.data.datasets.cocostuff import COCO27_CLASS_NAMES, read_id_list
+from repro.data import (
+    DATASETS, IGNORE, Cityscapes27, CocoStuff27, NYUv2, Potsdam3, cityscapes_label_ids_to_27, coco_fine_to_coarse,
+    get_dataset, load_manifest, potsdam_merge_6_to_3, verify_dataset
+)
 from repro.data.datasets.base import Sample, validate_sample
-from repro.utils.errors import MissingFileError
+from repro.data.datasets.cocostuff import COCO27_CLASS_NAMES, read_id_list
+from repro.utils.errors import DatasetError, MissingFileError
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 CS_FRAME = "frankfurt/frankfurt_000000_000294"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from repro.data.crops import iter_crops
 from repro.data.features import FeatureStore, FeatureStoreError
-from repro.data.pipeline import iter_crops
 from repro.data.transforms import images_to_tensor
 from repro.models.backbone import DinoBackbone
 from repro.runs.entry import prepare_data, resolve_entry

@@ -18,11 +18,11 @@ from PIL import Image
 from torchvision.transforms.functional import five_crop, to_tensor
 
 from repro.data import get_dataset
-from repro.data.crops import make_crops
+from repro.data.crops import iter_crops, make_crops
+from repro.data.datasets.registry import class_names_for, num_classes_for
 from repro.data.image_depth import crop_image_depth, encode_map, image_depth_stage, load_image_depth
 from repro.data.knn import load_knn, search_knn
-from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stage, shards_stage
-from repro.data.datasets.registry import class_names_for, num_classes_for
+from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
 from repro.data.shards import ShardRandomAccess, iter_shards
 from repro.depth import get_estimator
 from repro.depth.encoding import quantize_estimate, unit_to_uint8

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repro.data.datasets.base import DatasetError
 from repro.depth.files import check_depth_files, read_depth_file
-from repro.utils.errors import MissingFileError
 from repro.method.guidance import fed_guidance, guidance_kind, one_hot_classes, pool_guidance
 from repro.method.losses import depth_correlation_tensor, depth_feature_correlation_loss
 from repro.method.sampling import depth_to_points, farthest_point_sampling, fps_grid_coords, guidance_points
+from repro.utils.errors import DatasetError, MissingFileError
 from sample_helpers import random_dino
 
 # ---------------------------------------------------------------- correlation (R19)

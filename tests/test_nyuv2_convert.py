@@ -25,8 +25,7 @@ from repro.cli.main import main
 from repro.data import NYUv2, verify_dataset
 from repro.data.datasets.nyuv2 import NYU13_CLASS_NAMES
 from repro.data.datasets.nyuv2_convert import convert_nyuv2, depth_m_to_mm
-from repro.data.datasets.base import DatasetError
-from repro.utils.errors import MissingFileError
+from repro.utils.errors import DatasetError, MissingFileError
 
 SAMPLE = [1, 2, 9, 14, 15, 16, 17, 18, 21, 28]  # nyuv2-mini: the first ten official test images
 TRAIN = {3: 1, 4: 2, 5: 9}  # train frames (official train indices 3, 4, 5) mirror sample frames 1, 2, 9

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from repro.data import get_dataset
-from repro.data.crops import five_crop_boxes, make_crops
+from repro.data.crops import five_crop_boxes, iter_crops, make_crops
 from repro.data.knn import load_knn
-from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stage, shards_stage
+from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
 from repro.data.shards import ShardError, ShardRandomAccess, iter_shards, verify_shards
 from repro.depth import normalize_depth
 from repro.models.backbone import init_random_checkpoint

@@ -13,11 +13,14 @@ from PIL import Image
 from scipy.io import loadmat
 
 import published_datasets as pub
+
 from repro.cli.main import main
-from repro.data import IGNORE, Cityscapes27, CocoStuff27, DatasetError, NYUv2, Potsdam3, get_dataset, verify_dataset
-from repro.data.datasets.cocostuff import COCO27_CLASS_NAMES, COCO_FINE_TO_COARSE27, check_mapping_file, load_fine_to_coarse
+from repro.data import IGNORE, Cityscapes27, CocoStuff27, NYUv2, Potsdam3, get_dataset, verify_dataset
+from repro.data.datasets.cocostuff import (
+    COCO27_CLASS_NAMES, COCO_FINE_TO_COARSE27, check_mapping_file, load_fine_to_coarse
+)
 from repro.data.datasets.nyuv2_convert import convert_nyuv2
-from repro.utils.errors import MissingFileError
+from repro.utils.errors import DatasetError, MissingFileError
 
 # STEGO src/data.py (mhamilton723/STEGO @eb4d6b5), class Coco, self.fine_to_coarse: the fine ids of
 # every coarse index (recorded from the dict, regrouped by coarse index). PiCIE's

@@ -438,7 +438,7 @@ def test_eval_released_writes_released_checkpoint_metrics_and_skips_a_rerun(tmp_
 def test_launch_released_plans_one_task_per_present_file(tmp_path, complete):
     from repro.cluster.jobs import ReleasedJob
     from repro.cluster.launch import LaunchError
-    from repro.runs.released import launch_released
+    from repro.cluster.launch import launch_released
 
     folder = tmp_path / "released"
     folder.mkdir()

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repro.data import DatasetError, NYUv2, get_dataset
+from repro.data import NYUv2, get_dataset
+from repro.data.crops import iter_crops
 from repro.data.knn import load_knn
-from repro.data.pipeline import depth_stage, iter_crops, knn_stage, prepare_stage, shards_stage
+from repro.data.pipeline import depth_stage, knn_stage, prepare_stage, shards_stage
 from repro.data.shards import ShardError, ShardRandomAccess, verify_once, verify_shards
 from repro.data.train_crops import TrainingCrops
 from repro.depth import normalize_depth
 from repro.models.backbone import init_random_checkpoint
+from repro.utils.errors import DatasetError
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import repro.utils.files
 import repro.training.loop
 from repro.cli.main import main
-from repro.utils.errors import RunBusyError
 from repro.runs.entry import resolve_entry, run_dir_for, run_entry
+from repro.utils.errors import RunBusyError
 from sample_helpers import quick_demo_overrides, random_dino
 
 ENTRY = "demo/nyuv2-mini"
@@ -188,7 +188,7 @@ def test_eval_without_a_run_or_without_its_data_is_one_line_or_rebuilds_the_data
 
 
 def test_a_stage_index_that_is_not_json_is_named_with_the_folder_to_remove(tmp_path):
-    from repro.data.pipeline import read_params
+    from repro.data.stages import read_params
 
     index = tmp_path / "features-x" / "index.json"
     index.parent.mkdir()

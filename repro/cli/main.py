@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from repro import __version__
+from repro.utils.errors import UserError
 
 __all__ = ["main", "build_parser"]
 
@@ -48,7 +49,7 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
 def _cmd_data_convert_nyuv2(args: argparse.Namespace) -> int:
     from repro.data.datasets.nyuv2_convert import convert_nyuv2
-    from repro.data.datasets.base import DatasetError
+    from repro.utils.errors import DatasetError
     from repro.utils.errors import MissingFileError
 
     try:
@@ -192,7 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_fidelity(args: argparse.Namespace) -> int:
     from repro.config.fidelity import format_table
 
-    print("SPEC section 7: what the paper says and what the released code did; each config key's value in the "
+    print("docs/fidelity.md: what the paper says and what the released code did; each config key's value in the "
           "`paper` and the `released` profile. --set fidelity_items.R4=paper takes one item from the other profile.")
     print(format_table(args.items or None))
     return 0
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
     evaluate.set_defaults(func=_cmd_eval)
 
-    fidelity = commands.add_parser("fidelity", help="the paper and released profiles, item by item (SPEC R1-R16)")
+    fidelity = commands.add_parser("fidelity", help="the paper and released profiles, item by item (docs/fidelity.md)")
     fidelity.add_argument("items", nargs="*", metavar="ITEM", help="only these items, e.g. R4 R10")
     fidelity.set_defaults(func=_cmd_fidelity)
 
@@ -362,25 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe a problem with the input (config, files, data, locks): shown without a traceback."""
-    from repro.config.loader import ConfigError
-    from repro.config.entries import UnknownEntryError
-    from repro.data.features import FeatureStoreError
-    from repro.data.datasets.base import DatasetError
-    from repro.data.shards import ShardError
-    from repro.evaluate.crf import CRFPoolError
-    from repro.utils.errors import MissingFileError, RunBusyError
-    from repro.cluster.launch import LaunchError
-    from repro.models.lightning import CheckpointLayoutError
-    from repro.models.safe_load import CheckpointFormatError, UnsafeCheckpointError
-    from repro.training.state import CheckpointError
-
-    return (ConfigError, UnknownEntryError, DatasetError, ShardError, MissingFileError, RunBusyError, LaunchError,
-            CheckpointError, CheckpointFormatError, CheckpointLayoutError, UnsafeCheckpointError, FeatureStoreError,
-            FileExistsError, CRFPoolError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``repro`` console script.
 
@@ -392,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except UserError as exc:
         if os.environ.get("REPRO_DEBUG"):
             raise
         print(f"repro: error: {exc}", file=sys.stderr)

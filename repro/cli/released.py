@@ -11,7 +11,7 @@ __all__ = ["add_released_commands"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from repro.config.identity import file_sha256
+    from repro.utils.files import file_sha256
     from repro.runs.released import load_registry, local_path, released_dir
 
     folder = Path(args.dir) if args.dir else released_dir()
@@ -81,7 +81,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_released(args: argparse.Namespace) -> int:
-    from repro.runs.released import evaluate_released, released_metrics_path
+    from repro.runs.released import evaluate_released
+    from repro.runs.workdir import released_metrics_path
 
     from repro.cli.main import scale_overrides
 
@@ -108,7 +109,7 @@ def _default_work():
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from repro.runs.released import launch_released
+    from repro.cluster.launch import launch_released
 
     resources = {k: getattr(args, k) for k in ("gpus", "cpus", "mem_gb", "time_min") if getattr(args, k) is not None}
     launched = launch_released(folder=args.dir, executor=args.executor, work_dir=args.work_dir,

@@ -40,6 +40,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from repro.utils.errors import UserError
+
 __all__ = ["PROFILE_SCHEMA", "PlanError", "Profile", "Costs", "DataStage", "cache_misses", "dataset_sizes",
            "train_signature", "run_costs", "data_stages", "match_train_step", "feature_dim", "WORK", "backbone_key",
            "peak_memory"]
@@ -57,7 +59,7 @@ RELAX_ORDER = ("sampling", "lhp", "fidelity", "arch", "method")
 WORK = Path("WORK")
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A profile or target the plan cannot use; the message names the file or key and the fix."""
 
 
@@ -277,7 +279,7 @@ def run_costs(config, profile: Profile, n_train: int, n_val: int, notes: list[st
     misses = cache_misses(lookups, crops, _capacity(t.feature_cache_gb, per_crop))
     if _uses_store(config):  # misses are read from the store instead of computed
         costs.add("train-store-read", profile, _store_key(profile, arch, "read"), misses)
-    else:  # the training backbone runs under the trainer's autocast (train.precision, SPEC R16)
+    else:  # the training backbone runs under the trainer's autocast (train.precision, docs/fidelity.md R16)
         costs.add("train-backbone", profile, backbone_key(profile, arch, 224, _precision(config, True), notes), misses)
     costs.add("train-loader", profile, "loader/train224", t.batch_size * batches)
     kind = "dino" if config.method == "dino" else "segment"

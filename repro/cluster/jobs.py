@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from repro.utils.errors import UserError
+
 __all__ = ["PREEMPT_SIGNAL", "SIGNAL_DELAY_S", "JobError", "Resources", "resources_for", "EntryJob", "DataJob",
            "ReleasedJob", "RELEASED_RESOURCES"]
 
@@ -35,7 +37,7 @@ SIGNAL_DELAY_S = 120
 """Seconds between that signal and the time limit."""
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """A job that ended without finishing its run (``status.json`` is not ``done``)."""
 
 
@@ -225,7 +227,7 @@ class EntryJob(_NodeJob):
         entry: entry name (``table1/depthg-vits8``).
         seed: the training seed (``train.seed``).
         work_dir: the work folder; the run lands in ``<work_dir>/<entry>/<fidelity>/seed<seed>/``.
-        fidelity: ``"paper"`` or ``"released"`` (SPEC section 9).
+        fidelity: ``"paper"`` or ``"released"`` (docs/fidelity.md).
         overrides: ``key=value`` config overrides (``--set``).
         sif: Apptainer image; ``None`` runs in-process.
         quiet: no progress bars.
@@ -362,7 +364,7 @@ class ReleasedJob(_NodeJob):
             JobError: no ``metrics.json`` after the run. Exception: whatever the evaluation raises.
         """
         from repro.config.entries import load_entry
-        from repro.runs.released import released_metrics_path
+        from repro.runs.workdir import released_metrics_path
 
         self._execute(self.entry, self.ckpt_file, work_dir=self.work_dir, overrides=list(self.overrides))
         scale = load_entry(self.entry, ["fidelity=released", *self.overrides]).scale

@@ -32,14 +32,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from repro.cluster.jobs import (
+    PREEMPT_SIGNAL, RELEASED_RESOURCES, SIGNAL_DELAY_S, DataJob, EntryJob, JobError, ReleasedJob, Resources, resources_for,
+)
 from repro.config.fidelity import profiles_for
 from repro.config.scales import get_scale, scale_root
-from repro.cluster.jobs import PREEMPT_SIGNAL, SIGNAL_DELAY_S, DataJob, EntryJob, JobError, Resources, resources_for
+from repro.utils.errors import UserError
 
 __all__ = [
     "Resources",
@@ -52,11 +55,12 @@ __all__ = [
     "LaunchError",
     "resolve_targets",
     "launch",
+    "launch_released",
     "add_launch_command",
 ]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A launch that cannot be submitted, or (with ``wait``) jobs that failed; the message names them."""
 
 
@@ -491,3 +495,65 @@ def add_launch_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return parser
 
 
+def launch_released(*, folder: str | Path | None = None, executor: str = "auto", work_dir: str | Path | None = None,
+                    overrides: Sequence[str] = (), partition: str | None = None, sif: str | None = None,
+                    log_dir: str | Path | None = None, wait: bool = False, resources: dict[str, int] | None = None,
+                    quiet: bool = True, runner=None, dry_run: bool = False, scale: str = "full") -> list:
+    """Every present published checkpoint as one array job (submitit), one task per file.
+
+    Args:
+        folder: where the files are (default :func:`released_dir`); absent files are skipped.
+        executor, work_dir, overrides, partition, sif, log_dir, wait, quiet, runner, dry_run: as in
+            :func:`repro.cluster.launch.launch` (``runner`` replaces :func:`evaluate_released`).
+        resources: overrides of :data:`repro.cluster.jobs.RELEASED_RESOURCES` (``{"gpus": 0}``), after the scale's.
+        scale: ``full``, or ``smoke``: every registered file, a missing one replaced by a random-weight stand-in
+            (:func:`repro.runs.standins.released_stand_in`), scored on the first validation images under
+            ``<work>/smoke/`` with the scale's resources.
+
+    Returns:
+        :class:`repro.cluster.launch.LaunchedJob` records (kind ``"released"``), one per present file.
+
+    Raises:
+        LaunchError: no published checkpoint is present, or (with ``wait``) failed tasks.
+    """
+    from repro.runs.entry import default_work_dir
+    from repro.runs.released import load_registry, local_path, released_dir
+    from repro.runs.workdir import released_metrics_path
+
+    kind = _executor_kind(executor)
+    try:
+        spec = get_scale(scale)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
+    root = scale_root(work, scale)
+    logs = Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
+    sif = sif or os.environ.get("REPRO_SIF") or None
+    present = [(item, local_path(item, folder).absolute()) for item in load_registry()]
+    present = [(item, path) for item, path in present if path.is_file() or spec.stand_ins]
+    if not present:
+        raise LaunchError(f"no published checkpoint found in {Path(folder or released_dir()).absolute()}; "
+                          "`repro released list` shows the files and where they are published")
+    res = replace(RELEASED_RESOURCES, **{**spec.resources, **(resources or {})})
+    overrides = ((f"scale={scale}",) if scale != "full" else ()) + tuple(overrides)
+    jobs = [ReleasedJob(item.entry, str(path), str(work), overrides, sif, quiet, runner) for item, path in present]
+    submitted: list = [None] * len(jobs)
+    if not dry_run:
+        ex = _make_executor(kind, logs, res, "repro-released", partition=partition,
+                            parallelism=len(jobs) if kind == "slurm" else 1, dependency=[], signal_delay_s=SIGNAL_DELAY_S)
+        with submitting(f"the released-checkpoint array ({len(jobs)} tasks)", res, partition):
+            submitted = _submit_array(ex, kind, jobs, 1)
+    launched = [LaunchedJob("released", item.entry, None, item.name, job) for (item, _), job in zip(present, submitted)]
+    record = root / "launch" / f"released-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    from repro.evaluate.report import write_json
+
+    write_json(record, {"executor": kind, "dry_run": dry_run, "work_dir": str(work), "log_dir": str(logs), "sif": sif,
+                        "jobs": [{"name": item.name, "entry": item.entry, "file": str(path),
+                                  "job_id": None if j.job is None else j.job_id,
+                                  "metrics": str(released_metrics_path(work, item.entry, scale))}
+                                 for (item, path), j in zip(present, launched)]})
+    for item in launched:
+        item.record = record
+    if wait and not dry_run:
+        _raise_failures(launched, "evaluation(s)", record)
+    return launched

@@ -2,7 +2,7 @@
 
 An entry's name is ``<table>/<entry>`` (``table1/depthg-vits8``, ``supp4/n9``), the path of its
 file relative to :data:`EXPERIMENTS_DIR` without the suffix. :data:`TABLES` maps the table keys
-to the paper tables they reproduce (DepthG main paper and supplement, SPEC section 6) and the
+to the paper tables they reproduce (DepthG main paper and supplement, repro/config/paper_tables.yaml) and the
 ``demo`` entry; every entry runs in both fidelities (:mod:`repro.config.fidelity`). ``repro list [TABLE]`` prints them.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from repro.config.fidelity import PROFILES
 from repro.config.loader import load_config
 from repro.config.schema import ExperimentConfig
+from repro.utils.errors import UserError
 
 __all__ = [
     "EXPERIMENTS_DIR",
@@ -51,7 +52,7 @@ TABLES: dict[str, str] = {
 METRIC_ORDER = ("unsup_acc", "unsup_miou", "linear_acc", "linear_miou")
 
 
-class UnknownEntryError(KeyError):
+class UnknownEntryError(UserError, KeyError):
     """An experiment name that is not in the registry; the message lists close matches."""
 
     def __str__(self) -> str:  # KeyError would show the repr of the message

@@ -1,6 +1,6 @@
 """The two fidelities of every table entry: the papers as written, and the released code as it ran.
 
-One table, :data:`ITEMS`, maps each SPEC section 7 item (R1-R16, and repro's own readings R17-R23) to the
+One table, :data:`ITEMS`, maps each docs/fidelity.md item (R1-R23, and repro's own readings R17-R23) to the
 config values it sets in the ``paper`` and the ``released`` profile, with its source on either side: the
 paper passage (:attr:`Item.passage`) and the released lines (:attr:`Item.source`). The loader
 (:func:`repro.config.loader.load_config`) resolves the profile of ``fidelity: paper | released`` into
@@ -102,7 +102,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class Item:
-    """One row of SPEC section 7: what the paper says, what the released code did, and the settings.
+    """One row of docs/fidelity.md: what the paper says, what the released code did, and the settings.
 
     Attributes:
         id: ``"R1"`` ... ``"R23"``.
@@ -404,7 +404,7 @@ ITEMS: tuple[Item, ...] = (
          passage="not in the papers; repro's reading: an opt-in precision for the frozen backbone, measured against "
                  "fp32 (the released code ran fp32 throughout)"),
 )
-"""SPEC section 7, item by item."""
+"""docs/fidelity.md, item by item."""
 
 
 def item_ids() -> list[str]:

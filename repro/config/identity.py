@@ -17,11 +17,11 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 __all__ = ["NOT_IDENTITY", "ADDED_KEYS", "flat_config", "identity", "config_hash", "config_diff",
-           "describe_diff", "check_run_name", "file_sha256", "cached_file_sha256", "content_sha256", "content_mismatch"]
+           "describe_diff", "check_run_name", "content_mismatch"]
 
 NOT_IDENTITY = frozenset({
     "name", "table", "description", "paper",
@@ -82,53 +82,6 @@ def config_hash(config: Any) -> str:
     """
     text = json.dumps(identity(config), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (``hashlib.file_digest``, read in blocks): what identifies a file.
-
-    Raises:
-        OSError: if the file cannot be read.
-    """
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def cached_file_sha256(path: str | Path) -> str:
-    """:func:`file_sha256`, computed once per file in this process: cached by (resolved path, size, mtime).
-
-    Rewriting the file (a weights swap at the same path) changes its size or modification time, so
-    the digest is computed again. A file rewritten within one mtime tick to the same size would be
-    missed; :func:`file_sha256` reads the bytes every time.
-
-    Raises:
-        OSError: if the file cannot be read.
-    """
-    resolved = Path(path).resolve()
-    st = resolved.stat()
-    key = (str(resolved), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(resolved)
-    return _SHA_CACHE[key]
-
-
-def content_sha256(path: str | Path) -> str | None:
-    """The content identity of a weights file or folder: hex sha256, or None if ``path`` does not exist.
-
-    A file: :func:`cached_file_sha256`. A folder (e.g. a Hugging Face model folder): sha256 of the
-    sorted ``"<relative path> <file sha256>"`` lines of every file below it.
-    """
-    path = Path(path)
-    if path.is_file():
-        return cached_file_sha256(path)
-    if not path.is_dir():
-        return None
-    files = [p for p in sorted(path.rglob("*")) if p.is_file()]
-    lines = [f"{p.relative_to(path).as_posix()} {cached_file_sha256(p)}" for p in files]
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _strip_content(value: Any) -> Any:

@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
-from repro.utils.files import atomic_path
 from repro.config.fidelity import PROFILES, item_ids, profile_layers
 from repro.config.scales import FULL, SCALES_FILE, get_scale
 from repro.config.schema import ExperimentConfig
+from repro.utils.errors import UserError
+from repro.utils.files import atomic_path
 
 __all__ = ["ConfigError", "load_config", "config_to_dict", "save_config", "BASE_CONFIG", "RANGES"]
 
@@ -97,7 +98,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
 """Ranges of numeric keys (checked per layer, so the error names the file the value came from)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid config value; the message names the key and where it came from."""
 
 

@@ -26,7 +26,7 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    """Dataset, crops and depth source (SPEC section 3)."""
+    """Dataset, crops and depth source (README: Data pipeline)."""
 
     dataset: str = "nyuv2"  # cocostuff27 | cityscapes27 | potsdam3 | nyuv2
     root: str = ""
@@ -125,7 +125,7 @@ class TrainConfig:
     """Optimisation (STEGO A.10, DepthG supplement A.1)."""
 
     max_steps: int = 7000
-    step_unit: str = "batch"  # batch | released (SPEC 7.3)
+    step_unit: str = "batch"  # batch | released (docs/fidelity.md)
     batch_size: int = 32
     lr: float = 5e-4
     probe_lr: float = 5e-3
@@ -143,7 +143,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (SPEC section 4)."""
+    """Evaluation protocol (README: Training, evaluation and one table entry)."""
 
     crf: bool = True
     crf_processes: int = -1  # DenseCRF worker processes: 0 = in-process, -1 = every CPU of the job
@@ -165,7 +165,7 @@ class ExperimentConfig:
     table: str = ""
     description: str = ""
     method: str = "depthg"  # depthg | stego | dino (raw backbone features, no head training)
-    fidelity: str = "paper"  # paper | released (SPEC sections 7 and 9; repro.config.fidelity)
+    fidelity: str = "paper"  # paper | released (docs/fidelity.md; repro.config.fidelity)
     scale: str = "full"  # full | smoke (repro/config/scales.yaml: a config layer and the jobs' resources)
     fidelity_items: dict[str, str] = field(default_factory=dict)  # per-item profile, e.g. {R4: paper}
     fidelity_deviations: dict[str, str] = field(default_factory=dict)  # written by the loader: key -> what differs

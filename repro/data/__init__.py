@@ -8,13 +8,14 @@ local copy against them.
 
 from __future__ import annotations
 
+from repro.data.datasets.base import IGNORE, FirstImages, Sample
 from repro.data.datasets.cityscapes import Cityscapes27, cityscapes_label_ids_to_27
 from repro.data.datasets.cocostuff import CocoStuff27, coco_fine_to_coarse
 from repro.data.datasets.manifest import VerifyReport, load_manifest, verify_dataset
 from repro.data.datasets.nyuv2 import NYUv2
 from repro.data.datasets.potsdam import Potsdam3, potsdam_merge_6_to_3
 from repro.data.datasets.registry import DATASETS, get_dataset
-from repro.data.datasets.base import IGNORE, DatasetError, FirstImages, Sample
+from repro.utils.errors import DatasetError
 
 __all__ = [
     "IGNORE",

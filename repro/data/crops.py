@@ -1,4 +1,4 @@
-"""Five-crop and resize/centre-crop of image, label and depth together (STEGO sec. 3.3, SPEC section 3).
+"""Five-crop and resize/centre-crop of image, label and depth together (STEGO sec. 3.3, README: Data pipeline).
 
 Training: each image is five-cropped at (0.5 h, 0.5 w) before kNN mining (STEGO A.12), then
 every crop is resized so its minor side is 224 and centre-cropped to 224 x 224. Validation:
@@ -7,7 +7,7 @@ PIL images, the call both released code bases made (``T.Resize(size, ...)`` in
 ``src/utils.py get_transform``): the long side becomes ``int(size * long / short)`` (426, not
 427, for 640x480 at 320 px), then ``center_crop``.
 
-Two settings vary what the released code did (SPEC section 7, R3):
+Two settings vary what the released code did (docs/fidelity.md, R3):
 
 - ``resize``: ``"bilinear"`` (STEGO A.10, the paper) or ``"nearest"`` (the released
   ``get_transform`` used ``Image.NEAREST`` for images AND labels). Labels are always nearest;
@@ -21,7 +21,10 @@ Two settings vary what the released code did (SPEC section 7, R3):
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torchvision.transforms.functional as TF
@@ -29,9 +32,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from repro.data.datasets.base import IGNORE, Sample
+from repro.data.stages import INDEX
+from repro.utils.errors import MissingFileError
 
 __all__ = ["five_crop_boxes", "crop_sample", "resize_center_crop", "resize_center_crop_array", "jpeg_round_trip",
-           "make_crops", "RESIZE_MODES", "CODECS"]
+           "make_crops", "save_crop", "iter_crops", "RESIZE_MODES", "CODECS"]
 
 CROP_NAMES = ("tl", "tr", "bl", "br", "c")
 RESIZE_MODES = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
@@ -115,7 +120,7 @@ def resize_center_crop(sample: Sample, size: int, *, resize: str = "bilinear") -
     """Resize so the minor side is ``size``, then centre-crop ``size x size``.
 
     Images and sensor depth use ``resize`` (bilinear: paper; nearest: released, R3), labels
-    always nearest neighbour (SPEC section 3).
+    always nearest neighbour (README: Data pipeline).
 
     Args:
         sample: image ``(H, W, 3)`` uint8, label ``(H, W)`` int64 or None, depth ``(H, W)``
@@ -200,3 +205,39 @@ def make_crops(sample: Sample, *, five_crop: bool, size: int, ratio: float = 0.5
             crop = replace(crop, image=jpeg_round_trip(crop.image), meta={**crop.meta, "codec": "jpeg"})
         crops.append(resize_center_crop(crop, size, resize=resize))
     return crops
+
+
+def save_crop(folder: Path, crop: Sample) -> None:
+    """Write one crop as ``<key>.img.png``, ``<key>.label.npy`` (int16), ``<key>.sensor.npy`` (float32) and ``<key>.json``."""
+    Image.fromarray(crop.image).save(folder / f"{crop.key}.img.png", compress_level=1)
+    if crop.label is not None:
+        np.save(folder / f"{crop.key}.label.npy", crop.label.astype(np.int16))
+    if crop.depth is not None:
+        np.save(folder / f"{crop.key}.sensor.npy", crop.depth.astype(np.float32))
+    (folder / f"{crop.key}.json").write_text(json.dumps(crop.meta, sort_keys=True))
+
+
+def iter_crops(crops: str | Path) -> Iterator[Sample]:
+    """Read the crops of a finished ``prepare`` folder, in index order.
+
+    Raises:
+        MissingFileError: if the folder is incomplete or a crop file is missing (names the fix).
+    """
+    crops = Path(crops)
+    index_path = crops / INDEX
+    if not index_path.is_file():
+        raise MissingFileError(f"the index of the crops folder {crops} (not a finished crops folder)", index_path,
+                               f"run `repro prepare` (or `repro run`) to build {crops}")
+    for key in json.loads(index_path.read_text())["keys"]:
+        img = crops / f"{key}.img.png"
+        if not img.is_file():
+            raise MissingFileError("a crop image", img, f"remove {crops} and rebuild it with `repro prepare`")
+        label = crops / f"{key}.label.npy"
+        sensor = crops / f"{key}.sensor.npy"
+        yield Sample(
+            key=key,
+            image=np.array(Image.open(img).convert("RGB")),
+            label=np.load(label).astype(np.int64) if label.is_file() else None,
+            depth=np.load(sensor) if sensor.is_file() else None,
+            meta=json.loads((crops / f"{key}.json").read_text()),
+        )

@@ -25,16 +25,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from repro.data.crops import iter_crops
+from repro.data.stages import INDEX, existing, finish
 from repro.data.transforms import images_to_tensor
-from repro.config.identity import file_sha256
+from repro.utils.errors import UserError
+from repro.utils.files import file_sha256
+from repro.utils.iterate import batched
 
 __all__ = ["FeatureStore", "feature_store_stage", "FeatureStoreError"]
 
-INDEX = "index.json"
 FEATURES = "features.npy"
 
 
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(UserError, RuntimeError):
     """A feature store that is incomplete, modified or made from other inputs; the message names it."""
 
 
@@ -59,10 +62,8 @@ def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params:
         FileExistsError: ``out`` holds a store made from other inputs.
         FileNotFoundError: an incomplete crops folder.
     """
-    from repro.data.pipeline import _batches, _existing, _finish, iter_crops
-
     out = Path(out)
-    if _existing(out, params):
+    if existing(out, params):
         return out
     crops_index = Path(crops) / INDEX
     if not crops_index.is_file():
@@ -76,7 +77,7 @@ def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params:
     array = None
     done = 0
     bar = tqdm(total=len(keys), desc="features", unit="img", disable=not progress)
-    for batch in _batches(iter_crops(crops), batch_size):  # streamed: one batch of decoded crops in memory
+    for batch in batched(iter_crops(crops), batch_size):  # streamed: one batch of decoded crops in memory
         feats = backbone(images_to_tensor([c.image for c in batch], device)).float().cpu().numpy()
         if array is None:
             array = np.lib.format.open_memmap(partial / FEATURES, mode="w+", dtype=np.float16,
@@ -88,7 +89,7 @@ def feature_store_stage(crops: str | Path, out: str | Path, backbone, *, params:
     array.flush()
     shape = list(array.shape)
     del array
-    return _finish(partial, out, {"params": params, "keys": keys, "shape": shape, "dtype": "float16",
+    return finish(partial, out, {"params": params, "keys": keys, "shape": shape, "dtype": "float16",
                                   "sha256": file_sha256(partial / FEATURES)})
 
 

@@ -1,4 +1,4 @@
-"""Depth of the FULL image, estimated once per dataset split and cut into every crop (SPEC 7, R4).
+"""Depth of the FULL image, estimated once per dataset split and cut into every crop (docs/fidelity.md, R4).
 
 The released DepthG code ran ZoeD_N on each full image (``generate_depth.py``), min-max normalised
 the map per image, stored it as an 8-bit PNG, five-cropped it with the image
@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from repro.data.crops import RESIZE_MODES, resize_center_crop_array
 from repro.data.datasets.base import Sample
+from repro.data.stages import existing, finish
+from repro.depth import weights_sha256
 from repro.depth.encoding import int_cast, quantize_estimate, quantize_sensor, uint8_to_unit
 
 __all__ = ["image_depth_stage", "image_depth_store", "load_image_depth", "crop_image_depth", "encode_map"]
@@ -113,7 +115,6 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
         FileExistsError: if ``out`` was made with other params (e.g. another profile's encoding).
         repro.utils.errors.MissingFileError: missing sensor depth or estimator weights.
     """
-    from repro.data.pipeline import _existing, _finish, weights_sha256
     from repro.depth import get_estimator
     from repro.depth.files import FILE_SOURCES, read_depth_file
     from repro.utils.errors import MissingFileError
@@ -131,7 +132,7 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
         params.update(tta=False, depth_files=str(Path(depth_files).resolve()))
     if weights_sha256(source, weights):  # other weights bytes at the same path: other maps
         params["weights_sha256"] = weights_sha256(source, weights)
-    if _existing(out, params):
+    if existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # finished maps of an interrupted run are kept
     if (partial / "params.json").is_file() and json.loads((partial / "params.json").read_text()) != params:
@@ -177,7 +178,7 @@ def image_depth_stage(dataset, out: str | Path, *, source: str, weights: str | P
     bar.close()
     ranges_path.unlink()
     (partial / "params.json").unlink()
-    return _finish(partial, out, {"params": params, "ranges": ranges, "kind": kind})
+    return finish(partial, out, {"params": params, "ranges": ranges, "kind": kind})
 
 
 def load_image_depth(folder: str | Path, image_key: str) -> np.ndarray:

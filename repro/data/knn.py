@@ -1,4 +1,4 @@
-"""kNN table of training crops (STEGO sec. 3.3, SPEC section 3).
+"""kNN table of training crops (STEGO sec. 3.3, README: Data pipeline).
 
 Global-average-pooled backbone features of every training crop at 224 px, cosine similarity,
 top-30 kept (rank 0 is the crop itself). At train time the positive is drawn uniformly from
@@ -33,7 +33,7 @@ def pooled_features(
     """Global-average-pooled, L2-normalised backbone features (STEGO sec. 3.3: GAP(f)).
 
     With ``dropout > 0`` the features are ``GAP(Dropout2d(dropout)(f))`` with the dropout ACTIVE
-    (SPEC 7, R11: the released ``precompute_knns.py`` never called ``.eval()``, and
+    (docs/fidelity.md, R11: the released ``precompute_knns.py`` never called ``.eval()``, and
     ``DinoFeaturizer`` returns ``self.dropout(image_feat)``). The masks are drawn by
     ``torch.nn.Dropout2d`` from the global generator seeded with ``seed`` inside
     ``torch.random.fork_rng`` (the caller's random state is left untouched), one draw per batch

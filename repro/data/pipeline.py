@@ -4,7 +4,7 @@
 sensor depth). ``depth``: crops -> depth folder (one [0, 1] map per crop; with
 ``scope="image"`` cut from the per-image maps of :func:`repro.data.image_depth.image_depth_stage`).
 ``shards``: crops + depth -> WebDataset shard folder. ``knn``: shards -> kNN table.
-What the released code did differently (SPEC section 7) are plain arguments of these stages:
+What the released code did differently (docs/fidelity.md) are plain arguments of these stages:
 ``resize`` / ``codec`` (R3), ``scope`` / ``encoding`` / ``tta`` (R4, R5), ``dropout`` (R11),
 ``score_void`` (R13).
 
@@ -18,99 +18,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from repro.data.crops import make_crops
-from repro.data.datasets.base import DatasetError, Sample
+from repro.config.identity import content_mismatch
+from repro.data.crops import iter_crops, make_crops, save_crop
+from repro.data.datasets.base import Sample
 from repro.data.shards import ShardError, iter_shards, verify_once, write_shards
-from repro.utils.errors import MissingFileError
-from repro.config.identity import content_mismatch, content_sha256
+from repro.data.stages import INDEX, existing, finish
+from repro.depth import weights_sha256
+from repro.utils.errors import DatasetError, MissingFileError, OutputExistsError
+from repro.utils.files import content_sha256
+from repro.utils.iterate import batched
 
-__all__ = ["read_params", "prepare_stage", "depth_stage", "shards_stage", "knn_stage", "iter_crops"]
+__all__ = ["prepare_stage", "depth_stage", "shards_stage", "knn_stage"]
 
-INDEX = "index.json"
 log = logging.getLogger("repro.data")
-
-
-def weights_sha256(source: str, weights: str | Path | None) -> str | None:
-    """Content identity of a network depth estimator's weights folder (None for sensor and plane sources).
-
-    ``weights`` None means the estimator's default folder (:func:`repro.depth.get_estimator`); a
-    missing folder gives None (the estimator then names the download).
-    """
-    from repro.depth import hf
-
-    if source not in hf.DEFAULT_WEIGHTS:
-        return None
-    if weights is None:
-        from repro.models.backbone import default_weights_dir
-
-        weights = default_weights_dir() / hf.DEFAULT_WEIGHTS[source].name
-    return content_sha256(weights)
-
-
-def read_params(index_path: str | Path) -> dict | None:
-    """The ``params`` recorded in a stage's ``index.json``.
-
-    Raises:
-        FileExistsError: the file is not valid JSON or not a mapping (an interrupted copy, a hand edit);
-            the message names it and the folder to remove.
-    """
-    index_path = Path(index_path)
-    try:
-        index = json.loads(index_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FileExistsError(f"{index_path} is not valid JSON ({exc}); remove {index_path.parent} (or the output "
-                              "it describes) to rebuild it") from None
-    if not isinstance(index, dict):
-        raise FileExistsError(f"{index_path} holds a {type(index).__name__}, not a stage index; remove "
-                              f"{index_path.parent} (or the output it describes) to rebuild it")
-    return index.get("params")
-
-
-def _existing(out: Path, params: dict) -> bool:
-    """True if ``out`` holds a complete output made with ``params``; stale output raises.
-
-    An output whose params differ only in content keys (``*_sha256``: the same settings, other
-    weights bytes at the same path) is removed, with one warning saying which, and built again.
-    """
-    index_path = out / INDEX if out.is_dir() else out.with_suffix(out.suffix + ".json")
-    if not index_path.is_file():
-        return False
-    recorded = read_params(index_path)
-    changed = content_mismatch(recorded, params)
-    if changed:
-        log.warning("%s was made from other input bytes (%s changed: the weights at the same path were replaced); "
-                    "rebuilding it", out, ", ".join(changed))
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-            index_path.unlink()
-        return False
-    if recorded != params:
-        raise FileExistsError(
-            f"{out} was made with other parameters ({recorded}); remove it or choose another output folder"
-        )
-    return True
-
-
-def _finish(partial: Path, out: Path, index: dict) -> Path:
-    (partial / INDEX).write_text(json.dumps(index, sort_keys=True))
-    os.replace(partial, out)
-    return out
 
 
 def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, resize: str = "bilinear",
                   codec: str = "png", score_void: bool = False, progress: bool = True) -> Path:
-    """Crop every image of a dataset adapter and store the crops (SPEC section 3).
+    """Crop every image of a dataset adapter and store the crops (README: Data pipeline).
 
     Args:
         dataset: an adapter from :mod:`repro.data.datasets.registry` (yields :class:`Sample`).
@@ -139,7 +71,7 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, resiz
                            "check its manifest / split files")
     params = {"dataset": dataset.name, "split": dataset.split, "n_images": len(dataset), "five_crop": five_crop,
               "size": size, "resize": resize, "codec": codec if five_crop else "png", "score_void": score_void}
-    if _existing(out, params):
+    if existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -149,50 +81,11 @@ def prepare_stage(dataset, out: str | Path, *, five_crop: bool, size: int, resiz
         for crop in make_crops(dataset[i], five_crop=five_crop, size=size, resize=resize, codec=codec):
             if score_void and crop.label is not None:
                 crop.label = crop.label + 1  # -1 (void) -> 0
-            _save_crop(partial, crop)
+            save_crop(partial, crop)
             keys.append(crop.key)
     names = (("void",) if score_void else ()) + tuple(dataset.class_names)
-    return _finish(partial, out, {"params": params, "keys": keys, "num_classes": dataset.num_classes + int(score_void),
+    return finish(partial, out, {"params": params, "keys": keys, "num_classes": dataset.num_classes + int(score_void),
                                   "class_names": list(names)})
-
-
-def _save_crop(folder: Path, crop: Sample) -> None:
-    from PIL import Image
-
-    Image.fromarray(crop.image).save(folder / f"{crop.key}.img.png", compress_level=1)
-    if crop.label is not None:
-        np.save(folder / f"{crop.key}.label.npy", crop.label.astype(np.int16))
-    if crop.depth is not None:
-        np.save(folder / f"{crop.key}.sensor.npy", crop.depth.astype(np.float32))
-    (folder / f"{crop.key}.json").write_text(json.dumps(crop.meta, sort_keys=True))
-
-
-def iter_crops(crops: str | Path) -> Iterator[Sample]:
-    """Read the crops of a finished ``prepare`` folder, in index order.
-
-    Raises:
-        MissingFileError: if the folder is incomplete or a crop file is missing (names the fix).
-    """
-    from PIL import Image
-
-    crops = Path(crops)
-    index_path = crops / INDEX
-    if not index_path.is_file():
-        raise MissingFileError(f"the index of the crops folder {crops} (not a finished crops folder)", index_path,
-                               f"run `repro prepare` (or `repro run`) to build {crops}")
-    for key in json.loads(index_path.read_text())["keys"]:
-        img = crops / f"{key}.img.png"
-        if not img.is_file():
-            raise MissingFileError("a crop image", img, f"remove {crops} and rebuild it with `repro prepare`")
-        label = crops / f"{key}.label.npy"
-        sensor = crops / f"{key}.sensor.npy"
-        yield Sample(
-            key=key,
-            image=np.array(Image.open(img).convert("RGB")),
-            label=np.load(label).astype(np.int64) if label.is_file() else None,
-            depth=np.load(sensor) if sensor.is_file() else None,
-            meta=json.loads((crops / f"{key}.json").read_text()),
-        )
 
 
 def _image_map(cache: dict[str, np.ndarray], crop: Sample, load) -> np.ndarray:
@@ -262,8 +155,7 @@ def depth_stage(
     from repro.data.image_depth import crop_image_depth, encode_map, image_depth_store, load_image_depth
     from repro.depth import get_estimator
     from repro.depth.encoding import int_cast, uint8_to_unit
-    from repro.utils.errors import MissingFileError
-
+    
     from repro.data.crops import resize_center_crop_array
     from repro.depth.files import FILE_SOURCES, read_depth_file
     from repro.method.guidance import FEATURE_STRIDE, guidance_kind
@@ -295,12 +187,12 @@ def depth_stage(
         image_index = json.loads((Path(image_depth) / INDEX).read_text())
         recorded = image_index["params"]
         if recorded.get("source") != source or recorded.get("store") != store:
-            raise FileExistsError(f"{image_depth} holds {recorded.get('source')}/{recorded.get('store')} maps, "
+            raise OutputExistsError(f"{image_depth} holds {recorded.get('source')}/{recorded.get('store')} maps, "
                                   f"this stage needs {source}/{store}; use the matching folder")
         params.update(image_depth=str(Path(image_depth).resolve()), image_params=recorded, resize=resize)
     else:
         params["tta"] = bool(tta) and source not in ("sensor", "semseg", *FILE_SOURCES)
-    if _existing(out, params):
+    if existing(out, params):
         return out
     partial = out.with_name(f".{out.name}.partial")  # kept across interruptions: finished maps are reused
     if (partial / "params.json").is_file() and json.loads((partial / "params.json").read_text()) != params:
@@ -331,7 +223,7 @@ def depth_stage(
     bar = tqdm(total=n_todo, desc=f"depth ({source}, {scope})", unit="img", disable=not progress)
     cache: dict[str, np.ndarray] = {}
     with open(ranges_path, "a") as log:
-        for batch in _batches((c for c in iter_crops(crops) if c.key not in ranges), batch_size):
+        for batch in batched((c for c in iter_crops(crops) if c.key not in ranges), batch_size):
             if scope == "image":
                 results = []
                 for c in batch:
@@ -405,19 +297,8 @@ def depth_stage(
     bar.close()
     ranges_path.unlink()
     (partial / "params.json").unlink()
-    return _finish(partial, out, {"params": params, "ranges": ranges, "encoding": encoding,
+    return finish(partial, out, {"params": params, "ranges": ranges, "encoding": encoding,
                                   "kind": kind if kind != "sensor" else "metric"})
-
-
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def shards_stage(
@@ -443,7 +324,7 @@ def shards_stage(
               "shard_size": shard_size, "depth_source": depth_source}
     if depth is not None:  # the depth folder's own params (scope, encoding, ...): another profile's never matches
         params["depth_params"] = json.loads((Path(depth) / INDEX).read_text()).get("params")
-    if _existing(out, params):
+    if existing(out, params):
         verify_once(out)
         return out
     from repro.depth.encoding import unit_to_uint8

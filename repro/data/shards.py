@@ -6,7 +6,7 @@ under its key with the fields
 - ``img.png``: ``(H, W, 3)`` uint8 RGB, lossless PNG;
 - ``label.png``: ``(H, W)`` uint8 class ids, 255 = ignore (only when the dataset has labels);
 - ``depth.npy``: ``(H, W)`` float16 depth min-max normalised to [0, 1], or uint8 8-bit depth k
-  (read back as ``k / 255``, lossless; SPEC 7 R4) (only with depth); for the other guidance
+  (read back as ``k / 255``, lossless; docs/fidelity.md R4) (only with depth); for the other guidance
   signals (:mod:`repro.method.guidance`): ``(C, g, g)`` float16 MDE feature maps, or ``(H, W)`` int16
   class ids (-1 void) of a segmentation map, both read back as they are (float32 / int64);
 - ``json``: metadata (dataset, split, crop box, raw depth range and source, ...).
@@ -44,9 +44,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from repro.utils.files import atomic_path, owner_tag, remove_stale
 from repro.data.datasets.base import IGNORE, Sample
-from repro.config.identity import file_sha256
+from repro.utils.errors import OutputExistsError, UserError
+from repro.utils.files import atomic_path, file_sha256, owner_tag, remove_stale
 
 __all__ = ["ShardError", "write_shards", "read_index", "verify_shards", "verify_once", "iter_shards",
            "ShardRandomAccess", "decode_fields"]
@@ -57,7 +57,7 @@ FORMAT_VERSION = 1
 LABEL_IGNORE_BYTE = 255
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard is missing, truncated or corrupt; the message names the shard and key."""
 
 
@@ -164,7 +164,7 @@ def write_shards(
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; remove it to rebuild the shards")
+        raise OutputExistsError(f"{out_dir} exists; remove it to rebuild the shards")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir.parent, out_dir.name)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{owner_tag()}")

@@ -29,15 +29,10 @@ from typing import Any
 
 import torch
 
-from repro.depth.base import (
-    KINDS,
-    DepthEstimator,
-    estimate_normalized,
-    normalize_depth,
-    normalize_prediction,
-)
+from repro.depth.base import KINDS, DepthEstimator, estimate_normalized, normalize_depth, normalize_prediction
 from repro.depth.planes import PLANES, PlaneEstimator, image_plane, perspective_plane
 from repro.depth.sensor import SensorDepth, read_depth_png
+from repro.utils.files import content_sha256
 
 __all__ = [
     "ESTIMATORS",
@@ -54,6 +49,7 @@ __all__ = [
     "normalize_prediction",
     "perspective_plane",
     "read_depth_png",
+    "weights_sha256",
     "save_random_model",
 ]
 
@@ -107,3 +103,20 @@ def __getattr__(attr: str) -> Any:
 
         return getattr(hf, attr)
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def weights_sha256(source: str, weights: str | Path | None) -> str | None:
+    """Content identity of a network depth estimator's weights folder (None for sensor and plane sources).
+
+    ``weights`` None means the estimator's default folder (:func:`repro.depth.get_estimator`); a
+    missing folder gives None (the estimator then names the download).
+    """
+    from repro.depth import hf  # transformers-based: imported on first use
+
+    if source not in hf.DEFAULT_WEIGHTS:
+        return None
+    if weights is None:
+        from repro.models.backbone import default_weights_dir
+
+        weights = default_weights_dir() / hf.DEFAULT_WEIGHTS[source].name
+    return content_sha256(weights)

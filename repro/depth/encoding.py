@@ -1,6 +1,6 @@
 """How a depth map is normalised and stored: float [0, 1], 8-bit (R4) or the Potsdam integer cast (R5).
 
-``data.depth_encoding`` (SPEC section 7):
+``data.depth_encoding`` (docs/fidelity.md):
 
 - ``"float"``: min-max to [0, 1] in float (eq. 4 of DepthG; :func:`repro.depth.normalize_depth`).
 - ``"uint8"``: what the released code stored, 8-bit PNGs read back as integers 0..255. Two rules,

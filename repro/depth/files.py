@@ -61,7 +61,7 @@ def read_depth_file(folder: str | Path, image_key: str, shape: tuple[int, int] |
         repro.data.datasets.base.DatasetError: naming the file, for an unreadable file, a non-2-D or
             non-real array, a size other than ``shape``, NaN/inf values or an all-constant map.
     """
-    from repro.data.datasets.base import DatasetError
+    from repro.utils.errors import DatasetError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -128,7 +128,7 @@ def disparity_to_depth_files(dataset, disparity_dir: str | Path, out_dir: str | 
             disparity map that is not ``(H, W)`` of its image or holds NaN/inf (names the file).
     """
     from repro.utils.files import atomic_path
-    from repro.data.datasets.base import DatasetError
+    from repro.utils.errors import DatasetError
 
     disparity_dir, out_dir = Path(disparity_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

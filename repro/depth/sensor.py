@@ -77,7 +77,7 @@ def sensor_depth_from_png_array(raw: np.ndarray, path: str | Path, scale: float 
             to 10 m: re-export it as 16 bit), a map without any reading (all 0) or a constant one; each
             names the file.
     """
-    from repro.data.datasets.base import DatasetError
+    from repro.utils.errors import DatasetError
 
     raw = np.asarray(raw)
     if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_:

@@ -17,10 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CRFPoolError", "CRFParams", "CRF_IMAGES", "crf_images", "denormalize_image", "dense_crf", "dense_crf_batch",
-           "released_crf_image"]
+from repro.utils.errors import UserError
 
-class CRFPoolError(RuntimeError):
+__all__ = ["CRFPoolError", "CRFParams", "CRF_IMAGES", "crf_images", "denormalize_image", "dense_crf", "dense_crf_batch",
+           "released_crf_image", "init_worker"]
+
+
+class CRFPoolError(UserError, RuntimeError):
     """A DenseCRF worker process died (killed by a signal, out of memory) and the evaluation cannot finish."""
 
 
@@ -37,7 +40,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CRF_IMAGES = ("rgb", "bgr_truncated")
 """How the CRF's appearance kernel sees the image: ``"rgb"``, the 8-bit RGB crop itself; or
 ``"bgr_truncated"``, the image exactly as the released STEGO/DepthG ``dense_crf`` builds it from the
-normalised network input (SPEC section 7, R12; see :func:`released_crf_image`)."""
+normalised network input (docs/fidelity.md, R12; see :func:`released_crf_image`)."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def dense_crf(
     return np.asarray(q, dtype=np.float32).reshape(num_classes, height, width)
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
     """Pool initializer: one torch thread per worker process (the pool parallelises)."""
     torch.set_num_threads(1)
 
@@ -286,6 +289,6 @@ def dense_crf_batch(
         outputs = [_crf_worker(job) for job in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(processes=min(processes, len(jobs)), initializer=_init_worker) as pool:
+        with ctx.Pool(processes=min(processes, len(jobs)), initializer=init_worker) as pool:
             outputs = pool.map(_crf_worker, jobs)
     return np.stack(outputs, axis=0)

@@ -1,4 +1,4 @@
-"""The evaluation protocol of STEGO/DepthG (SPEC section 4) over validation samples.
+"""The evaluation protocol of STEGO/DepthG (README: Training, evaluation and one table entry) over validation samples.
 
 For each 320 x 320 validation image: frozen features, head code (optionally averaged with
 the horizontally flipped pass), code upsampled bilinearly to the label size; the cluster
@@ -50,7 +50,7 @@ def upsampled_code(head: nn.Module, features: Tensor, flipped: Tensor | None, si
         head: segmentation head returning ``(target, code)``.
         features: ``backbone(images)`` ``(B, C, h, w)``.
         flipped: ``backbone(images.flip(-1))`` ``(B, C, h, w)``, or ``None`` for no flip averaging
-            (the flipped image's code is flipped back, then the two codes are averaged: SPEC R12).
+            (the flipped image's code is flipped back, then the two codes are averaged: docs/fidelity.md R12).
         size: label size ``(H, W)``.
     """
     code = head(features)[1]
@@ -130,10 +130,10 @@ class _CRFRunner:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            from repro.evaluate.crf import _init_worker
+            from repro.evaluate.crf import init_worker
 
             self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker)
+                                            initializer=init_worker)
 
     def submit(self, images: np.ndarray, log_probs: Tensor, params: CRFParams) -> list:
         jobs = [(np.ascontiguousarray(img), np.ascontiguousarray(lp), params)
@@ -171,7 +171,7 @@ def evaluate_models(
     keep_first: int = 0,
     crf_image: str = "rgb",
 ) -> dict[str, EvalResult]:
-    """Score several checkpoints' probes over every validation pixel in ONE pass (SPEC section 4).
+    """Score several checkpoints' probes over every validation pixel in ONE pass (README: Training, evaluation and one table entry).
 
     The frozen features of each image (and of its flip) are computed once and shared by every model
     (e.g. the final and the best-on-val checkpoint); the CRF of batch ``t`` runs in the process pool
@@ -194,7 +194,7 @@ def evaluate_models(
             arrays) and labels of the first ``keep_first`` images (figures).
         crf_image: the image the CRF's appearance kernel sees: ``"rgb"`` (the uint8 crop) or
             ``"bgr_truncated"`` (as the released code builds it: un-normalised, x255 truncated,
-            BGR; SPEC section 7, R12; :func:`repro.evaluate.crf.released_crf_image`). The CRF's
+            BGR; docs/fidelity.md, R12; :func:`repro.evaluate.crf.released_crf_image`). The CRF's
             unaries are the log-softmax of ``2 cos`` (cluster) and of the logits (linear), as in
             the released ``eval_segmentation.py``.
 
@@ -290,7 +290,7 @@ def evaluate_segmentation(
     keep_predictions: bool = False,
     crf_image: str = "rgb",
 ) -> EvalResult:
-    """Score one checkpoint's probes over every validation pixel (SPEC section 4).
+    """Score one checkpoint's probes over every validation pixel (README: Training, evaluation and one table entry).
 
     :func:`evaluate_models` with one model; ``keep_predictions`` keeps every image's predictions.
     The other arguments, the result and the errors are those of :func:`evaluate_models`.

@@ -2,7 +2,7 @@
 
 Two checkpoints are reported, always labelled: ``final`` (the end of training, the headline
 number) and ``best_on_val`` (the parts with the best unsupervised mIoU seen on the validation
-set during training, the papers' selection; that set is also the test set, SPEC section 4).
+set during training, the papers' selection; that set is also the test set, README: Training, evaluation and one table entry).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repro.utils.files import atomic_path
-from repro.data.pipeline import iter_crops
+from repro.data.crops import iter_crops
 from repro.data.transforms import images_to_tensor
 from repro.evaluate.crf import CRFParams
 from repro.evaluate.protocol import EvalResult, evaluate_models
 from repro.models.bundle import TrainedParts
+from repro.utils.files import atomic_path
 
 __all__ = ["ValidationSet", "evaluate_many", "evaluate_parts", "result_summary", "write_json", "save_eval_figures"]
 
@@ -97,7 +97,7 @@ class ValidationSet:
 def evaluate_many(models: dict[str, TrainedParts], backbone, val: ValidationSet, *, crf: bool, flip: bool = False,
                   crf_processes: int = 0, batch_size: int = 16, device="cpu", keep_first: int = 0,
                   crf_image: str = "rgb") -> dict[str, EvalResult]:
-    """Score several checkpoints over the validation crops in one pass (SPEC section 4).
+    """Score several checkpoints over the validation crops in one pass (README: Training, evaluation and one table entry).
 
     Args:
         models: label -> trained parts (e.g. ``{"final": ..., "best_on_val": ...}``).

@@ -128,7 +128,7 @@ def check_stored(array, kind: str, crop_side: tuple[int, int], path) -> None:
     """
     import numpy as np
 
-    from repro.data.datasets.base import DatasetError
+    from repro.utils.errors import DatasetError
 
     h, w = crop_side
     if kind == "features":

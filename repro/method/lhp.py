@@ -10,7 +10,7 @@ the back-projected point cloud (:func:`repro.method.sampling.depth_to_points`); 
 neighbour falls with its relative distance, ``1 - r`` with ``r`` the distance min-max
 normalised over the anchor's row, and each row is normalised to sum to 1.
 
-Released reading (SPEC section 7.5, leonsick/depthg): cells within the 1% quantile of the
+Released reading (docs/fidelity.md, leonsick/depthg): cells within the 1% quantile of the
 normalised distance get weight ``1 - r`` (others 0) and the row is divided by ``P`` (a mean over
 all cells), so the mixed code is small; the projection head is in no optimiser there (the
 trainer handles that part).

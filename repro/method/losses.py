@@ -183,7 +183,7 @@ def depth_feature_correlation_loss(
         s_i: ``(B, Q, N, M)`` codes of image i at the sample locations.
         s_j: ``(B, Q, N', M')`` codes of image j.
         b: the bias ``b_DepthG`` (already scheduled, see :mod:`repro.method.schedules`).
-        kernel: ``"product"`` is eq. 5. ``"released"`` reproduces SPEC section 7.1 (released
+        kernel: ``"product"`` is eq. 5. ``"released"`` reproduces docs/fidelity.md (released
             code, leonsick/depthg): the whole map is resized to the code grid (bilinear,
             ``align_corners=True``) instead of being read at the sample points, and the
             single-channel depth is L2-normalised over channels before the product, so
@@ -242,7 +242,7 @@ def derangement(n: int, *, generator: torch.Generator | None = None, device: tor
 
 
 def super_perm(n: int, *, generator: torch.Generator | None = None, device: torch.device | None = None) -> Tensor:
-    """STEGO's draw of the random negatives (SPEC R10): a permutation with fixed points bumped by one.
+    """STEGO's draw of the random negatives (docs/fidelity.md R10): a permutation with fixed points bumped by one.
 
     ``p = randperm(n); p[p == arange(n)] += 1; p %= n``. No image is paired with itself, but two images
     can get the same partner (at B = 32 about 63 % of the draws are not permutations, and about one
@@ -269,7 +269,7 @@ def super_perm(n: int, *, generator: torch.Generator | None = None, device: torc
 
 
 NEGATIVE_DRAWS = {"derangement": derangement, "super_perm": super_perm}
-"""How the random negatives of a batch are drawn: ``loss.negative_perm`` (SPEC R10)."""
+"""How the random negatives of a batch are drawn: ``loss.negative_perm`` (docs/fidelity.md R10)."""
 _NEGATIVE_COORDS = ("own", "knn")
 
 
@@ -324,7 +324,7 @@ def stego_depthg_loss(
     with its kNN partner, the partner at its own locations) and *random* (each image with
     another image of the batch, ``neg_samples`` draws averaged). The paper reading draws the
     negatives with :func:`derangement` and reads each at its own sample locations; the released
-    code (SPEC R10) draws them with :func:`super_perm` and reads image ``perm[i]`` at the sample
+    code (docs/fidelity.md R10) draws them with :func:`super_perm` and reads image ``perm[i]`` at the sample
     locations of image i's kNN partner. The depth term uses the self pair.
 
     Args:

@@ -5,7 +5,7 @@ optimisation steps already taken), so a resumed run computes the same values as 
 uninterrupted one.
 
 ``step_unit="batch"`` (default) is the paper's reading: one step is one batch.
-``step_unit="released"`` reproduces SPEC section 7.3, the released Lightning code: with three
+``step_unit="released"`` reproduces docs/fidelity.md, the released Lightning code: with three
 optimisers stepped manually per batch, ``global_step`` advances by 3 per batch, so at batch
 ``t`` the code sees ``global_step = 3 t``; it compares that counter against the schedule's
 step sizes and against ``max_steps`` (so "7000 steps" are ``ceil(7000 / 3) = 2334`` batches),

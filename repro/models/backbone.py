@@ -6,7 +6,7 @@ with the ViT's own key names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*
 checkpoints (``{"teacher": {...}, "student": {...}}`` with ``module.``/``backbone.``
 prefixes) are accepted too; their *teacher* weights are used, as STEGO does.
 
-Nothing is downloaded at run time. The files every published STEGO/DepthG number used (SPEC R1:
+Nothing is downloaded at run time. The files every published STEGO/DepthG number used (docs/fidelity.md R1:
 the released code loads the 300-epoch ViT-S/8, not the 800-epoch ``dino_deitsmall8_pretrain.pth``
 that ``torch.hub``'s ``dino_vits8`` returns) come from::
 
@@ -14,7 +14,7 @@ that ``torch.hub``'s ``dino_vits8`` returns) come from::
     wget https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth
 
 Position embeddings are resized for other input sizes (320 px evaluation) exactly as DINO's own
-``VisionTransformer.interpolate_pos_encoding`` does (SPEC R2), not with timm's antialiased resampling.
+``VisionTransformer.interpolate_pos_encoding`` does (docs/fidelity.md R2), not with timm's antialiased resampling.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ PRECISIONS = ("default", "bf16", "fp32")
 """Frozen-backbone precision: ``default`` (whatever autocast the caller runs under), ``bf16`` (autocast to
 bfloat16 on the input's device, CPU included), ``fp32`` (autocast disabled)."""
 POS_EMBED_MODES = ("dino", "timm")
-"""Position-embedding resizing: DINO's own (bicubic, +0.1 offset, SPEC R2) or timm's antialiased resampling."""
+"""Position-embedding resizing: DINO's own (bicubic, +0.1 offset, docs/fidelity.md R2) or timm's antialiased resampling."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ class DinoBackbone(nn.Module):
         checkpoint: path to the DINO weights file (official format, see module docstring), or an
             already loaded backbone state dict with official DINO key names.
         pos_embed: ``"dino"`` (DINO's ``interpolate_pos_encoding``, what every published number
-            used, SPEC R2) or ``"timm"`` (timm's antialiased ``resample_abs_pos_embed``). Both
+            used, docs/fidelity.md R2) or ``"timm"`` (timm's antialiased ``resample_abs_pos_embed``). Both
             leave 224 px inputs unchanged.
         precision: one of :data:`PRECISIONS` (``model.backbone_precision``); features are float32 in every case.
 

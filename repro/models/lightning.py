@@ -1,7 +1,7 @@
 """Read the PyTorch Lightning checkpoints published by STEGO and DepthG, and convert them into repro's parts.
 
 Both projects publish checkpoints of their ``LitUnsupervisedSegmenter`` (``src/train_segmentation.py``;
-SPEC section 8). Their ``state_dict`` holds the whole frozen DINO ViT (``net.model.<DINO key>``), the
+data_manifests/released_checkpoints.yaml). Their ``state_dict`` holds the whole frozen DINO ViT (``net.model.<DINO key>``), the
 segmentation head (``net.cluster1.0.*`` = linear branch, ``net.cluster2.{0,2}.*`` = MLP), the probes
 (``cluster_probe.clusters``, ``linear_probe.*``), training-only parts (``train_cluster_probe.*``,
 ``decoder.*``) and, for DepthG runs with 3D-LHP, ``lhp_module.projection_head.{0,2}.*``. Their
@@ -31,15 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repro.utils.errors import MissingFileError
-from repro.config.identity import file_sha256
 from repro.models.backbone import ARCHS, DinoBackbone
 from repro.models.bundle import TrainedParts
 from repro.models.heads import ProjectionHead, SegmentationHead
 from repro.models.probes import ClusterProbe, LinearProbe
 from repro.models.safe_load import (
-    CheckpointFormatError, UnsafeCheckpointError, allowed_globals, safe_torch_load, to_plain,
+    CheckpointFormatError, UnsafeCheckpointError, allowed_globals, safe_torch_load, to_plain
 )
+from repro.utils.errors import MissingFileError, UserError
+from repro.utils.files import file_sha256
 
 __all__ = [
     "CheckpointFormatError", "CheckpointLayoutError", "UnsafeCheckpointError", "allowed_globals", "LightningCheckpoint",
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(UserError, ValueError):
     """A checkpoint whose state-dict keys or shapes do not match its saved config; the message names them."""
 
 
@@ -210,7 +210,7 @@ class ReleasedModel:
         """The frozen DINO backbone with the checkpoint's own weights (no separate download).
 
         Args:
-            pos_embed: position-embedding resampling, ``"dino"`` (the released code's, SPEC R2) or ``"timm"``.
+            pos_embed: position-embedding resampling, ``"dino"`` (the released code's, docs/fidelity.md R2) or ``"timm"``.
         """
         return DinoBackbone(self.arch, self.backbone_state, pos_embed=pos_embed)
 

@@ -34,15 +34,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from repro.utils.errors import UserError
+
 __all__ = ["CheckpointFormatError", "UnsafeCheckpointError", "OMEGACONF_GLOBALS", "LIGHTNING_GLOBALS", "PickledStandIn",
            "allowed_globals", "to_plain", "safe_torch_load", "MAX_DEPTH", "MAX_NODES"]
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A file that is not a complete checkpoint (truncated, corrupt, not torch.save, top-level keys missing)."""
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """A checkpoint whose pickle references a global outside the allowlist; nothing of it was loaded."""
 
 

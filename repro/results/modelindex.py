@@ -21,10 +21,10 @@ from pathlib import Path
 import yaml
 
 from repro.config.entries import TABLES, entry_path, list_entries
-from repro.config.identity import file_sha256
 from repro.config.papertables import paper_cell, paper_citation, paper_order
 from repro.results.document import FIDELITIES, METRICS
 from repro.results.runs import registered_config
+from repro.utils.files import file_sha256
 
 __all__ = ["INDEX_FORMAT", "build_index", "dump_index", "validate", "validate_file"]
 

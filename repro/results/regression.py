@@ -17,6 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from repro.utils.errors import OutputExistsError
+
 __all__ = ["check_results", "add_check_command", "ENTRY"]
 
 ENTRY = "demo/nyuv2-mini"
@@ -52,7 +54,7 @@ def check_results(results: str | Path, data_root: str | Path, *, work_dir: str |
     with tempfile.TemporaryDirectory(prefix="repro-check-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         if (work / ENTRY).exists():
-            raise FileExistsError(f"{work / ENTRY} exists; check-results needs a fresh work folder")
+            raise OutputExistsError(f"{work / ENTRY} exists; check-results needs a fresh work folder")
         ckpt = Path(checkpoint) if checkpoint else init_random_checkpoint("vit_small_patch8", work / "random-vits8.pth", seed=0)
         run_dir = run_entry(ENTRY, work_dir=work, quiet=quiet,
                             overrides=[f"data.root={Path(data_root) / 'nyuv2-mini'}", f"model.checkpoint={ckpt.resolve()}"])

@@ -31,7 +31,7 @@ import yaml
 
 from repro.config.entries import load_entry
 from repro.config.identity import config_diff, config_hash
-from repro.runs.released import released_metrics_path
+from repro.runs.workdir import released_metrics_path
 from repro.results.document import FIDELITIES, METRICS, finite
 
 __all__ = ["SMOKE_DIR", "SeedRun", "collect_runs", "collect_checkpoint", "collect_smoke", "registered_config",

@@ -90,7 +90,7 @@ def about_block() -> str:
     return "\n".join([
         "## How to read this file", "",
         f"- One table per paper table, one row per entry and fidelity profile. {CELL_LEGEND}",
-        "- Fidelity `paper`: the method as the papers write it; `released`: as the released code ran (SPEC section 7, "
+        "- Fidelity `paper`: the method as the papers write it; `released`: as the released code ran (docs/fidelity.md, "
         "`repro fidelity`). Seeds are averaged only when their saved configs are identical (config hash).",
         "- The final checkpoint is the primary result. The papers picked checkpoints on the validation set, which is "
         "also their test set; those paper-style numbers are in a second, smaller table per table, labelled "

@@ -1,9 +1,9 @@
 """The published STEGO and DepthG checkpoints: registry, import, and evaluation in the released protocol.
 
-The seven published files (SPEC section 8) are listed in ``data_manifests/released_checkpoints.yaml``
+The seven published files (data_manifests/released_checkpoints.yaml) are listed in ``data_manifests/released_checkpoints.yaml``
 (name, file, table entry, where published, sha256 once checked). :func:`evaluate_released` scores one
 of them on its table entry's 320 px validation crops with repro's evaluation in the protocol of the
-released ``eval_segmentation.py`` (SPEC section 7, R12): flip averaging ``(net(x) + net(flip x).flip) / 2``,
+released ``eval_segmentation.py`` (docs/fidelity.md, R12): flip averaging ``(net(x) + net(flip x).flip) / 2``,
 code upsampled bilinearly to 320, cluster probe ``softmax(2 cos)``, linear probe log-softmax, DenseCRF
 given the image as the released code builds it (``crf_image="bgr_truncated"``). The parts come from
 :mod:`repro.models.lightning`; the evaluation is the same function a trained run uses. The result is
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,14 +24,15 @@ from typing import Any
 
 import yaml
 
+from repro.runs.workdir import RELEASED_LABEL, released_metrics_path
 from repro.utils.errors import MissingFileError
 
 __all__ = ["LABEL", "PublishedCheckpoint", "load_registry", "find_published", "released_dir", "local_path",
-           "released_metrics_path", "check_against_entry", "evaluate_released", "import_summary", "CFG_KEYS",
+           "check_against_entry", "evaluate_released", "import_summary", "CFG_KEYS",
            "compare_cfg", "describe_cfg_difference"]
 
 log = logging.getLogger("repro.runs.released")
-LABEL = "released-checkpoint"
+LABEL = RELEASED_LABEL
 """The label of a published checkpoint's evaluation in ``metrics.json`` and its folder name."""
 REGISTRY_FILE = "released_checkpoints.yaml"
 DATASET_NAMES = {"cocostuff27": "cocostuff27", "cityscapes": "cityscapes27", "potsdam": "potsdam3",
@@ -102,13 +102,6 @@ def released_dir() -> Path:
 def local_path(item: PublishedCheckpoint, folder: str | Path | None = None) -> Path:
     """The local path of a published file (``folder`` default :func:`released_dir`)."""
     return Path(folder if folder is not None else released_dir()) / item.file
-
-
-def released_metrics_path(work_dir: str | Path, entry: str, scale: str = "full") -> Path:
-    """``<work_dir>/<entry>/released-checkpoint/metrics.json`` (``<work_dir>/<scale>/...`` for another scale)."""
-    from repro.config.scales import scale_root
-
-    return scale_root(work_dir, scale) / entry / LABEL / "metrics.json"
 
 
 def _registry_check(model, registry: Sequence[PublishedCheckpoint]) -> dict[str, Any]:
@@ -245,7 +238,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
             the entry's released-profile runs (:func:`repro.runs.entry.data_paths`), prepared here if missing.
         overrides: ``key=value`` config overrides (``data.root=...``, ``eval.batch_size=...``), applied
             after ``fidelity=released`` (the entry is resolved in the released profile: flip
-            averaging, the released CRF image, NEAREST validation crops, NYUv2 void scored; SPEC section 9).
+            averaging, the released CRF image, NEAREST validation crops, NYUv2 void scored; docs/fidelity.md).
         crf: DenseCRF refinement (default: the entry's ``eval.crf``, on for every published number).
         crf_image: the CRF image (default ``eval.crf_image``: ``"bgr_truncated"`` in the released profile).
         crf_processes: CRF worker processes (default ``eval.crf_processes``; -1 = every CPU).
@@ -267,7 +260,7 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
     from repro.utils.env import collect_env
     from repro.evaluate.protocol import evaluate_segmentation
     from repro.evaluate.report import ValidationSet, result_summary, write_json
-    from repro.config.scales import get_scale, scale_root
+    from repro.config.scales import get_scale
     from repro.data.datasets.registry import num_classes_for
     from repro.models.lightning import load_released
     from repro.runs.standins import released_stand_in
@@ -326,71 +319,3 @@ def evaluate_released(entry: str, checkpoint: str | Path | None = None, *, work_
                "timings_s": timings, "env": collect_env()}
     write_json(out, metrics)
     return metrics
-
-
-def launch_released(*, folder: str | Path | None = None, executor: str = "auto", work_dir: str | Path | None = None,
-                    overrides: Sequence[str] = (), partition: str | None = None, sif: str | None = None,
-                    log_dir: str | Path | None = None, wait: bool = False, resources: dict[str, int] | None = None,
-                    quiet: bool = True, runner=None, dry_run: bool = False, scale: str = "full") -> list:
-    """Every present published checkpoint as one array job (submitit), one task per file.
-
-    Args:
-        folder: where the files are (default :func:`released_dir`); absent files are skipped.
-        executor, work_dir, overrides, partition, sif, log_dir, wait, quiet, runner, dry_run: as in
-            :func:`repro.cluster.launch.launch` (``runner`` replaces :func:`evaluate_released`).
-        resources: overrides of :data:`repro.cluster.jobs.RELEASED_RESOURCES` (``{"gpus": 0}``), after the scale's.
-        scale: ``full``, or ``smoke``: every registered file, a missing one replaced by a random-weight stand-in
-            (:func:`repro.runs.standins.released_stand_in`), scored on the first validation images under
-            ``<work>/smoke/`` with the scale's resources.
-
-    Returns:
-        :class:`repro.cluster.launch.LaunchedJob` records (kind ``"released"``), one per present file.
-
-    Raises:
-        LaunchError: no published checkpoint is present, or (with ``wait``) failed tasks.
-    """
-    from dataclasses import replace
-
-    from repro.config.scales import get_scale, scale_root
-    from repro.cluster.jobs import RELEASED_RESOURCES, SIGNAL_DELAY_S, ReleasedJob
-    from repro.cluster.launch import (LaunchedJob, LaunchError, _executor_kind, _make_executor, _raise_failures, _submit_array,
-                              submitting)
-    from repro.runs.entry import default_work_dir
-
-    kind = _executor_kind(executor)
-    try:
-        spec = get_scale(scale)
-    except ValueError as exc:
-        raise LaunchError(str(exc)) from None
-    work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
-    root = scale_root(work, scale)
-    logs = Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
-    sif = sif or os.environ.get("REPRO_SIF") or None
-    present = [(item, local_path(item, folder).absolute()) for item in load_registry()]
-    present = [(item, path) for item, path in present if path.is_file() or spec.stand_ins]
-    if not present:
-        raise LaunchError(f"no published checkpoint found in {Path(folder or released_dir()).absolute()}; "
-                          "`repro released list` shows the files and where they are published")
-    res = replace(RELEASED_RESOURCES, **{**spec.resources, **(resources or {})})
-    overrides = ((f"scale={scale}",) if scale != "full" else ()) + tuple(overrides)
-    jobs = [ReleasedJob(item.entry, str(path), str(work), overrides, sif, quiet, runner) for item, path in present]
-    submitted: list = [None] * len(jobs)
-    if not dry_run:
-        ex = _make_executor(kind, logs, res, "repro-released", partition=partition,
-                            parallelism=len(jobs) if kind == "slurm" else 1, dependency=[], signal_delay_s=SIGNAL_DELAY_S)
-        with submitting(f"the released-checkpoint array ({len(jobs)} tasks)", res, partition):
-            submitted = _submit_array(ex, kind, jobs, 1)
-    launched = [LaunchedJob("released", item.entry, None, item.name, job) for (item, _), job in zip(present, submitted)]
-    record = root / "launch" / f"released-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    from repro.evaluate.report import write_json
-
-    write_json(record, {"executor": kind, "dry_run": dry_run, "work_dir": str(work), "log_dir": str(logs), "sif": sif,
-                        "jobs": [{"name": item.name, "entry": item.entry, "file": str(path),
-                                  "job_id": None if j.job is None else j.job_id,
-                                  "metrics": str(released_metrics_path(work, item.entry, scale))}
-                                 for (item, path), j in zip(present, launched)]})
-    for item in launched:
-        item.record = record
-    if wait and not dry_run:
-        _raise_failures(launched, "evaluation(s)", record)
-    return launched

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from repro.config.loader import ConfigError, config_to_dict, load_config
 from repro.config.schema import ExperimentConfig
-from repro.utils.errors import RunBusyError
+from repro.utils.errors import OutputExistsError, RunBusyError
 
 __all__ = ["run_lock", "write_status", "record_failure", "check_saved_config"]
 
@@ -116,6 +116,6 @@ def check_saved_config(config: ExperimentConfig, run_dir: Path) -> None:
     produced = [p.name for p in (run_dir / FINAL, run_dir / BEST, run_dir / "metrics.json") if p.exists()]
     produced += [f"train/{CHECKPOINTS}/{p.name}" for p in (ckpts.iterdir() if ckpts.is_dir() else ())]
     if produced:
-        raise FileExistsError(f"{run_dir} holds a run of a different config ({saved}; it produced "
+        raise OutputExistsError(f"{run_dir} holds a run of a different config ({saved}; it produced "
                               f"{', '.join(sorted(produced)[:3])}); use another --work-dir or name, or remove that folder")
     log.warning("%s: replacing the config of an earlier attempt that produced nothing", run_dir)

@@ -31,14 +31,15 @@ from pathlib import Path
 
 import torch
 
+from repro.config.identity import check_run_name, content_mismatch
 from repro.config.loader import ConfigError, load_config
-from repro.config.schema import ExperimentConfig
 from repro.config.scales import scale_root
-from repro.config.identity import check_run_name, content_mismatch, content_sha256
+from repro.config.schema import ExperimentConfig
 from repro.runs.standins import with_stand_ins
+from repro.utils.files import content_sha256
 
 __all__ = ["DataPaths", "default_work_dir", "resolve_entry", "data_key", "data_paths", "prepare_data",
-           "prepare_val_crops", "run_dir_for", "KNN_DROPOUT_SEED"]
+           "prepare_val_crops", "run_dir_for", "KNN_DROPOUT_SEED", "RELEASED_LABEL", "released_metrics_path"]
 
 KNN_DROPOUT_SEED = 0  # R11: seed of the kNN-feature dropout masks (the released precompute_knns.py seeded 0)
 
@@ -271,7 +272,7 @@ def prepare_data(config: ExperimentConfig | str, *, work_dir: str | Path | None 
 def _feature_store(config: ExperimentConfig, paths: DataPaths, quiet: bool) -> Path:
     """The training crops' frozen features, once per (crops, backbone): :mod:`repro.data.features`."""
     from repro.data.features import feature_store_stage
-    from repro.data.pipeline import read_params
+    from repro.data.stages import read_params
     from repro.models.backbone import DinoBackbone
     from repro.training.loop import resolve_checkpoint
 
@@ -320,3 +321,14 @@ def prepare_val_crops(config: ExperimentConfig, work_dir: str | Path, *, quiet: 
         if not (crops / "index.json").is_file():
             _prepare_crops(config, split, crops, size, five, codec, subset, quiet)
     return crops
+
+
+RELEASED_LABEL = "released-checkpoint"
+"""The folder of a published checkpoint's evaluation under its entry (beside the fidelity folders)."""
+
+
+def released_metrics_path(work_dir: str | Path, entry: str, scale: str = "full") -> Path:
+    """``<work_dir>/<entry>/released-checkpoint/metrics.json`` (``<work_dir>/<scale>/...`` for another scale)."""
+    from repro.config.scales import scale_root
+
+    return scale_root(work_dir, scale) / entry / RELEASED_LABEL / "metrics.json"

@@ -1,6 +1,6 @@
 """The training loop: frozen DINO features, STEGO + DepthG losses, probes, Accelerate.
 
-One batch (SPEC sections 1-2, DepthG sec. 3): anchors and their kNN partners go through the
+One batch (README: What is implemented, DepthG sec. 3): anchors and their kNN partners go through the
 frozen backbone (features are cached in memory, never computed twice) and the head; sample
 locations are drawn by FPS on the depth map, uniformly at random, or the full map is used;
 ``L_STEGO + lambda_DepthG L_DepthG`` (DepthG eq. 7, guidance scheduled, sec. 3.5) trains the
@@ -102,7 +102,7 @@ class TrainModule(nn.Module):
         """Depth as the method sees it, ``(B, H, W)`` in [0, 1] -> ``(B, 1, H, W)``.
 
         ``data.depth_encoding``: ``float`` feeds the [0, 1] map (DepthG eq. 4); ``uint8`` feeds the
-        0..255 integers the released loader returned (SPEC R4; the shards hold them exactly as k/255);
+        0..255 integers the released loader returned (docs/fidelity.md R4; the shards hold them exactly as k/255);
         ``int_cast`` feeds the {0, 1} map of the released Potsdam loader (R5) as it is.
         """
         depth = depth01.to(device)[:, None]
@@ -181,7 +181,7 @@ class TrainModule(nn.Module):
         logs.update({f"hist/{k}": v for k, v in terms.correlations.items()})
         if self.projection is not None:
             mixed = self.projection(lhp_mix(s, self.lhp_weights(depth, attention, h, w)))
-            # released reading (SPEC R15): partner codes are only projected, not propagated.
+            # released reading (docs/fidelity.md R15): partner codes are only projected, not propagated.
             mixed_knn = self.projection(s_knn if cfg.lhp.variant == "released"
                                         else lhp_mix(s_knn, self.lhp_weights(depth_knn, attention_knn, h, w)))
             lhp = stego_depthg_loss(f, mixed, f_knn, mixed_knn, weights, coords=coords, coords_knn=coords_knn,
@@ -201,7 +201,7 @@ class TrainModule(nn.Module):
 
 
 def _optimizers(config: ExperimentConfig, parts: TrainedParts) -> list[torch.optim.Optimizer]:
-    """SPEC section 1: Adam for the head (lr 5e-4) and one Adam per probe (lr 5e-3)."""
+    """README: What is implemented: Adam for the head (lr 5e-4) and one Adam per probe (lr 5e-3)."""
     head_params = list(parts.head.parameters())
     if parts.projection is not None and config.lhp.variant == "paper":
         head_params += list(parts.projection.parameters())  # released: the projection head is in no optimiser

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from repro.utils.errors import UserError
+
 __all__ = ["TrainState", "FeatureCache", "PreemptionGuard", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint"]
 
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read safely or does not fit the run; the message names the file."""
 
 

@@ -141,12 +141,12 @@ def collect_env() -> dict[str, Any]:
 
 
 def file_record(path: str | Path) -> dict[str, Any]:
-    """``{"path", "name", "bytes", "sha256"}`` of a file, e.g. the backbone checkpoint a run loaded (SPEC R1).
+    """``{"path", "name", "bytes", "sha256"}`` of a file, e.g. the backbone checkpoint a run loaded (docs/fidelity.md R1).
 
     Raises:
         OSError: if the file cannot be read.
     """
-    from repro.config.identity import file_sha256
+    from repro.utils.files import file_sha256
 
     path = Path(path)
     return {"path": str(path.resolve()), "name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}

@@ -14,6 +14,7 @@ alone would force ``0o600`` and lock a team sharing ``$REPRO_WORK`` out of the r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -23,7 +24,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "owner_tag", "remove_stale", "current_umask", "pid_alive"]
+__all__ = ["atomic_path", "owner_tag", "remove_stale", "current_umask", "pid_alive", "file_sha256",
+           "cached_file_sha256", "content_sha256"]
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
 
@@ -128,3 +130,50 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (``hashlib.file_digest``, read in blocks): what identifies a file.
+
+    Raises:
+        OSError: if the file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    """:func:`file_sha256`, computed once per file in this process: cached by (resolved path, size, mtime).
+
+    Rewriting the file (a weights swap at the same path) changes its size or modification time, so
+    the digest is computed again. A file rewritten within one mtime tick to the same size would be
+    missed; :func:`file_sha256` reads the bytes every time.
+
+    Raises:
+        OSError: if the file cannot be read.
+    """
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    key = (str(resolved), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(resolved)
+    return _SHA_CACHE[key]
+
+
+def content_sha256(path: str | Path) -> str | None:
+    """The content identity of a weights file or folder: hex sha256, or None if ``path`` does not exist.
+
+    A file: :func:`cached_file_sha256`. A folder (e.g. a Hugging Face model folder): sha256 of the
+    sorted ``"<relative path> <file sha256>"`` lines of every file below it.
+    """
+    path = Path(path)
+    if path.is_file():
+        return cached_file_sha256(path)
+    if not path.is_dir():
+        return None
+    files = [p for p in sorted(path.rglob("*")) if p.is_file()]
+    lines = [f"{p.relative_to(path).as_posix()} {cached_file_sha256(p)}" for p in files]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from repro.utils.errors import MissingFileError
+from repro.utils.errors import DatasetError, MissingFileError
 
 __all__ = [
     "IGNORE",
     "Sample",
-    "DatasetError",
     "BaseDataset",
     "make_key",
     "require_file",
@@ -36,13 +35,6 @@ IGNORE = -1
 """Label value of unlabelled / ignored pixels in every :class:`Sample`."""
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-class DatasetError(ValueError):
-    """A dataset file exists but its content is wrong (shape, dtype, label values).
-
-    The message always names the offending file(s).
-    """
 
 
 @dataclass

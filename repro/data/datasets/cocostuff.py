@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.data.datasets.base import (IGNORE, BaseDataset, DatasetError, Sample, make_key, read_png, read_rgb, require_dir,
-                               require_file)
+from repro.data.datasets.base import (
+    IGNORE, BaseDataset, Sample, make_key, read_png, read_rgb, require_dir, require_file
+)
+from repro.utils.errors import DatasetError
 
 __all__ = [
     "CocoStuff27",

@@ -20,13 +20,13 @@ from pathlib import Path
 import yaml
 
 from repro.data.datasets.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, list_frames
-from repro.data.datasets.cocostuff import check_mapping_file, find_mapping_file, read_id_list
-from repro.data.datasets.cocostuff import label_dir as coco_label_dir
+from repro.data.datasets.cocostuff import (
+    check_mapping_file, find_mapping_file, label_dir as coco_label_dir, read_id_list
+)
 from repro.data.datasets.nyuv2 import NYUv2
 from repro.data.datasets.potsdam import IIC_SPLIT_FILES
-from repro.data.datasets.base import DatasetError
-from repro.utils.errors import MissingFileError
-from repro.config.identity import file_sha256
+from repro.utils.errors import DatasetError, MissingFileError
+from repro.utils.files import file_sha256
 
 __all__ = ["VerifyReport", "load_manifest", "manifest_dir", "verify_dataset"]
 
@@ -180,7 +180,7 @@ def _verify_coco(report: VerifyReport, m: dict, root: Path, splits: list[str], c
         if split == "train" and stego_list.is_file():
             report.info(f"train: curated/{spec['folder']}/{STEGO_FULL_LIST} ({len(read_id_list(stego_list)):,} ids) "
                         "is the list STEGO's code trains cocostuff27 on (src/data.py Coco, subset None); repro "
-                        f"reads {spec['id_list']} (SPEC section 3)")
+                        f"reads {spec['id_list']} (README: Data pipeline)")
         image_dir = root / "images" / spec["folder"]
         label_dir = coco_label_dir(root, spec["folder"])
         images, labels = _names(image_dir), _names(label_dir)

@@ -45,10 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.data.datasets.base import (BaseDataset, DatasetError, Sample, make_key, read_png, read_rgb,
-                               require_dir, require_file)
+from repro.data.datasets.base import BaseDataset, Sample, make_key, read_png, read_rgb, require_dir, require_file
 from repro.depth.sensor import sensor_depth_from_png_array
-from repro.utils.errors import MissingFileError
+from repro.utils.errors import DatasetError, MissingFileError
 
 __all__ = ["NYUv2", "nyu_label13_to_index", "read_split_indices", "NYU13_CLASS_NAMES", "DEPTH_UNITS_PER_M"]
 

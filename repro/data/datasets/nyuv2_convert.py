@@ -38,10 +38,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from repro.utils.files import atomic_path
+from repro.data.datasets.base import require_file
 from repro.data.datasets.nyuv2 import FIX
 from repro.data.datasets.nyuv2_labels13 import open_label13_source
-from repro.data.datasets.base import DatasetError, require_file
+from repro.utils.errors import DatasetError
+from repro.utils.files import atomic_path
 
 __all__ = ["convert_nyuv2", "ConvertResult", "LabelledMat", "read_official_splits", "depth_m_to_mm",
            "DEPTH_VARIABLES", "SPLIT_VARIABLES"]

@@ -22,8 +22,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from repro.data.datasets.base import require_file
 from repro.data.datasets.nyuv2 import FIX, NYU13_CLASS_NAMES
-from repro.data.datasets.base import DatasetError, require_file
+from repro.utils.errors import DatasetError
 
 __all__ = ["Label13Pngs", "Label13Mapping", "open_label13_source"]
 

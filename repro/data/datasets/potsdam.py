@@ -39,8 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.data.datasets.base import (IGNORE, BaseDataset, DatasetError, Sample, make_key, read_png, read_rgb,
-                               require_dir, require_file)
+from repro.data.datasets.base import (
+    IGNORE, BaseDataset, Sample, make_key, read_png, read_rgb, require_dir, require_file
+)
+from repro.utils.errors import DatasetError
 
 __all__ = ["Potsdam3", "potsdam_merge_6_to_3", "read_mat_array", "POTSDAM3_CLASS_NAMES", "IIC_SPLIT_FILES"]
 

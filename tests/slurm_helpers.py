@@ -128,7 +128,7 @@ echo "{\"steps\": $step, \"attempts\": $attempt}" > "$dir/metrics.json"
 
 FAKE_APPTAINER = r"""#!/bin/bash
 # fake `apptainer exec [--nv] [--bind DIR] ... IMAGE CMD...`: records the call, runs CMD here.
-# `python3 -m repro.cluster.jobs prepare-data ...` (the data job) only writes a marker.
+# `repro prepare-data ENTRY --work-dir W ...` (the data job) only writes a marker.
 echo "$*" >> "${FAKE_APPTAINER_LOG:-/dev/null}"
 [[ "$1" == exec ]] || exit 2
 shift
@@ -136,8 +136,8 @@ while [[ "$1" == --* ]]; do
     case "$1" in --bind|-B) shift 2 ;; *) shift ;; esac
 done
 shift  # the image
-if [[ "$1" == python3 && "$3" == repro.cluster.jobs ]]; then
-    mkdir -p "$7/data" && echo "$5" >> "$7/data/prepared.txt"
+if [[ "$1" == repro && "$2" == prepare-data ]]; then
+    mkdir -p "$5/data" && echo "$3" >> "$5/data/prepared.txt"
     exit 0
 fi
 exec "$@"

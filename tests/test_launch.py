@@ -98,8 +98,8 @@ def test_container_commands(monkeypatch):
                              "/img/repro.sif", "repro", "run", "table1/depthg-vits8", "--fidelity", "paper",
                              "--seed", "2", "--work-dir", "/scratch/w", "--set", "train.max_steps=10"]
     data = DataJob("table1/depthg-vits8", "key", "/scratch/w", sif="/img/repro.sif", quiet=True)
-    assert data.command()[-9:] == ["/img/repro.sif", "python3", "-m", "repro.cluster.jobs", "prepare-data",
-                                   "table1/depthg-vits8", "--work-dir", "/scratch/w", "--quiet"]
+    assert data.command()[-7:] == ["/img/repro.sif", "repro", "prepare-data", "table1/depthg-vits8", "--work-dir",
+                                   "/scratch/w", "--quiet"]
 
 
 def test_checkpoint_requeues_an_identical_job():

@@ -101,17 +101,6 @@ def floor_of(dotted: str) -> tuple[str, int]:
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
-KNOWN = {
-    ("repro.cluster.jobs", "argparse outside repro/cli"),
-    ("repro.cluster.launch", "argparse outside repro/cli"),
-    ("repro.cluster.launch", "an upward import"),  # add_launch_command borrows repro.cli.main.add_scale_argument
-    ("repro.cluster.plan", "argparse outside repro/cli"),
-    ("repro.config.entries", "argparse outside repro/cli"),
-    ("repro.results.compare", "argparse outside repro/cli"),
-    ("repro.results.regression", "argparse outside repro/cli"),
-}
-"""(module, rule) pairs still to move: each module's ``add_*_command`` parser builder, which belongs in
-``repro/cli``. The list may only shrink: a new violation fails, and so does a listed one that is gone."""
 
 
 def test_every_module_has_a_floor():
@@ -148,10 +137,7 @@ def violations() -> list[tuple[str, str, str]]:
 
 def test_imports_go_down_the_floors():
     found = violations()
-    new = [message for module, rule, message in found if (module, rule) not in KNOWN]
-    assert not new, "layering violations:\n" + "\n".join(new)
-    gone = KNOWN - {(module, rule) for module, rule, _ in found}
-    assert not gone, f"fixed, so remove them from KNOWN: {sorted(gone)}"
+    assert not found, "layering violations:\n" + "\n".join(message for _, _, message in found)
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -9,7 +9,8 @@ import yaml
 import pytest
 
 from repro.config import ConfigError, load_config
-from repro.config.entries import (EXPERIMENTS_DIR, TABLES, UnknownEntryError, add_list_command, entry_path,
+from repro.cli.entries import add_list_command
+from repro.config.entries import (EXPERIMENTS_DIR, TABLES, UnknownEntryError, entry_path,
                                    list_entries, load_entry)
 from repro.method.schedules import feature_samples_schedule, guidance_schedule
 

@@ -15,7 +15,8 @@ from repro.config import TABLES
 from repro.config.loader import save_config
 from repro.config.entries import load_entry
 from repro.config.identity import config_hash
-from repro.results.compare import add_compare_command, collect_runs, render_results
+from repro.cli.results import add_compare_command
+from repro.results.compare import collect_runs, render_results
 from repro.results.document import check_against, read_results
 from results_runs import ENV, numbers, write_checkpoint_score, write_run
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from repro import __version__
+from repro.cli.common import add_entry_arguments, scale_overrides
 from repro.utils.errors import UserError
 
 __all__ = ["main", "build_parser"]
@@ -113,32 +114,6 @@ def _cmd_knn(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, device=args.device, dropout=args.dropout, seed=args.dropout_seed)
     print(f"knn table: {out}")
     return 0
-
-
-def _entry_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("entry", help="registered entry (see `repro list`, e.g. table1/depthg-vits8) or a YAML file")
-    parser.add_argument("--seed", type=int, help="overrides train.seed")
-    parser.add_argument("--fidelity", choices=["paper", "released"],
-                        help="paper (as written) or released (as the public code ran); default: the entry's (paper)")
-    parser.add_argument("--work-dir", help="work folder (default: $REPRO_WORK or ./runs)")
-    add_scale_argument(parser)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.max_steps=100 (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def add_scale_argument(parser: argparse.ArgumentParser) -> None:
-    """``--scale full|smoke`` (repro/config/scales.yaml); its value reaches the config as ``scale=NAME``."""
-    from repro.config.scales import scales
-
-    parser.add_argument("--scale", choices=list(scales()), default=None,
-                        help="full (the registered entry, default) or smoke (a dress rehearsal of every stage on a "
-                             "few images, minutes on one CPU; runs under <work>/smoke, never in a results table)")
-
-
-def scale_overrides(args: argparse.Namespace) -> list[str]:
-    """``["scale=NAME"]`` when ``--scale`` was given (before ``--set``, so a ``--set`` still wins)."""
-    return [f"scale={args.scale}"] if getattr(args, "scale", None) else []
 
 
 def _resolved(args: argparse.Namespace):
@@ -318,19 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     knn.set_defaults(func=_cmd_knn)
 
     run = commands.add_parser("run", help="every stage of one table entry: prepare, depth, shards, knn, train, eval")
-    _entry_args(run)
+    add_entry_arguments(run)
     run.add_argument("--until", choices=["prepare", "depth", "shards", "knn", "train", "eval"],
                      help="stop after this stage")
     run.set_defaults(func=_cmd_run)
     train = commands.add_parser("train", help="the data stages and training of one entry (resumes)")
-    _entry_args(train)
+    add_entry_arguments(train)
     train.set_defaults(func=_cmd_train)
     evaluate = commands.add_parser(
         "eval", help="evaluate a trained run (final and best-on-val) -> metrics.json",
         description="Evaluate a trained run folder. With the run's own config the result goes to metrics.json; "
                     "with other evaluation settings (--crf/--flip, --set eval.*) to metrics.<setting>.json beside "
                     "it; a config that differs in what was trained is refused.")
-    _entry_args(evaluate)
+    add_entry_arguments(evaluate)
     evaluate.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF (config: eval.crf)")
     evaluate.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip averaging")
     evaluate.set_defaults(func=_cmd_eval)
@@ -346,12 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_cmd_demo)
 
-    from repro.config.entries import add_list_command
-    from repro.cluster.launch import add_launch_command
-    from repro.cluster.plan import add_plan_command
-    from repro.results.compare import add_compare_command
+    from repro.cli.cluster import add_launch_command, add_plan_command, add_prepare_data_command
+    from repro.cli.entries import add_list_command
+    from repro.cli.results import add_check_command, add_compare_command
 
-    from repro.results.regression import add_check_command
 
     add_list_command(commands)
     add_check_command(commands)
@@ -360,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     from repro.cli.released import add_released_commands  # released list/import/launch, eval-released
     add_released_commands(commands)
     add_plan_command(commands)
+    add_prepare_data_command(commands)
     return parser
 
 

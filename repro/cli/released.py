@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from repro.cli.common import add_scale_argument, scale_overrides
+
 __all__ = ["add_released_commands"]
 
 
@@ -84,8 +86,6 @@ def _cmd_eval_released(args: argparse.Namespace) -> int:
     from repro.runs.released import evaluate_released
     from repro.runs.workdir import released_metrics_path
 
-    from repro.cli.main import scale_overrides
-
     metrics = evaluate_released(args.entry, args.checkpoint, work_dir=args.work_dir,
                                 overrides=scale_overrides(args) + list(args.overrides),
                                 crf=args.crf, crf_image=args.crf_image, device=args.device, quiet=args.quiet,
@@ -124,8 +124,6 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 def add_released_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``released list|import|launch`` and ``eval-released`` on the ``repro`` subparsers object."""
-    from repro.cli.main import add_scale_argument
-
     released = subparsers.add_parser("released", help="the published STEGO/DepthG checkpoints").add_subparsers(
         dest="released_command", required=True, metavar="ACTION")
     lst = released.add_parser("list", help="the published checkpoints, where they are published, which are present")

@@ -14,7 +14,6 @@ USR1/TERM to that child and calls submitit's handler once the child has checkpoi
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -22,7 +21,7 @@ import shlex
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -306,7 +305,7 @@ class DataJob(_NodeJob):
 
     def command(self) -> list[str]:
         """The container command line (only meaningful with ``sif``)."""
-        return self._in_image(["python3", "-m", "repro.cluster.jobs", "prepare-data", self.entry, "--work-dir",
+        return self._in_image(["repro", "prepare-data", self.entry, "--work-dir",
                                str(self.work_dir), *_set_args(self.overrides)])
 
     def __call__(self) -> str:
@@ -372,24 +371,3 @@ class ReleasedJob(_NodeJob):
         if not out.is_file():
             raise JobError(f"{self.entry} ({self.ckpt_file}): no {out} after the evaluation; resubmit it")
         return str(out)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m repro.cluster.jobs prepare-data ENTRY``: the data job inside a container."""
-    parser = argparse.ArgumentParser(prog="python -m repro.cluster.jobs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare-data", help="the shared data stages of one entry")
-    prep.add_argument("entry")
-    prep.add_argument("--work-dir")
-    prep.add_argument("--set", dest="overrides", action="append", default=[])
-    prep.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    from repro.runs.entry import prepare_data
-
-    paths = prepare_data(args.entry, work_dir=args.work_dir, overrides=args.overrides, quiet=args.quiet)
-    print(json.dumps({k: None if v is None else str(v) for k, v in asdict(paths).items()}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -25,7 +25,6 @@ submitit's pickles and logs go to ``log_dir`` (default ``<work_dir>/launch/logs/
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -56,7 +55,6 @@ __all__ = [
     "resolve_targets",
     "launch",
     "launch_released",
-    "add_launch_command",
 ]
 
 
@@ -146,7 +144,7 @@ class LaunchedJob:
         return str(self.job.job_id)
 
 
-def _seeds(seeds: int | Sequence[int]) -> list[int]:
+def seed_numbers(seeds: int | Sequence[int]) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
             raise LaunchError(f"seeds must be >= 1, got {seeds}")
@@ -326,7 +324,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
 
     _check_gpus(resources)
     kind = _executor_kind(executor)
-    seed_list = _seeds(seeds)
+    seed_list = seed_numbers(seeds)
     try:
         profiles = profiles_for(fidelity)
         get_scale(scale)
@@ -420,79 +418,6 @@ def _write_record(work: Path, root: Path, kind: str, targets: list[str], seeds: 
 
 
 # --------------------------------------------------------------------------------------- command line
-def _parse_seeds(text: str) -> int | list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()] if "," in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,2,5), got {text!r}") from None
-
-
-def _cmd_launch(args: argparse.Namespace) -> int:
-    resources = {k: getattr(args, k) for k in ("gpus", "cpus", "mem_gb", "time_min") if getattr(args, k) is not None}
-    launched = launch(args.targets, seeds=args.seeds, fidelity=args.fidelity, executor=args.executor,
-                      work_dir=args.work_dir,
-                      overrides=args.overrides, partition=args.partition, sif=args.sif, log_dir=args.log_dir,
-                      wait=args.wait, resources=resources or None, array_parallelism=args.array_parallelism,
-                      quiet=args.quiet, dry_run=args.dry_run, scale=args.scale or "full")
-    for item in launched:
-        what = item.entry if item.seed is None else f"{item.entry}/{item.fidelity} seed {item.seed}"
-        job_id = "-" if item.job is None else item.job_id
-        print(f"{item.kind:5s} {job_id:>14s}  {what}  [{item.data_key}]")
-    if launched:
-        print(f"launch record: {launched[0].record}")
-    if args.dry_run and args.scale not in (None, "full"):
-        print(f"\n{args.scale} scale: {get_scale(args.scale).about}; no cost plan (minutes per entry on one CPU)")
-    elif args.dry_run:  # the projected cost of what would be submitted ($REPRO_PROFILE, else the default profile)
-        from repro.cluster.plan import PlanError, print_plan
-
-        print()
-        try:
-            print_plan(args.targets, seeds=len(_seeds(args.seeds)), fidelity=args.fidelity, overrides=args.overrides)
-        except PlanError as exc:
-            print(f"repro launch --dry-run: no cost plan: {exc}")
-            return 2
-    return 0
-
-
-def add_launch_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``launch TARGET... [options]`` on a subparsers object.
-
-    Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers``.
-
-    Returns:
-        The new sub-parser; its ``func`` default is the handler (returns the exit code).
-    """
-    from repro.cli.main import add_scale_argument
-
-    parser = subparsers.add_parser(
-        "launch", help="run tables/entries as SLURM array jobs (or locally) with requeue on time limits",
-        description="Submit data-stage jobs and one array job per table (entries x seeds) via submitit. "
-                    "Writes <work-dir>/launch/<timestamp>.json with the job ids.")
-    parser.add_argument("targets", nargs="+", metavar="TARGET", help="table keys (table1, demo, ...) or entry names")
-    parser.add_argument("--seeds", type=_parse_seeds, default=1, help="number of seeds (3 -> 0,1,2) or a list (0,2,5)")
-    parser.add_argument("--fidelity", choices=["paper", "released", "both"], default="both",
-                        help="which profile(s) to run every entry in (default: both)")
-    parser.add_argument("--executor", choices=["slurm", "local", "auto"], default="auto",
-                        help="slurm, local (this machine, one job at a time) or auto (slurm if sbatch is found)")
-    parser.add_argument("--work-dir", help="shared work folder (default: $REPRO_WORK or ./runs)")
-    parser.add_argument("--partition", help="SLURM partition")
-    parser.add_argument("--sif", help="Apptainer image to run the jobs in (default: $REPRO_SIF)")
-    parser.add_argument("--log-dir", help="submitit logs and pickles (default: <work-dir>/launch/logs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every entry (repeatable)")
-    add_scale_argument(parser)
-    parser.add_argument("--gpus", type=int, help="GPUs per job: 1 (default) or 0; N > 1 is refused (one process per job)")
-    parser.add_argument("--cpus", type=int, help="CPUs per job (default 8)")
-    parser.add_argument("--mem-gb", type=int, help="memory per job in GB (default: by dataset)")
-    parser.add_argument("--time-min", type=int, help="time limit per job slice in minutes (default: by dataset/arch)")
-    parser.add_argument("--array-parallelism", type=int, help="most tasks of an array running at once")
-    parser.add_argument("--wait", action="store_true", help="wait for every job; exit non-zero if one failed")
-    parser.add_argument("--dry-run", action="store_true", help="plan and write the record, submit nothing")
-    parser.add_argument("--progress", dest="quiet", action="store_false",
-                        help="progress bars in the job logs (default: quiet logs)")
-    parser.set_defaults(func=_cmd_launch)
-    return parser
 
 
 def launch_released(*, folder: str | Path | None = None, executor: str = "auto", work_dir: str | Path | None = None,

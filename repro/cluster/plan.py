@@ -20,7 +20,6 @@ Without ``--profile`` (or ``$REPRO_PROFILE``) the plan uses the default profile 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -35,7 +34,7 @@ from repro.cluster.costs import (PROFILE_SCHEMA, StageHours, WORK, DataStage, Pl
                                feature_dim, hours_by_stage, peak_memory, run_costs)
 
 __all__ = ["PROFILE_SCHEMA", "DEFAULT_PROFILE", "PlanError", "Profile", "RunPlan", "Plan", "load_profile",
-           "default_profile_path", "make_plan", "format_plan", "print_plan", "plan_targets", "add_plan_command"]
+           "default_profile_path", "make_plan", "format_plan", "print_plan", "plan_targets"]
 
 DEFAULT_PROFILE = "published-amp-pt240-rtx4090.json"
 """File name of the default profile in ``benchmarks/profiles/``: PUBLISHED RTX 4090 figures and derivations
@@ -398,41 +397,3 @@ def print_plan(targets: Sequence[str], *, seeds: int = 3, fidelity: str = "both"
         with atomic_path(json_out, suffix=".json") as tmp:
             Path(tmp).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     return plan
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        print_plan(args.targets, seeds=args.seeds, fidelity=args.fidelity, overrides=args.overrides,
-                   profile=args.profile, json_out=args.json, feature_store=args.feature_store)
-    except PlanError as exc:
-        print(f"repro plan: {exc}")
-        return 2
-    return 0
-
-
-def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``plan TARGET... [--profile FILE] [--seeds N] [--fidelity F]`` on a subparsers object.
-
-    Returns:
-        The new sub-parser; its ``func`` default is the handler (exit code 0, or 2 for a bad profile).
-    """
-    parser = subparsers.add_parser(
-        "plan", help="projected GPU- and CPU-hours of tables/entries from a measured stage profile",
-        description="Project the cost of running tables or entries (every fidelity, every seed) from a stage "
-                    "profile written by benchmarks/bench_stages.py. 'all' = every table of make reproduce-all.")
-    parser.add_argument("targets", nargs="+", metavar="TARGET", help="all, table keys (table1, supp4, ...) or entries")
-    parser.add_argument("--profile", metavar="NAME|FILE",
-                        help="stage profile of the target hardware: a JSON file (benchmarks/gpu_check.sh writes one) or "
-                             "the name of one in benchmarks/profiles/ (published-amp-pt240-rtx4090, "
-                             "published-amp-pt240-rtx3090, published-fp32-v100, cpu-2core); default: $REPRO_PROFILE, "
-                             f"else {DEFAULT_PROFILE[:-5]} (published figures, said in the output)")
-    parser.add_argument("--feature-store", choices=FEATURE_STORE_MODES, default="auto",
-                        help="train.feature_store for every entry: auto (the cheaper, named with its --set), on, off, "
-                             "or config (as each entry says)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per entry and fidelity (default 3)")
-    parser.add_argument("--fidelity", choices=["paper", "released", "both"], default="both")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every entry (repeatable), as for repro launch")
-    parser.add_argument("--json", help="also write the plan as JSON to this file")
-    parser.set_defaults(func=_cmd_plan)
-    return parser

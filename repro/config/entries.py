@@ -8,7 +8,6 @@ to the paper tables they reproduce (DepthG main paper and supplement, repro/conf
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import re
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ __all__ = [
     "load_entry",
     "format_entry",
     "run_name",
-    "add_list_command",
 ]
 
 EXPERIMENTS_DIR = Path(__file__).with_name("experiments")
@@ -156,36 +154,6 @@ def run_name(entry: str, fidelity: str) -> str:
     return f"{entry}/{fidelity}"
 
 
-def _natural(name: str) -> list:
+def natural_order(name: str) -> list:
     """Sort key that orders ``supp4/n6`` before ``supp4/n10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    """Handler of ``repro list [TABLE]``: print one line per entry, grouped by table."""
-    for key in [args.table] if args.table else list(TABLES):
-        names = sorted(list_entries(key), key=_natural)
-        if names:
-            print(f"# {key}: {TABLES[key]}")
-        for name in names:
-            print(format_entry(name, load_entry(name)))
-    print("Every entry runs in two fidelities: paper (as written) and released (as the public code ran; "
-          "`repro fidelity` lists the differences).")
-    return 0
-
-
-def add_list_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``list [TABLE]`` on a subparsers object.
-
-    Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers``.
-
-    Returns:
-        The new sub-parser; its ``func`` default is the handler (returns the exit code 0).
-    """
-    parser = subparsers.add_parser("list", help="list the experiment entries (one per paper table row)",
-                                   description="List the registered experiments with the paper's numbers.")
-    parser.add_argument("table", nargs="?", choices=list(TABLES), metavar="TABLE",
-                        help=f"one table only: {', '.join(TABLES)}")
-    parser.set_defaults(func=_cmd_list)
-    return parser

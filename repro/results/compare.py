@@ -19,7 +19,6 @@ the same commit (``repro compare --record-only``).
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from repro.results.tables import about_block, env_block, json_block, overrides_b
     table_block, table_metrics, used_envs
 
 __all__ = ["METRICS", "FIDELITIES", "SeedRun", "collect_runs", "collect_checkpoint", "aggregate", "render_results",
-           "render_text", "check_stale", "read_results", "check_against", "add_compare_command", "BLOCK_ORDER",
+           "render_text", "check_stale", "read_results", "check_against", "BLOCK_ORDER",
            "default_outputs"]
 
 PREAMBLE = """# Results: paper vs reproduced
@@ -218,56 +217,3 @@ def _first_difference(have: str, want: str) -> str:
                                                   n=0, lineterm="") if not line.startswith(("---", "+++", "@@"))]
     shown = "; ".join(line[:160] for line in diff[:4])
     return f"{len(diff)} differing line(s), first: {shown}"
-
-
-def _cmd_compare(args: argparse.Namespace) -> int:
-    """Handler of ``repro compare``."""
-    if args.check:
-        failures = check_stale(args.out, figures=args.figures, index=args.index)
-        for failure in failures:
-            print(f"STALE {failure}")
-        print("compare --check: " + ("FAILED" if failures else f"{args.out}, its model index and figures are current"))
-        return 1 if failures else 0
-    work = None if args.record_only else Path(args.work_dir or os.environ.get("REPRO_WORK") or "runs")
-    path = render_results(work, args.out, tables=args.tables, tolerance=args.tolerance, drop_stale=args.drop_stale,
-                          figures=args.figures, index=args.index)
-    figures, index = default_outputs(path)
-    where = ("the record only" if work is None else f"runs in {work}"
-             + ("" if work.is_dir() else " (no such directory: recorded numbers kept)"))
-    print(f"wrote {path}, {args.index or index} and {args.figures or figures}/ from {where}")
-    return 0
-
-
-def add_compare_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``compare`` (render RESULTS.md) on a subparsers object.
-
-    Args:
-        subparsers: the object returned by ``ArgumentParser.add_subparsers``.
-
-    Returns:
-        The new sub-parser; its ``func`` default is the handler (returns the exit code).
-    """
-    parser = subparsers.add_parser("compare", help="paper vs reproduced numbers -> RESULTS.md, figures, model index",
-                                   description="Merge <work>/<entry>/<fidelity>/seed<S>/ run directories into the "
-                                               "record of RESULTS.md and render the file, one figure per table and "
-                                               "results/model-index.yml from it; text outside the repro:begin/end "
-                                               "markers is kept, recorded numbers are never dropped.")
-    parser.add_argument("--work-dir", default=None, help="run directory root (default: $REPRO_WORK, else runs)")
-    parser.add_argument("--record-only", action="store_true",
-                        help="read no runs: re-render the recorded numbers against today's registry")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if RESULTS.md, the model index or a figure is not what the "
-                             "record and today's registry render")
-    parser.add_argument("--out", default="RESULTS.md", help="markdown file to write (default: RESULTS.md)")
-    parser.add_argument("--figures", default=None, help="folder of the per-table PNGs (default: results/figures "
-                                                         "beside --out)")
-    parser.add_argument("--index", default=None, help="model index to write (default: results/model-index.yml "
-                                                       "beside --out)")
-    parser.add_argument("--tables", nargs="+", choices=list(TABLES), metavar="TABLE",
-                        help=f"read and render these tables only ({', '.join(TABLES)})")
-    parser.add_argument("--tolerance", type=float, default=1.0,
-                        help="absolute tolerance (points) recorded for entries without one (default 1.0)")
-    parser.add_argument("--drop-stale", action="store_true",
-                        help="forget the superseded records instead of listing them")
-    parser.set_defaults(func=_cmd_compare)
-    return parser

@@ -12,14 +12,13 @@ any metric moves beyond the tolerance recorded next to it. It guards the whole p
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 from repro.utils.errors import OutputExistsError
 
-__all__ = ["check_results", "add_check_command", "ENTRY"]
+__all__ = ["check_results", "ENTRY"]
 
 ENTRY = "demo/nyuv2-mini"
 
@@ -61,35 +60,3 @@ def check_results(results: str | Path, data_root: str | Path, *, work_dir: str |
         summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
         config = load_config(run_dir / "config.yaml", base=None)
     return summary, check_against(recorded, ENTRY, summary, fidelity=config.fidelity, config_hash=config_hash(config))
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    from repro.results.compare import check_stale
-
-    stale = check_stale(args.results)
-    for failure in stale:
-        print(f"STALE {failure}")
-    print(f"{args.results}: " + ("stale" if stale else "current (RESULTS.md, model index and figures render from the "
-                                                        "record and today's registry)"))
-    summary, failures = check_results(args.results, args.data, work_dir=args.work_dir, checkpoint=args.checkpoint,
-                                      quiet=not args.progress)
-    print(f"{ENTRY} (fresh run): " + ", ".join(f"{k} {float(v):.2f}" for k, v in summary.items()))
-    for failure in failures:
-        print(f"REGRESSION {failure}")
-    ok = not failures and not stale
-    print("check-results: " + (f"all metrics within the tolerance recorded in {args.results}, and it is current"
-                               if ok else "FAILED"))
-    return 0 if ok else 1
-
-
-def add_check_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``check-results`` on a subparsers object."""
-    parser = subparsers.add_parser("check-results", help="RESULTS.md is current; re-run the demo-scale entry and "
-                                                          "compare with it")
-    parser.add_argument("--results", default="RESULTS.md")
-    parser.add_argument("--data", required=True, help="folder holding nyuv2-mini/")
-    parser.add_argument("--work-dir", help="empty folder for the run (default: temporary)")
-    parser.add_argument("--checkpoint", help="backbone checkpoint (default: the random ViT-S/8 the record used)")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
-    parser.set_defaults(func=_cmd_check)
-    return parser

@@ -219,3 +219,19 @@ def test_scripts_are_shellcheck_clean():
     proc = subprocess.run([shellcheck, "-x", *sorted(str(p) for p in (REPO / "slurm").glob("*.sh"))], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_a_job_pickled_before_the_move_still_loads():
+    """Tasks queued (or requeued) by a version whose job classes lived in ``repro.jobs`` name that path in
+    their submitit pickle; the alias module resolves it to the classes of ``repro.cluster.jobs``."""
+    import pickle
+
+    from repro.cluster.jobs import ReleasedJob
+
+    for job in (EntryJob("table1/depthg-vits8", 2, "/w", "released", ("a=1",)),
+                DataJob("table1/depthg-vits8", "key", "/w"), ReleasedJob("table1/depthg-vits8", "/c/x.ckpt", "/w")):
+        new = pickle.dumps(job, protocol=0)
+        assert b"crepro.cluster.jobs\n" in new
+        old = new.replace(b"crepro.cluster.jobs\n", b"crepro.jobs\n")
+        restored = pickle.loads(old)
+        assert type(restored) is type(job) and restored == job

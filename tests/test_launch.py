@@ -19,7 +19,7 @@ import slurm_helpers
 from repro.cli.main import main
 from repro.config.entries import UnknownEntryError, list_entries, load_entry
 from repro.cluster.jobs import DataJob, EntryJob, JobError, Resources, _run_forwarding, resources_for
-from repro.cluster.launch import launch, resolve_targets
+from repro.cluster.launch import LaunchError, launch, resolve_targets
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"cocostuff": "cocostuff27", "cityscapes": "cityscapes27", "potsdam": "potsdam3", "nyuv2": "nyuv2"}
@@ -89,6 +89,15 @@ def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
     launch(["demo"], executor="auto", work_dir=tmp_path / "w", dry_run=True)
     (record,) = (tmp_path / "w" / "launch").glob("*.json")
     assert json.loads(record.read_text())["executor"] == "local"
+
+
+def test_slurm_without_sbatch_plans_a_dry_run_and_refuses_a_real_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    launch(["demo"], executor="slurm", work_dir=tmp_path / "w", dry_run=True)
+    (record,) = (tmp_path / "w" / "launch").glob("*.json")
+    assert json.loads(record.read_text())["executor"] == "slurm"
+    with pytest.raises(LaunchError, match="no sbatch on PATH"):
+        launch(["demo"], executor="slurm", work_dir=tmp_path / "w2")
 
 
 def test_container_commands(monkeypatch):

@@ -155,12 +155,14 @@ def seed_numbers(seeds: int | Sequence[int]) -> list[int]:
     return out
 
 
-def _executor_kind(executor: str) -> str:
+def _executor_kind(executor: str, dry_run: bool = False) -> str:
+    """``"slurm"`` or ``"local"``; ``auto`` is slurm where sbatch is on PATH. A dry run submits nothing, so it may
+    plan SLURM jobs on a machine without sbatch (a laptop, a CI runner)."""
     if executor == "auto":
         return "slurm" if shutil.which("sbatch") else "local"
     if executor not in ("slurm", "local"):
         raise LaunchError(f"executor must be slurm, local or auto, got {executor!r}")
-    if executor == "slurm" and not shutil.which("sbatch"):
+    if executor == "slurm" and not dry_run and not shutil.which("sbatch"):
         raise LaunchError("--executor slurm (make: EXECUTOR=slurm) but there is no sbatch on PATH: run on a SLURM "
                           "login node, or use --executor local (make: EXECUTOR=local) to run the jobs on this machine")
     return executor
@@ -323,7 +325,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
     from repro.runs.entry import data_key, default_work_dir
 
     _check_gpus(resources)
-    kind = _executor_kind(executor)
+    kind = _executor_kind(executor, dry_run)
     seed_list = seed_numbers(seeds)
     try:
         profiles = profiles_for(fidelity)
@@ -445,7 +447,7 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     from repro.runs.released import load_registry, local_path, released_dir
     from repro.runs.workdir import released_metrics_path
 
-    kind = _executor_kind(executor)
+    kind = _executor_kind(executor, dry_run)
     try:
         spec = get_scale(scale)
     except ValueError as exc:

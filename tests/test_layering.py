@@ -8,7 +8,9 @@ module level or inside a function alike) is checked:
 - it does not go to another package on the same floor (``training`` and ``evaluate``; ``cluster``
   and ``results``);
 - it names no ``_private`` name of another module;
-- and ``argparse`` is imported only in ``repro/cli``.
+- and ``argparse`` is imported only in ``repro/cli``;
+
+and the import graph has no cycle, not even inside one package.
 
 The floors are the package layout of the README's "Code layout" section.
 """
@@ -138,6 +140,59 @@ def violations() -> list[tuple[str, str, str]]:
 def test_imports_go_down_the_floors():
     found = violations()
     assert not found, "layering violations:\n" + "\n".join(message for _, _, message in found)
+
+
+def import_cycles(modules: list[Path]) -> list[list[str]]:
+    """The strongly connected components (more than one module) of the import graph (Tarjan)."""
+    graph: dict[str, set[str]] = {}
+    for path in modules:
+        graph.setdefault(module_name(path), set()).update(
+            imp.target for imp in imports_of(path) if imp.target.startswith("repro"))
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles():
+    """Not even inside one package: a cycle hidden behind imports in function bodies is still a cycle."""
+    cycles = import_cycles(MODULES)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_check_finds_one(monkeypatch):
+    a, b = PACKAGE / "runs" / "_probe_a.py", PACKAGE / "runs" / "_probe_b.py"
+    texts = {a: "def f():\n    from repro.runs import _probe_b\n", b: "from repro.runs._probe_a import f\n"}
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *args, **kw: texts[self] if self in texts
+                        else real_read(self, *args, **kw))
+    monkeypatch.setattr(sys.modules[__name__], "is_module",
+                        lambda dotted: dotted in ("repro.runs._probe_a", "repro.runs._probe_b"))
+    assert import_cycles([a, b]) == [["repro.runs._probe_a", "repro.runs._probe_b"]]
 
 
 @pytest.mark.parametrize("source, expected", [

@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+DATASET_NAMES = {"cocostuff27": "cocostuff27", "cityscapes": "cityscapes27", "potsdam": "potsdam3",
+                 "potsdamraw": "potsdam3", "nyuv2": "nyuv2"}
+"""``cfg.dataset_name`` of the released code -> repro dataset."""
+
+
 class CheckpointLayoutError(UserError, ValueError):
     """A checkpoint whose state-dict keys or shapes do not match its saved config; the message names them."""
 

@@ -31,7 +31,6 @@ import yaml
 
 from repro.config.entries import load_entry
 from repro.config.identity import config_diff, config_hash
-from repro.runs.workdir import released_metrics_path
 from repro.results.document import FIDELITIES, METRICS, finite
 
 __all__ = ["SMOKE_DIR", "SeedRun", "collect_runs", "collect_checkpoint", "collect_smoke", "registered_config",
@@ -275,6 +274,8 @@ def collect_checkpoint(work_dir: str | Path, entry: str) -> dict | None:
         ``{"file", "sha256", "metrics": {metric: value}}``, or None when there is no such file, it
         holds no finite metric, or it was scored at the ``smoke`` scale.
     """
+    from repro.runs.workdir import released_metrics_path  # the work folder's module imports torch
+
     data = _read_json(released_metrics_path(work_dir, entry))
     if data is None or data.get("scale") == "smoke":
         return None
@@ -293,6 +294,8 @@ def collect_smoke(work_dir: str | Path, names: list[str]) -> list[dict]:
         ``{"entry", "fidelity", "runs": [SeedRun], "checkpoint": dict | None}``; fidelity
         ``released-checkpoint`` for a published checkpoint scored at the smoke scale.
     """
+    from repro.runs.workdir import released_metrics_path  # the work folder's module imports torch
+
     work = Path(work_dir)
     rows = []
     for name in names:

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from repro.models.lightning import DATASET_NAMES
 from repro.runs.workdir import RELEASED_LABEL, released_metrics_path
 from repro.utils.errors import MissingFileError
 
@@ -35,10 +36,6 @@ log = logging.getLogger("repro.runs.released")
 LABEL = RELEASED_LABEL
 """The label of a published checkpoint's evaluation in ``metrics.json`` and its folder name."""
 REGISTRY_FILE = "released_checkpoints.yaml"
-DATASET_NAMES = {"cocostuff27": "cocostuff27", "cityscapes": "cityscapes27", "potsdam": "potsdam3",
-                 "potsdamraw": "potsdam3", "nyuv2": "nyuv2"}
-"""``cfg.dataset_name`` of the released code -> repro dataset."""
-
 
 @dataclass(frozen=True)
 class PublishedCheckpoint:

@@ -115,8 +115,7 @@ def released_stand_in(wanted: Path, config: ExperimentConfig, work_dir: str | Pa
     Raises:
         ValueError: the config's scale does not allow stand-ins.
     """
-    from repro.models.lightning import write_random_checkpoint
-    from repro.runs.released import DATASET_NAMES
+    from repro.models.lightning import DATASET_NAMES, write_random_checkpoint
 
     if not get_scale(config.scale).stand_ins:
         raise ValueError(f"scale {config.scale!r} does not allow random stand-ins for {wanted}")

@@ -277,6 +277,15 @@ def _submit_array(executor: Any, kind: str, jobs: list[Any], parallelism: int) -
         return [executor.submit(job) for job in jobs]
 
 
+def _launch_folders(work_dir: str | Path | None, scale: str, log_dir: str | Path | None) -> tuple[Path, Path, Path]:
+    """(work folder, its scale root, submitit log folder) of a launch, all absolute; defaults as for ``launch``."""
+    from repro.runs.entry import default_work_dir
+
+    work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
+    root = scale_root(work, scale)
+    return work, root, Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
+
+
 def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: str = "both", executor: str = "auto",
            work_dir: str | Path | None = None, overrides: Sequence[str] = (), partition: str | None = None,
            sif: str | None = None, log_dir: str | Path | None = None, wait: bool = False,
@@ -322,7 +331,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
             failed jobs, each named with its job id.
     """
     from repro.config.entries import load_entry
-    from repro.runs.entry import data_key, default_work_dir
+    from repro.runs.entry import data_key
 
     _check_gpus(resources)
     kind = _executor_kind(executor, dry_run)
@@ -332,9 +341,7 @@ def launch(targets: Sequence[str], *, seeds: int | Sequence[int] = 1, fidelity: 
         get_scale(scale)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
-    work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
-    root = scale_root(work, scale)
-    logs = Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
+    work, root, logs = _launch_folders(work_dir, scale, log_dir)
     sif = sif or os.environ.get("REPRO_SIF") or None
     sif = str(Path(sif).absolute()) if sif else None
     overrides = ((f"scale={scale}",) if scale != "full" else ()) + tuple(overrides)
@@ -443,7 +450,6 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
     Raises:
         LaunchError: no published checkpoint is present, or (with ``wait``) failed tasks.
     """
-    from repro.runs.entry import default_work_dir
     from repro.runs.released import load_registry, local_path, released_dir
     from repro.runs.workdir import released_metrics_path
 
@@ -452,9 +458,7 @@ def launch_released(*, folder: str | Path | None = None, executor: str = "auto",
         spec = get_scale(scale)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
-    work = Path(work_dir if work_dir is not None else default_work_dir()).absolute()
-    root = scale_root(work, scale)
-    logs = Path(log_dir).absolute() if log_dir is not None else root / "launch" / "logs"
+    work, root, logs = _launch_folders(work_dir, scale, log_dir)
     sif = sif or os.environ.get("REPRO_SIF") or None
     present = [(item, local_path(item, folder).absolute()) for item in load_registry()]
     present = [(item, path) for item, path in present if path.is_file() or spec.stand_ins]
